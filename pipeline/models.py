@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import ModelConfig
@@ -76,6 +77,7 @@ def embedded_model_dir() -> Path:
 def load_model(cfg: ModelConfig, max_layer: int | None = None):
     """Return (model, tokenizer); the model in eval mode with gradients off.
 
+    cfg: a ModelConfig or the DictConfig Hydra composes from it.
     max_layer: instantiate only blocks 0..max_layer (None = all).
     """
     dtype = DTYPES.get(cfg.dtype)
@@ -95,8 +97,6 @@ def load_model(cfg: ModelConfig, max_layer: int | None = None):
     else:
         raise ValueError(f"unknown model.source {cfg.source!r}: use embedded, hub or random")
 
-    if not cfg.device_map:  # with a device_map, accelerate has already placed the weights
-        model.to(_device(cfg.device))
     model.eval().requires_grad_(False)
     return model, tokenizer
 
@@ -130,8 +130,10 @@ def _load_pretrained(path: str, cfg: ModelConfig, dtype: torch.dtype, max_layer:
         extra["quantization_config"] = transformers.FineGrainedFP8Config(dequantize=True)
     if cfg.attn_implementation:
         extra["attn_implementation"] = cfg.attn_implementation
+    # A device_map (e.g. `auto`) spreads the weights over GPUs; without one they load straight onto `device`.
+    device_map = cfg.device_map or _device(cfg.device)
     model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, device_map=cfg.device_map or None, **hub_args, **extra
+        path, config=config, dtype=dtype, device_map=device_map, **hub_args, **extra
     )
     tokenizer = _load_tokenizer(cfg.tokenizer or path, cfg)
     return model, tokenizer
@@ -146,16 +148,24 @@ def _build_random(cfg: ModelConfig, dtype: torch.dtype, max_layer: int | None):
         )
     if not cfg.tokenizer:
         raise ValueError("model.source=random needs model.tokenizer: a hub id, a directory, or `embedded`")
-    config = config_class(**dict(cfg.config))
-    if cfg.attn_implementation:
-        config._attn_implementation = cfg.attn_implementation
-    # Build the full model and drop the blocks past max_layer: the random weights of the kept
-    # blocks are then exactly those of the full model (random models are small by nature).
+    # Hydra hands over OmegaConf containers; transformers' strict configs want plain lists and dicts.
+    fields = OmegaConf.to_container(cfg.config) if OmegaConf.is_config(cfg.config) else dict(cfg.config)
+    config = config_class(**fields)
+    build_args = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    # Draw the weights in float32 whatever the dtype (torch draws different numbers per dtype), so
+    # that a seed names one model; from_config in `dtype` then keeps the modules that must stay float32.
+    # The full model is built and the blocks past max_layer dropped afterwards: the kept blocks are
+    # then exactly those of the full model (random models are small by nature).
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **build_args)
+    if dtype != torch.float32:
+        weights = model.state_dict()
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **build_args)
+        model.load_state_dict(weights)
     _fill_hash_tables(model, cfg.seed)
     _truncate_config(model.config, max_layer)
     del model.model.layers[model.config.num_hidden_layers :]
+    model.to(_device(cfg.device))
     return model, _load_tokenizer(cfg.tokenizer, cfg)
 
 

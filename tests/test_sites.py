@@ -22,10 +22,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 CLOSE = dict(rtol=1e-4, atol=1e-4)
 
 
-def model_cfg(name: str, **overrides) -> ModelConfig:
-    """The ModelConfig Hydra would build from conf/model/<name>.yaml."""
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF / f"{name}.yaml"), overrides)
-    return OmegaConf.to_object(merged)
+def model_cfg(name: str, **overrides):
+    """The model config Hydra composes from conf/model/<name>.yaml (a DictConfig typed by ModelConfig)."""
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF / f"{name}.yaml"), overrides)
 
 
 def token_batch(model, seq: int) -> torch.Tensor:
@@ -107,10 +106,12 @@ def test_deepseek_sites_match_block_computed_by_hand(tiny):
     model, adapter, ids = tiny
     config = model.config
     seq = ids.shape[1]
+    with torch.inference_mode():
+        hidden = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
     for layer, block in enumerate(model.model.layers):
         got = adapter.capture([Site(layer, kind) for kind in SITE_KINDS], ids)
         with torch.inference_mode():
-            streams = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[layer]
+            streams = hidden[layer]  # what enters the block, [b, s, hc, d]
             attn_in = (hc_pre_weights(block.attn_hc, streams).unsqueeze(-1) * streams).sum(2)
             positions = torch.arange(seq)[None]
             rope = {kind: model.model.rotary_emb(streams, positions, layer_type=kind) for kind in ("main", "compress")}
@@ -179,6 +180,15 @@ def test_tiny_deepseek_is_sane(tiny):
         "hc_mult": 4,
         "hc_reduce": "mean",
     }
+
+
+def test_random_weights_do_not_depend_on_dtype(tiny):
+    model, _, _ = tiny
+    bf16, _ = load_model(model_cfg("tiny_deepseek_v4", dtype="bfloat16"))
+    assert bf16.model.layers[0].self_attn.q_a_proj.weight.dtype == torch.bfloat16
+    assert bf16.model.layers[0].attn_hc.fn.dtype == torch.float32  # the model keeps these in float32
+    for name, weight in bf16.state_dict().items():
+        assert torch.equal(weight, model.state_dict()[name].to(weight.dtype)), name
 
 
 # --- write() on both families ---------------------------------------------------------------
