@@ -7,7 +7,7 @@ every field has a default so a bare `python -m pipeline.harvest` runs the demo.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -99,7 +99,6 @@ class RunConfig:
 
 @dataclass
 class HarvestJob:
-    defaults: list = field(default_factory=lambda: ["_self_", {"model": "smollm2_135m"}, {"data": "demo"}])
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -110,11 +109,3 @@ class HarvestJob:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="harvest_schema", node=HarvestJob)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
-
-
-def to_dict(cfg: Any) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)

