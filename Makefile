@@ -11,7 +11,7 @@ STAMP := $(VENV)/.dialbox-setup
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo harvest test test-fast bench bench-harvest clean-demo
+.PHONY: setup demo harvest train test test-fast bench bench-harvest bench-train
 
 setup: $(STAMP)
 
@@ -37,7 +37,13 @@ test: setup
 test-fast: setup
 	WANDB_MODE=disabled $(PY) -m pytest -q -ra -m "not slow" $(ARGS)
 
-bench: bench-harvest
+bench: bench-harvest bench-train
 
 bench-harvest: setup
 	$(PY) -m pipeline.bench.harvest $(ARGS)
+
+train: setup
+	$(PY) -m pipeline.train run.run_name=$(RUN) $(ARGS)
+
+bench-train: setup
+	$(PY) -m pipeline.bench.train $(ARGS)

@@ -106,6 +106,80 @@ class HarvestJob:
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
 
 
+@dataclass
+class SAEConfig:
+    # topk | batchtopk | jumprelu | relu_l1 | matryoshka (sae-lens training classes)
+    architecture: str = "topk"
+    expansion_factor: int = 16
+    d_sae: int = 0  # absolute number of latents; overrides expansion_factor when > 0
+    k: int = 32  # active latents per token (topk, batchtopk, matryoshka)
+    # AuxK dead-latent loss weight for the TopK family (OpenAI and sparsify use 1/32); 0 turns it off.
+    aux_loss_coefficient: float = 0.03125
+    l1_coefficient: float = 5.0  # relu_l1
+    l0_coefficient: float = 1.0  # jumprelu
+    jumprelu_init_threshold: float = 0.01
+    jumprelu_bandwidth: float = 0.05
+    # Nested dictionary sizes for matryoshka; empty = d_sae/8, d_sae/4, d_sae/2, d_sae.
+    matryoshka_widths: list = field(default_factory=list)
+    decoder_init_norm: float = 0.1
+    # Adam learning rate; 0 = sparsify's rule 2e-4 / sqrt(d_sae / 16384).
+    lr: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    # Held-out windows (after those harvested) run through the model with the SAE spliced in.
+    tokens: int = 8192
+    batch_size: int = 8
+    ce: bool = True  # ce_loss_recovered and kl_div need the model; off for a quick run
+
+
+@dataclass
+class WandbConfig:
+    project: str = "dialbox"
+    # offline | online | disabled; the WANDB_MODE environment variable wins.
+    mode: str = "offline"
+
+
+@dataclass
+class TrainConfig:
+    sites: list = field(default_factory=list)  # empty = every site in the store
+    tokens: int = 0  # tokens per SAE; 0 = one pass over the store
+    batch_size: int = 4096
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda | auto
+    lr_warmup_steps: int = 50
+    lr_decay_fraction: float = 0.2  # decay linearly to 0 over the last part of training
+    shuffle_chunks: int = 8  # chunks mixed in the shuffle buffer
+    # Scale activations to mean norm sqrt(d_in) during training (folded into the saved weights).
+    normalize: bool = True
+    # Leave out tokens whose norm exceeds this multiple of the median norm (0 = keep all).
+    outlier_norm: float = 0.0
+    # Run the TopK encoder matmul in bf16 (AMX / tensor cores); the rest stays float32.
+    bf16_encoder: bool = True
+    # A latent is dead when it has not fired in this many tokens.
+    dead_tokens: int = 1_000_000
+    log_every: int = 25
+    checkpoint_every: int = 100  # steps
+    # Under torchrun: `data` (all ranks train every SAE on their share of each batch) or
+    # `site` (each rank trains its own sites).
+    parallel: str = "data"
+    # Train on the committed rows of a store that is still being written.
+    allow_partial_store: bool = False
+    # Extra SAEs trained on the same batches: a list of SAEConfig overrides, e.g. [{k: 16}, {k: 64}].
+    sweep: list = field(default_factory=list)
+
+
+@dataclass
+class TrainJob:
+    run: RunConfig = field(default_factory=RunConfig)
+    sae: SAEConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="harvest_schema", node=HarvestJob)
+    cs.store(name="train_schema", node=TrainJob)

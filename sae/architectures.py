@@ -1,0 +1,61 @@
+"""SAE architectures: sae-lens's training classes, built from a Dialbox SAEConfig.
+
+sae-lens owns the parameters, the losses and the file format; Dialbox only chooses the
+class and its settings here (and, for TopK, runs a faster step in sae/step.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import sae_lens
+from sae_lens.saes.sae import SAEMetadata, TrainingSAE
+
+# Dialbox name -> sae-lens training architecture
+ARCHITECTURES = {
+    "topk": "topk",
+    "batchtopk": "batchtopk",
+    "jumprelu": "jumprelu",
+    "relu_l1": "standard",
+    "matryoshka": "matryoshka_batchtopk",
+}
+
+
+def sae_width(cfg, d_in: int) -> int:
+    return int(cfg.d_sae) if cfg.d_sae > 0 else int(cfg.expansion_factor) * d_in
+
+
+def learning_rate(cfg, d_sae: int) -> float:
+    """sparsify's rule of thumb: wider dictionaries want smaller steps."""
+    return float(cfg.lr) if cfg.lr > 0 else 2e-4 / math.sqrt(d_sae / 16384)
+
+
+def _architecture_fields(cfg, d_sae: int) -> dict:
+    arch = cfg.architecture
+    if arch in ("topk", "batchtopk", "matryoshka"):
+        fields = {"k": int(cfg.k), "aux_loss_coefficient": float(cfg.aux_loss_coefficient)}
+        if arch == "matryoshka":
+            widths = list(cfg.matryoshka_widths) or [d_sae // 8, d_sae // 4, d_sae // 2, d_sae]
+            if widths[-1] != d_sae or sorted(widths) != widths:
+                raise ValueError(f"sae.matryoshka_widths={widths} must increase and end at d_sae={d_sae}")
+            fields["matryoshka_widths"] = widths
+        return fields
+    if arch == "jumprelu":
+        return {"l0_coefficient": float(cfg.l0_coefficient), "jumprelu_init_threshold": float(cfg.jumprelu_init_threshold),
+                "jumprelu_bandwidth": float(cfg.jumprelu_bandwidth)}
+    return {"l1_coefficient": float(cfg.l1_coefficient)}
+
+
+def build_sae(cfg, d_in: int, metadata: dict, device: str = "cpu") -> TrainingSAE:
+    """A freshly initialised sae-lens training SAE for `cfg` on `d_in`-wide activations."""
+    if cfg.architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown sae.architecture {cfg.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
+    d_sae = sae_width(cfg, d_in)
+    if cfg.architecture in ("topk", "batchtopk", "matryoshka") and not 0 < cfg.k <= d_sae:
+        raise ValueError(f"sae.k={cfg.k} must be between 1 and d_sae={d_sae}")
+    sae_class, config_class = sae_lens.registry.get_sae_training_class(ARCHITECTURES[cfg.architecture])
+    config = config_class(
+        d_in=d_in, d_sae=d_sae, dtype="float32", device=device, decoder_init_norm=float(cfg.decoder_init_norm),
+        metadata=SAEMetadata(**metadata), **_architecture_fields(cfg, d_sae),
+    )
+    return sae_class(config)

@@ -1,0 +1,78 @@
+"""How good an SAE is (design.md section 4).
+
+- fvu: squared reconstruction error over the total variance around the mean;
+- l0: active latents per token; dense_frac: latents active on more than 10% of tokens;
+- ce_loss_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean) and kl_div(clean || sae),
+  measured by splicing the reconstruction into the model's forward at the site.
+
+Splicing uses the adapter's hooks (pipeline/adapters.py) and touches only the rows the
+store would hold (special tokens such as BOS keep their own activations, as in training).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def fvu(x: torch.Tensor, recon: torch.Tensor) -> float:
+    return ((recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+
+
+def _next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+
+
+def _replace_kept(keep: torch.Tensor, fn):
+    """A hook body that replaces the kept rows of [batch, seq, width] with fn(those rows)."""
+    def hook(rows):
+        rows = rows.clone()
+        rows[keep] = fn(rows[keep].float()).to(rows.dtype)
+        return rows
+    return hook
+
+
+@torch.no_grad()
+def spliced_metrics(adapter, site, sae, batches: list[tuple[torch.Tensor, torch.Tensor]], ce: bool = True) -> dict:
+    """Metrics of a (folded, raw-space) sae-lens SAE on held-out windows.
+
+    `batches` holds (input_ids [b, L], keep [b, L] bool) pairs; with ce=False only the
+    reconstruction metrics are computed (no forward past the site).
+    """
+    xs, recons, acts_l0, fire_counts = [], [], [], torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0, "tokens": 0}
+    for ids, keep in batches:
+        x = adapter.capture([site], ids)[site][keep.to(ids.device)].float()
+        feats = sae.encode(x.to(sae.W_dec.device))
+        recon = sae.decode(feats)
+        xs.append(x.cpu())
+        recons.append(recon.float().cpu())
+        active = (feats > 0).cpu()
+        acts_l0.append(active.sum(-1).float())
+        fire_counts += active.sum(0)
+        if not ce:
+            continue
+        keep_d = keep.to(ids.device)
+        model = adapter.model
+        clean = model(ids).logits
+        with adapter.hooks({site: _replace_kept(keep_d, lambda r: sae.decode(sae.encode(r.to(sae.W_dec.device))))}):
+            spliced = model(ids).logits
+        with adapter.hooks({site: _replace_kept(keep_d, torch.zeros_like)}):
+            zero = model(ids).logits
+        totals["clean"] += _next_token_ce(clean, ids).item()
+        totals["sae"] += _next_token_ce(spliced, ids).item()
+        totals["zero"] += _next_token_ce(zero, ids).item()
+        log_p, log_q = F.log_softmax(clean.float(), -1), F.log_softmax(spliced.float(), -1)
+        totals["kl"] += (log_p.exp() * (log_p - log_q)).sum(-1)[:, :-1].sum().item()
+        totals["tokens"] += ids[:, 1:].numel()
+
+    x, recon = torch.cat(xs), torch.cat(recons)
+    n = x.shape[0]
+    metrics = {"fvu": fvu(x, recon), "l0": torch.cat(acts_l0).mean().item(),
+               "dense_frac": (fire_counts.float() / n > 0.1).float().mean().item(), "eval_tokens": n}
+    if ce and totals["tokens"]:
+        t = totals["tokens"]
+        clean, spliced, zero = totals["clean"] / t, totals["sae"] / t, totals["zero"] / t
+        metrics.update(ce_loss_clean=clean, ce_loss_with_sae=spliced, ce_loss_zero_ablation=zero,
+                       ce_loss_recovered=(zero - spliced) / (zero - clean), kl_div=totals["kl"] / t)
+    return metrics

@@ -1,0 +1,91 @@
+"""One training step's loss for an SAE: a fast path for TopK, sae-lens's own pass for the rest.
+
+The fast TopK step computes exactly the loss of sae-lens's TopKTrainingSAE
+(MSE + AuxK, decoder-norm rescaling included) but never builds the dense
+[batch, d_sae] activation matrix for the decoder: the encoder runs in bf16 and the
+decoder is an `embedding_bag` over the k active rows of W_dec, forward and backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from sae_lens.saes.sae import TrainCoefficientConfig, TrainingSAE, TrainStepInput
+from sae_lens.saes.topk_sae import TopKTrainingSAE
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # what backward() runs on
+    recon: torch.Tensor  # detached reconstruction [batch, d_in]
+    fire_counts: torch.Tensor  # long [d_sae]: tokens of the batch each latent was active on
+    l0: torch.Tensor  # mean active latents per token (scalar, detached)
+
+
+def _sparse_decode(sae: TopKTrainingSAE, values, indices, norms):
+    """sum_j values_j * W_dec[indices_j] (/ ||W_dec row|| when sae-lens rescales), without b_dec."""
+    weights = values / norms[indices] if sae.cfg.rescale_acts_by_decoder_norm else values
+    return F.embedding_bag(indices, sae.W_dec, per_sample_weights=weights, mode="sum")
+
+
+def topk_step(sae: TopKTrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | None,
+              bf16_encoder: bool = True) -> StepOutput:
+    cfg = sae.cfg
+    low = torch.bfloat16 if bf16_encoder else x.dtype
+    sae_in = x - sae.b_dec
+    hidden_pre = (sae_in.to(low) @ sae.W_enc.to(low)).float() + sae.b_enc
+    norms = sae.W_dec.norm(dim=-1)
+    if cfg.rescale_acts_by_decoder_norm:
+        hidden_pre = hidden_pre * norms
+    values, indices = hidden_pre.topk(cfg.k, dim=-1, sorted=False)
+    values = values.relu()
+    recon = _sparse_decode(sae, values, indices, norms) + sae.b_dec
+    loss = (recon - x).pow(2).sum(-1).mean()
+
+    n_dead = int(dead_mask.sum()) if dead_mask is not None and cfg.aux_loss_coefficient > 0 else 0
+    if n_dead:
+        # AuxK (Gao et al. 2024, as sae-lens computes it): the top dead latents model the residual.
+        k_aux = sae.cfg.d_in // 2
+        scale = min(n_dead / k_aux, 1.0)
+        dead_pre = hidden_pre.masked_fill(~dead_mask, float("-inf"))
+        aux_values, aux_indices = dead_pre.topk(min(k_aux, n_dead), dim=-1, sorted=False)
+        aux_recon = _sparse_decode(sae, aux_values, aux_indices, norms)
+        residual = (x - recon).detach()
+        loss = loss + cfg.aux_loss_coefficient * scale * (aux_recon - residual).pow(2).sum(-1).mean()
+
+    with torch.no_grad():
+        active = values > 0
+        counts = torch.bincount(indices[active], minlength=cfg.d_sae)
+    return StepOutput(loss, recon.detach(), counts, active.sum(-1).float().mean())
+
+
+def coefficients(sae: TrainingSAE, step: int) -> dict[str, float]:
+    """sae-lens's sparsity coefficients, warmed up linearly as its trainer does."""
+    values = {}
+    for name, coeff in sae.get_coefficients().items():
+        if isinstance(coeff, TrainCoefficientConfig):
+            warm = min(1.0, (step + 1) / coeff.warm_up_steps) if coeff.warm_up_steps else 1.0
+            values[name] = coeff.value * warm
+        else:
+            values[name] = float(coeff)
+    return values
+
+
+def generic_step(sae: TrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | None, step: int) -> StepOutput:
+    out = sae.training_forward_pass(
+        TrainStepInput(sae_in=x, coefficients=coefficients(sae, step), dead_neuron_mask=dead_mask,
+                       n_training_steps=step, is_logging_step=False)
+    )
+    with torch.no_grad():
+        active = out.feature_acts > 0
+    return StepOutput(out.loss, out.sae_out.detach(), active.sum(0), active.sum(-1).float().mean())
+
+
+def training_step(sae: TrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | None, step: int,
+                  bf16_encoder: bool = True) -> StepOutput:
+    # Subclasses (BatchTopK, Matryoshka) change the activation, so only plain TopK takes the fast path.
+    if type(sae) is TopKTrainingSAE:
+        return topk_step(sae, x, dead_mask, bf16_encoder)
+    return generic_step(sae, x, dead_mask, step)
