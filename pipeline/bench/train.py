@@ -1,0 +1,218 @@
+"""make bench-train: Dialbox's training step against sae-lens's own trainer, measured in one run.
+
+    python -m pipeline.bench.train [--d-in 576 --d-sae 9216 --k 32 --batch 4096] [--device cuda]
+    python -m pipeline.bench.train --device cuda --d-in 4096 --d-sae 65536 --k 64   # DeepSeek-V4 width
+
+One TopK SAE configuration (AuxK on), one fixed set of synthetic activations, four ways to train:
+1. Dialbox's `Trainer.step` (the loop `make train` runs), batches from memory;
+2. sae-lens's `SAETrainer` in its default configuration, fed the same batches;
+3. the same with `autocast=True` (bf16);
+4. Dialbox again, reading the same rows back from an activation store on disk.
+Each round times every way for `--steps` steps, in a rotating order; the table has the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.training.sae_trainer import SAETrainer
+
+from pipeline.bench import table, write_section
+from pipeline.config import SAEConfig, StoreConfig, TrainConfig
+from pipeline.harvest import chunk_rows_for
+from pipeline.store import ActivationStore, ShardWriter
+from pipeline.train import training_batches
+from sae.architectures import build_sae, learning_rate
+from sae.trainer import Member, Trainer
+
+SITE = "L15.resid_post"
+QUICK = dict(d_in=64, d_sae=512, k=8, batch=256, steps=2, rounds=2, batches=6)
+
+
+def synthetic_activations(rows: int, d_in: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """Sparse sums of a hidden dictionary plus noise (what an SAE is meant to take apart), at mean
+    norm sqrt(d_in) as the trainer normalises them, rounded to bf16 so the store holds the same rows."""
+    g = torch.Generator(device).manual_seed(seed)
+    features = F.normalize(torch.randn(4 * d_in, d_in, generator=g, device=device), dim=-1)
+    idx = torch.randint(4 * d_in, (rows, 16), generator=g, device=device)
+    x = F.embedding_bag(idx, features, per_sample_weights=torch.rand(rows, 16, generator=g, device=device), mode="sum")
+    x += 0.1 * torch.randn(rows, d_in, generator=g, device=device)
+    x *= d_in**0.5 / x.norm(dim=-1).mean()
+    return x.bfloat16().float()
+
+
+def write_store(root, x: torch.Tensor) -> ActivationStore:
+    """The rows as `make harvest` would store them (default dtype and chunking; no fsync: not timed)."""
+    sc = StoreConfig()
+    n = len(x)
+    with ShardWriter(root, 0, 1, {SITE: x.shape[1]}, {"model": "synthetic"}, dtype=sc.dtype,
+                     chunk_rows=chunk_rows_for([x.shape[1]], sc.dtype, sc.chunk_rows, sc.chunk_mib), fsync=False) as w:
+        w.append({"tokens": np.zeros(n, np.int32), "doc_ids": np.arange(n) // 128, "positions": np.arange(n) % 128,
+                  SITE: x.cpu()})
+        w.finish()
+    return ActivationStore(root)
+
+
+def matmul_peak(device: torch.device) -> float:
+    """bf16 FLOP/s of a large square matmul: the most the chip gives our encoder matmuls."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    reps = 10 if device.type == "cuda" else 2
+    times = []
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        times.append((time.perf_counter() - t) / reps)
+    return 2 * n**3 / statistics.median(times[1:])  # the first one warms up
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-in", type=int, default=576)  # SmolLM2-135M's residual width
+    parser.add_argument("--d-sae", type=int, default=9216)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=0, help="timed steps per way and round (0: 3 on cpu, 20 on cuda)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=20, help="distinct batches of data, cycled")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    args = parser.parse_args(argv)
+    if args.quick:  # quick sizes become the defaults; flags given still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    steps, warmup, B = args.steps or (20 if cuda else 3), 3 if cuda else 1, args.batch
+
+    x = synthetic_activations(args.batches * B, args.d_in, device)
+    data = list(x.split(B))
+    sae_cfg = OmegaConf.structured(SAEConfig(k=args.k, d_sae=args.d_sae))
+    # dead_tokens=0 marks every latent dead, so AuxK runs on every step (a fresh SAE has no dead
+    # latents for a million tokens); sae-lens gets the same with dead_feature_window=-1 below.
+    train_cfg = OmegaConf.create({"train": OmegaConf.structured(TrainConfig(batch_size=B, device=args.device,
+                                                                            dead_tokens=0))})
+
+    def new_sae():
+        torch.manual_seed(0)  # every trainer starts from the same weights
+        return build_sae(sae_cfg, args.d_in, {"hook_name": SITE}, args.device)
+
+    sae = new_sae()
+    lr = learning_rate(sae_cfg, sae.cfg.d_sae)
+    dialbox = Trainer([Member("base", SITE, sae, 1.0, lr)], total_steps=10**9, cfg=train_cfg.train)
+
+    def sae_lens(autocast: bool) -> SAETrainer:
+        # sae-lens's defaults, but for what must match: lr (its runner sets lr_end = lr / 10), the
+        # batch, no wandb, and -1 so that every latent counts as dead, as for Dialbox above.
+        cfg = SAETrainerConfig(total_training_samples=10**12, train_batch_size_samples=B, lr=lr, lr_end=lr / 10,
+                               device=args.device, autocast=autocast, dead_feature_window=-1,
+                               logger=LoggingConfig(log_to_wandb=False))
+        return SAETrainer(cfg, new_sae(), data_provider=itertools.cycle(data))
+
+    def dialbox_memory(n):
+        for _ in range(n):
+            dialbox.step({SITE: data[dialbox.step_count % len(data)]})
+
+    def fit_steps(trainer):
+        def run(n):  # the body of SAETrainer.fit with wandb, evals and checkpoints off
+            for _ in range(n):
+                trainer.maybe_reset_sparsity()
+                trainer.step(next(trainer.data_provider))
+                trainer.n_training_steps += 1
+        return run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = write_store(tmp, x)
+
+        def dialbox_store(n):
+            # What `make train` runs: shuffled batches read on a background thread, moved to the device.
+            # A fresh reader each time (as on resume), so its first read is timed too.
+            batches = training_batches(store, [SITE], train_cfg, dialbox.step_count)
+            for _ in range(n):
+                dialbox.step({s: v.to(device, non_blocking=True) for s, v in next(batches).items()})
+            batches.close()
+
+        ways = {"dialbox": dialbox_memory, "sae-lens": fit_steps(sae_lens(False)),
+                "sae-lens autocast": fit_steps(sae_lens(True)), "dialbox store": dialbox_store}
+        for run in ways.values():  # warm-up: allocator, kernels, the first dead-latent pass
+            run(warmup)
+        rates = {name: [] for name in ways}
+        for r in range(args.rounds):
+            order = list(ways)[r % len(ways):] + list(ways)[:r % len(ways)]  # no way always runs first
+            for name in order:
+                sync(device)
+                start = time.perf_counter()
+                ways[name](steps)
+                sync(device)
+                rates[name].append(steps * B / (time.perf_counter() - start))
+                # The reader's thread may still finish a read: let it, so it does not slow the next way.
+                for t in threading.enumerate():
+                    if t.name == "store-prefetch":
+                        t.join()
+        peak = matmul_peak(device)
+
+    tps = {name: statistics.median(v) for name, v in rates.items()}
+    # FLOPs of one Dialbox step per token: the three encoder matmuls (forward, grad W_enc, grad of
+    # the input, which b_dec's gradient needs) and the k decoder rows and k_aux AuxK rows, forward
+    # and two backward products each; elementwise work, topk and Adam not counted.
+    d_in, d_sae, k_aux = args.d_in, sae.cfg.d_sae, min(args.d_in // 2, sae.cfg.d_sae)
+    flops_per_token = 6 * d_in * (d_sae + args.k + k_aux)
+    achieved = tps["dialbox"] * flops_per_token
+    fmt = lambda name: f"{tps[name]:,.0f}"  # noqa: E731
+    rows = [
+        ["Dialbox / sae-lens SAETrainer (default)", f"{fmt('dialbox')} / {fmt('sae-lens')} tok/s",
+         f"**{tps['dialbox'] / tps['sae-lens']:.2f}x**", ">= 3x"],
+        ["Dialbox / sae-lens SAETrainer (autocast=True)", f"{fmt('dialbox')} / {fmt('sae-lens autocast')} tok/s",
+         f"**{tps['dialbox'] / tps['sae-lens autocast']:.2f}x**", ">= 2x"],
+        ["Dialbox from activation store / from memory", f"{fmt('dialbox store')} / {fmt('dialbox')} tok/s",
+         f"**{tps['dialbox store'] / tps['dialbox']:.2f}**", ">= 0.90"],
+        ["Dialbox step / bf16 matmul peak", f"{achieved / 1e12:.3g} / {peak / 1e12:.3g} TFLOP/s",
+         f"**{achieved / peak:.1%}**", ""],
+    ]
+    spread = "; ".join(f"{n}: " + ", ".join(f"{v:,.0f}" for v in rates[n]) for n in ways)
+    notes = f"""
+TopK SAE d_in {d_in} -> d_sae {d_sae}, k {args.k}, AuxK coefficient {sae.cfg.aux_loss_coefficient:g} running on
+every step (all latents counted dead: Dialbox `dead_tokens=0`, sae-lens `dead_feature_window=-1`), batch {B},
+on {args.device}. Data: {args.batches} batches of synthetic activations (sparse sums of {4 * d_in} random unit
+directions, 16 per row, plus noise; mean norm sqrt(d_in); bf16-rounded), cycled; in memory they sit on the device.
+Every trainer starts from the same weights and lr ({lr:.3g}). Dialbox runs `sae.trainer.Trainer.step`, the loop
+of `make train` (grad clipping, Adam, dead-latent counters, its logging step every {train_cfg.train.log_every}).
+sae-lens runs the body of `SAETrainer.fit` (`maybe_reset_sparsity`, `step(next(data_provider))`) with its
+default config (constant lr, Adam, fp32, no TF32) and wandb, evals and checkpoints off; `step` is the seam
+`fit` itself calls. The store run writes the same rows with `ShardWriter` (bf16, default chunking) to a
+temporary directory and trains from `pipeline.train.training_batches` (`ActivationStore.iter_batches` on a
+background thread); a fresh reader per timing, so its first read is counted. The rows were just written, so
+they come from the page cache.
+{args.rounds} rounds x {steps} steps per way after {warmup} warm-up step(s), order rotated each round;
+medians reported. Tokens/s per round: {spread}.
+FLOPs per token of the Dialbox step: 6 * d_in * (d_sae + k + k_aux) = {flops_per_token:,}: the encoder's
+three matmuls (forward, grad W_enc, grad of its input for b_dec), and the k decoder and k_aux = d_in/2 AuxK
+rows gathered forward and twice backward; elementwise work, topk and Adam are not counted. The peak is the
+median bf16 FLOP/s of a {"8192" if cuda else "2048"}^3 matmul measured in this run.
+"""
+    given = argv if argv is not None else sys.argv[1:]
+    command = "make bench-train" + (f" ARGS='{' '.join(given)}'" if given else "")
+    write_section("bench-train", command, table(["measure", "values", "ratio", "target"], rows) + "\n" + notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The train stage and the SAE internals: real stores, real models, real subprocesses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from sae_lens import SAE
+from sae_lens.saes.sae import TrainStepInput
+
+from conftest import ROOT, compose_config, run_stage
+from pipeline.adapters import make_adapter
+from pipeline.config import ModelConfig, SAEConfig, TrainConfig
+from pipeline.harvest import harvest
+from pipeline.models import load_model
+from pipeline.sites import Site, SiteError
+from pipeline.store import StoreError
+from pipeline.train import train
+from sae.architectures import ARCHITECTURES, build_sae
+from sae.metrics import spliced_metrics
+from sae.step import topk_step
+from sae.trainer import Member, Trainer, TrainingError
+
+TINY = ["model=tiny_deepseek_v4", "data.context_length=64", "harvest.batch_size=8"]
+SMALL_SAE = ["sae.expansion_factor=4", "sae.k=8", "train.batch_size=256", "eval.tokens=512", "eval.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished tiny DeepSeek-V4 harvest at a hyper-connection site and an FFN output."""
+    runs = tmp_path_factory.mktemp("runs")
+    harvest(compose_config("harvest", [f"run.runs_dir={runs}", *TINY, "harvest.sites=[L1.resid_post,L2.ffn_out]",
+                                       "harvest.max_tokens=8192", "store.chunk_rows=256"]))
+    return runs
+
+
+def train_config(runs, *overrides):
+    return compose_config("train", [f"run.runs_dir={runs}", *SMALL_SAE, *overrides])
+
+
+def fresh_run(tiny_run, tmp_path, name="copy"):
+    """A private copy of the harvested run, so tests do not share checkpoints."""
+    import shutil
+
+    shutil.copytree(tiny_run / "demo", tmp_path / name / "demo")
+    return tmp_path / name
+
+
+def test_fast_topk_step_equals_sae_lens_training_pass():
+    torch.manual_seed(0)
+    sae = build_sae(OmegaConf.structured(SAEConfig(k=16)), 48, {"model_name": "m", "hook_name": "L0.ffn_out"})
+    x = torch.randn(256, 48)
+    dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    dead[::3] = True
+    ours = topk_step(sae, x, dead, bf16_encoder=False)
+    ours.loss.backward()
+    our_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    theirs = sae.training_forward_pass(TrainStepInput(x, {}, dead, 0, False))
+    theirs.loss.backward()
+    torch.testing.assert_close(ours.loss, theirs.loss)
+    torch.testing.assert_close(ours.recon, theirs.sae_out.detach())
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(our_grads[name], p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_every_architecture_trains_and_loads_in_sae_lens(architecture):
+    torch.manual_seed(0)
+    cfg = OmegaConf.structured(SAEConfig(architecture=architecture, expansion_factor=4, k=8))
+    sae = build_sae(cfg, 32, {"model_name": "m", "hook_name": "L0.ffn_out"})
+    member = Member("base", "L0.ffn_out", sae, scale=2.0, base_lr=1e-3)
+    trainer = Trainer([member], total_steps=20, cfg=OmegaConf.structured(TrainConfig(log_every=5)))
+    data = torch.randn(20, 128, 32)
+    for x in data:
+        trainer.step({"L0.ffn_out": x})
+    assert trainer.tokens == 20 * 128 and member.last["l0"] > 0
+
+    with torch.no_grad():
+        sae.fold_activation_norm_scaling_factor(member.scale)
+    loaded_dir = f"/tmp/dialbox-test-{architecture}-{os.getpid()}"
+    sae.save_inference_model(loaded_dir)
+    loaded = SAE.load_from_disk(loaded_dir)
+    if architecture in ("topk", "relu_l1", "jumprelu"):  # batch-level TopK trains differently from inference
+        torch.testing.assert_close(loaded.encode(data[0]), sae.encode(data[0]), rtol=1e-4, atol=1e-5)
+    assert loaded.decode(loaded.encode(data[0])).shape == data[0].shape
+
+
+def test_train_stage_writes_sae_lens_directories_and_metrics(tiny_run, tmp_path):
+    runs = fresh_run(tiny_run, tmp_path)
+    results = train(train_config(runs, "train.sweep=[{k: 4}]"))
+    assert set(results) == {"L1.resid_post/base", "L1.resid_post/k4", "L2.ffn_out/base", "L2.ffn_out/k4"}
+    for site in ("L1.resid_post", "L2.ffn_out"):
+        for directory in (runs / "demo" / "saes" / site, runs / "demo" / "saes" / site / "sweep" / "k4"):
+            metrics = json.loads((directory / "metrics.json").read_text())
+            for key in ("fvu", "l0", "dead_frac", "dense_frac", "ce_loss_recovered", "kl_div", "tokens_trained",
+                        "tokens_per_s"):
+                assert metrics[key] is not None, key
+            assert metrics["tokens_trained"] == (8192 - 128) // 256 * 256
+            assert SAE.load_from_disk(directory).cfg.d_sae == 4 * 64
+    assert json.loads((runs / "demo" / "saes" / "L2.ffn_out" / "sweep" / "k4" / "metrics.json").read_text())["l0"] <= 4
+    assert (runs / "demo" / "config" / "train.yaml").exists()
+
+
+class PerfectSAE(torch.nn.Module):
+    """relu(x) - relu(-x) = x: a two-latents-per-dimension 'SAE' that reconstructs exactly."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.W_dec = torch.nn.Parameter(torch.cat([torch.eye(d), -torch.eye(d)]))
+        self.cfg = type("cfg", (), {"d_sae": 2 * d})
+
+    def encode(self, x):
+        return torch.cat([x, -x], -1).relu()
+
+    def decode(self, f):
+        return f @ self.W_dec
+
+
+@pytest.mark.parametrize("model_name, site", [("smollm2_135m", "L3.resid_post"), ("smollm2_135m", "L2.attn_out"),
+                                              ("tiny_deepseek_v4", "L1.resid_post"), ("tiny_deepseek_v4", "L2.attn_in"),
+                                              ("tiny_deepseek_v4", "L1.ffn_out")])
+def test_splicing_a_perfect_reconstruction_recovers_all_of_the_loss(model_name, site):
+    cfg = compose_config("harvest", [f"model={model_name}"]).model
+    model, _ = load_model(cfg)
+    adapter = make_adapter(model, cfg)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 1000, (2, 24))
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[:, 0] = False
+    site = Site.parse(site)
+    metrics = spliced_metrics(adapter, site, PerfectSAE(adapter.width(site)), [(ids, keep)])
+    assert metrics["fvu"] < 1e-6 and metrics["kl_div"] < 1e-5
+    assert metrics["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["ce_loss_zero_ablation"] != pytest.approx(metrics["ce_loss_clean"], abs=1e-6)  # the splice acts
+
+
+@pytest.mark.slow
+def test_synthetic_dictionary_is_recovered():
+    """Sparse non-negative combinations of 512 known directions in 64 dimensions, plus noise."""
+    g = torch.Generator().manual_seed(0)
+    d, n_true, active = 64, 512, 5
+    truth = torch.nn.functional.normalize(torch.randn(n_true, d, generator=g), dim=-1)
+
+    def batch(n):
+        idx = torch.rand(n, n_true, generator=g).topk(active, dim=-1).indices  # distinct features per sample
+        coeff = torch.rand(n, active, generator=g) * 2 + 0.5
+        return torch.einsum("na,nad->nd", coeff, truth[idx]) + 0.01 * torch.randn(n, d, generator=g)
+
+    torch.manual_seed(0)
+    sae = build_sae(OmegaConf.structured(SAEConfig(d_sae=1024, k=active)), d, {"model_name": "s", "hook_name": "L0.ffn_out"})
+    cfg = OmegaConf.structured(TrainConfig(lr_warmup_steps=50, dead_tokens=20_000, log_every=100, bf16_encoder=False))
+    member = Member("base", "L0.ffn_out", sae, scale=1.0, base_lr=1e-2)
+    steps = 1200
+    trainer = Trainer([member], total_steps=steps, cfg=cfg)
+    for _ in range(steps):
+        trainer.step({"L0.ffn_out": batch(1024)})
+    learned = torch.nn.functional.normalize(sae.W_dec.detach(), dim=-1)
+    best = (truth @ learned.T).max(dim=1).values
+    print(f"mean max cosine {best.mean():.3f}, recovered {(best >= 0.9).float().mean():.3f}")
+    assert (best >= 0.9).float().mean() >= 0.9
+
+
+def test_bad_inputs_get_one_line_errors(tiny_run, tmp_path):
+    runs = fresh_run(tiny_run, tmp_path)
+    with pytest.raises(SiteError, match="site L0.ffn_out is not in the store .*L1.resid_post, L2.ffn_out"):
+        train(train_config(runs, "train.sites=[L0.ffn_out]"))
+    with pytest.raises(StoreError, match="no activation store"):
+        train(train_config(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="unknown sae.architecture 'gated'"):
+        train(train_config(runs, "sae.architecture=gated"))
+
+    train(train_config(runs, "train.sites=[L2.ffn_out]", "train.tokens=1024", "eval.ce=false"))
+    with pytest.raises(TrainingError, match="d_in=64, d_sae=256; this run has d_in=64, d_sae=128"):
+        train(train_config(runs, "train.sites=[L2.ffn_out]", "train.tokens=1024", "sae.expansion_factor=2"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path):
+    runs = fresh_run(tiny_run, tmp_path)
+    common = ["train.sites=[L2.ffn_out]", "train.checkpoint_every=2", "eval.ce=false"]
+    train(train_config(runs, *common, "train.tokens=1024"))  # a good checkpoint at step 4
+    with pytest.raises(TrainingError, match=r"became nan at step \d+.*last good checkpoint \(step 4\)"):
+        train(train_config(runs, *common, "train.tokens=4096", "sae.lr=1e38"))
+    assert torch.load(runs / "demo" / "saes" / "checkpoint.pt", weights_only=False)["step"] >= 4
+
+
+def test_partial_store_is_refused_unless_allowed(tiny_run, tmp_path):
+    runs = fresh_run(tiny_run, tmp_path)
+    manifest = next((runs / "demo" / "activations" / "manifests").glob("*.json"))
+    record = json.loads(manifest.read_text())
+    record["done"] = False
+    manifest.write_text(json.dumps(record))
+    with pytest.raises(StoreError, match="still being written .*allow_partial_store"):
+        train(train_config(runs, "eval.ce=false"))
+    results = train(train_config(runs, "eval.ce=false", "train.allow_partial_store=true", "train.sites=[L2.ffn_out]"))
+    assert results["L2.ffn_out/base"]["tokens_trained"] <= record["rows"]
+
+
+@pytest.mark.slow
+def test_torchrun_data_parallel_equals_one_process(tiny_run, tmp_path):
+    one = fresh_run(tiny_run, tmp_path, "one")
+    two = fresh_run(tiny_run, tmp_path, "two")
+    common = ["train.sites=[L2.ffn_out]", "train.tokens=4096", "eval.ce=false", *SMALL_SAE, "train.bf16_encoder=false"]
+    run_stage("pipeline.train", f"run.runs_dir={one}", *common)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+                    "-m", "pipeline.train", f"run.runs_dir={two}", *common],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    a = load_file(one / "demo" / "saes" / "L2.ffn_out" / "sae_weights.safetensors")
+    b = load_file(two / "demo" / "saes" / "L2.ffn_out" / "sae_weights.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_site_parallel_trains_each_site_once(tiny_run, tmp_path):
+    runs = fresh_run(tiny_run, tmp_path)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534",
+                    "-m", "pipeline.train", f"run.runs_dir={runs}", "train.parallel=site", "train.tokens=1024",
+                    "eval.ce=false", *SMALL_SAE], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    saes = runs / "demo" / "saes"
+    assert (saes / "L1.resid_post" / "metrics.json").exists() and (saes / "L2.ffn_out" / "metrics.json").exists()
+    assert (saes / "checkpoint-r0.pt").exists() and (saes / "checkpoint-r1.pt").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_with_the_same_data(tiny_run, tmp_path):
+    clean = fresh_run(tiny_run, tmp_path, "clean")
+    killed = fresh_run(tiny_run, tmp_path, "killed")
+    common = ["train.sites=[L2.ffn_out]", "train.tokens=24576", "train.checkpoint_every=4", "eval.ce=false",
+              *SMALL_SAE, "train.bf16_encoder=false"]
+    run_stage("pipeline.train", f"run.runs_dir={clean}", *common)
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", f"run.runs_dir={killed}", *common], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "demo" / "saes" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted = torch.load(ckpt, weights_only=False)["step"]
+    assert 0 < interrupted < 96, "the kill should land mid-training"
+    run_stage("pipeline.train", f"run.runs_dir={killed}", *common)
+
+    a = json.loads((clean / "demo" / "saes" / "L2.ffn_out" / "metrics.json").read_text())
+    b = json.loads((killed / "demo" / "saes" / "L2.ffn_out" / "metrics.json").read_text())
+    assert a["tokens_trained"] == b["tokens_trained"] == 96 * 256
+    wa = load_file(clean / "demo" / "saes" / "L2.ffn_out" / "sae_weights.safetensors")
+    wb = load_file(killed / "demo" / "saes" / "L2.ffn_out" / "sae_weights.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
