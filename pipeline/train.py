@@ -246,8 +246,8 @@ def train(cfg: DictConfig) -> dict:
     batches = training_batches(store, sites, cfg, trainer.step_count)
     try:
         while trainer.step_count < trainer.total_steps:
-            batch = local_share(next(batches), rank, world if trainer.data_parallel else 1,
-                                cfg.train.outlier_norm, mean_norms)
+            share = (rank, world) if trainer.data_parallel else (0, 1)
+            batch = local_share(next(batches), *share, cfg.train.outlier_norm, mean_norms)
             trainer.step({s: x.to(device, non_blocking=True) for s, x in batch.items()})
             bar.update(cfg.train.batch_size)
             histogram_tokens += cfg.train.batch_size
