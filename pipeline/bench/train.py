@@ -177,7 +177,10 @@ def main(argv=None) -> None:
     d_in, d_sae, k_aux = args.d_in, sae.cfg.d_sae, min(args.d_in // 2, sae.cfg.d_sae)
     flops_per_token = 6 * d_in * (d_sae + args.k + k_aux)
     achieved = tps["dialbox"] * flops_per_token
-    fmt = lambda name: f"{tps[name]:,.0f}"  # noqa: E731
+
+    def fmt(name):
+        return f"{tps[name]:,.0f}"
+
     rows = [
         ["Dialbox / sae-lens SAETrainer (default)", f"{fmt('dialbox')} / {fmt('sae-lens')} tok/s",
          f"**{tps['dialbox'] / tps['sae-lens']:.2f}x**", ">= 3x"],
