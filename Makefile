@@ -11,7 +11,7 @@ STAMP := $(VENV)/.dialbox-setup
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo harvest train test test-fast bench bench-harvest bench-train
+.PHONY: setup demo harvest train test test-fast bench bench-harvest bench-train quality
 
 setup: $(STAMP)
 
@@ -28,8 +28,10 @@ $(STAMP): pyproject.toml
 harvest: setup
 	$(PY) -m pipeline.harvest run.run_name=$(RUN) $(ARGS)
 
+# The main job end to end on the embedded model: 200k tokens of the Bible at L15.resid_post.
 demo: setup
 	$(PY) -m pipeline.harvest run.run_name=$(RUN) $(ARGS)
+	$(PY) -m pipeline.train run.run_name=$(RUN)
 
 test: setup
 	WANDB_MODE=disabled $(PY) -m pytest -q -ra $(ARGS)
@@ -47,3 +49,7 @@ train: setup
 
 bench-train: setup
 	$(PY) -m pipeline.bench.train $(ARGS)
+
+# SAE quality on the embedded model (about an hour on 2 cores; not part of `make bench`).
+quality: setup
+	$(PY) -m pipeline.bench.quality $(ARGS)

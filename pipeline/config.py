@@ -183,3 +183,15 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="harvest_schema", node=HarvestJob)
     cs.store(name="train_schema", node=TrainJob)
+
+
+def compose(stage: str, overrides: list[str]):
+    """The config `python -m pipeline.<stage> <overrides>` would see, for scripts and tests."""
+    from pathlib import Path
+
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    register_configs()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        return hydra_compose(stage, overrides)

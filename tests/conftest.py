@@ -4,19 +4,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
-def compose_config(stage: str, overrides: list[str]):
-    """The config a stage would see for these command-line overrides."""
-    import pipeline.config
-
-    pipeline.config.register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose(stage, overrides)
+from pipeline.config import compose as compose_config  # noqa: E402  (re-exported for the tests)
 
 
 def run_stage(module: str, *overrides: str, check: bool = True, timeout: float = 600, **kwargs):

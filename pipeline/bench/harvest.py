@@ -24,20 +24,11 @@ import torch
 
 from pipeline.adapters import make_adapter
 from pipeline.bench import table, write_section
-from pipeline.config import register_configs
+from pipeline.config import compose
 from pipeline.corpus import iter_windows, windows_for_tokens
 from pipeline.harvest import batches, harvest_with
 from pipeline.models import load_model
 from pipeline.sites import parse_sites
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    register_configs()
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base=None):
-        return hydra_compose("harvest", overrides)
 
 
 def time_batches(fn, batch_ids: list[torch.Tensor]) -> float:
@@ -62,7 +53,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose([f"model={args.model}", f"run.runs_dir={tmp}", f"harvest.sites=[{args.sites}]",
+        cfg = compose("harvest", [f"model={args.model}", f"run.runs_dir={tmp}", f"harvest.sites=[{args.sites}]",
                        f"harvest.max_tokens={args.tokens}", "store.dtype=bfloat16"])
         model, tokenizer = load_model(cfg.model)
         adapter = make_adapter(model, cfg.model)
