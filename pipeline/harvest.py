@@ -124,6 +124,7 @@ def harvest_with(cfg: DictConfig, model, tokenizer) -> tuple[ActivationStore, fl
         compression=cfg.store.compression, fsync=cfg.store.fsync, queue_size=h.queue_batches,
     )
     if writer.done:
+        writer.close()
         print(f"harvest: shard {h.rank} of {h.world_size} is already complete ({writer.committed_rows} tokens)")
         return ActivationStore(run.activations), 0.0
 

@@ -17,6 +17,7 @@ zarr has no bfloat16, so bf16 rows are stored as their uint16 bit pattern (exact
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import queue
@@ -182,6 +183,19 @@ def _check_same(root: Path, stored: dict, wanted: dict) -> None:
 # Writer
 
 
+def _lock_shard(path: Path, name: str):
+    """An exclusive lock held while a writer has the shard open (the OS drops it if we die):
+    a second writer would throw away the first one's uncommitted rows."""
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StoreError(f"shard {name} is being written by another process: wait for it, or give this "
+                         "writer another harvest.rank") from None
+    return handle
+
+
 class ShardWriter:
     """Appends token rows to one shard of the store and commits them chunk by chunk.
 
@@ -239,6 +253,7 @@ class ShardWriter:
         self._arrays = self._open_arrays(group.require_group(f"shards/{self.name}"), compression)
         self._manifest_path = self.root / "manifests" / f"{self.name}.json"
         self._manifest_path.parent.mkdir(exist_ok=True)
+        self._lock = _lock_shard(self._manifest_path.with_suffix(".lock"), self.name)
         self._resume()
 
         self._buffer: list[dict] = []  # kept rows waiting for a whole chunk
@@ -346,6 +361,7 @@ class ShardWriter:
         """Stop writing; rows past the last commit are dropped (a resume redoes them)."""
         self._stop_worker()
         self._closed = True
+        self._lock.close()
         self._raise_if_failed()
 
     def __enter__(self) -> "ShardWriter":
@@ -357,6 +373,7 @@ class ShardWriter:
         else:  # keep the caller's exception; the uncommitted tail is simply redone on resume
             self._stop_worker()
             self._closed = True
+            self._lock.close()
 
     # -- the work, on the background thread or inline --------------------------------------
 

@@ -34,24 +34,26 @@ def topk_step(sae: TopKTrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | N
               bf16_encoder: bool = True) -> StepOutput:
     cfg = sae.cfg
     low = torch.bfloat16 if bf16_encoder else x.dtype
-    sae_in = x - sae.b_dec
-    hidden_pre = (sae_in.to(low) @ sae.W_enc.to(low)).float() + sae.b_enc
     norms = sae.W_dec.norm(dim=-1)
+    W_enc, b_enc = sae.W_enc, sae.b_enc
     if cfg.rescale_acts_by_decoder_norm:
-        hidden_pre = hidden_pre * norms
+        # sae-lens multiplies the [batch, d_sae] pre-activations by the decoder norms; scaling the
+        # [d_in, d_sae] weights instead is the same function on far fewer numbers.
+        W_enc, b_enc = W_enc * norms, b_enc * norms
+    hidden_pre = torch.addmm(b_enc.to(low), (x - sae.b_dec).to(low), W_enc.to(low))
     values, indices = hidden_pre.topk(cfg.k, dim=-1, sorted=False)
-    values = values.relu()
+    values = values.float().relu()
     recon = _sparse_decode(sae, values, indices, norms) + sae.b_dec
     loss = (recon - x).pow(2).sum(-1).mean()
 
     n_dead = int(dead_mask.sum()) if dead_mask is not None and cfg.aux_loss_coefficient > 0 else 0
     if n_dead:
         # AuxK (Gao et al. 2024, as sae-lens computes it): the top dead latents model the residual.
-        k_aux = sae.cfg.d_in // 2
-        scale = min(n_dead / k_aux, 1.0)
-        dead_pre = hidden_pre.masked_fill(~dead_mask, float("-inf"))
-        aux_values, aux_indices = dead_pre.topk(min(k_aux, n_dead), dim=-1, sorted=False)
-        aux_recon = _sparse_decode(sae, aux_values, aux_indices, norms)
+        half = cfg.d_in // 2
+        scale = min(n_dead / half, 1.0)
+        dead = dead_mask.nonzero().squeeze(1)
+        aux_values, pos = hidden_pre[:, dead].topk(min(half, n_dead), dim=-1, sorted=False)
+        aux_recon = _aux_decode(sae, aux_values.float(), dead, pos, norms, low)
         residual = (x - recon).detach()
         loss = loss + cfg.aux_loss_coefficient * scale * (aux_recon - residual).pow(2).sum(-1).mean()
 
@@ -59,6 +61,18 @@ def topk_step(sae: TopKTrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | N
         active = values > 0
         counts = torch.bincount(indices[active], minlength=cfg.d_sae)
     return StepOutput(loss, recon.detach(), counts, active.sum(-1).float().mean())
+
+
+def _aux_decode(sae: TopKTrainingSAE, values, dead, pos, norms, low):
+    """Decode the AuxK latents (positions `pos` among the `dead` ones). With many active dead
+    latents a dense matmul over the dead rows of W_dec beats gathering rows one by one."""
+    if pos.shape[-1] <= 64:
+        return _sparse_decode(sae, values, dead[pos], norms)
+    if sae.cfg.rescale_acts_by_decoder_norm:
+        values = values / norms[dead][pos]
+    dense = torch.zeros(values.shape[0], dead.numel(), dtype=low, device=values.device)
+    dense = dense.scatter(1, pos, values.to(low))
+    return (dense @ sae.W_dec[dead].to(low)).float()
 
 
 def coefficients(sae: TrainingSAE, step: int) -> dict[str, float]:

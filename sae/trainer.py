@@ -47,7 +47,7 @@ class Member:
 
     def __post_init__(self):
         d_sae = self.sae.cfg.d_sae
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999))
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999), fused=True)
         device = self.sae.W_dec.device
         self.steps_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.fire_counts = torch.zeros(d_sae, dtype=torch.long, device=device)

@@ -128,7 +128,8 @@ def test_resume_after_an_abandoned_writer(tmp_path):
 
     root = tmp_path / "run" / "activations"
     killed = writer(root)
-    append_in_batches(killed, cut(rows, 0, 72), 9)  # never closed: it "dies" here
+    append_in_batches(killed, cut(rows, 0, 72), 9)  # never closed: it "dies" here,
+    killed._lock.close()  # and the OS drops a dead process's lock
     committed, consumed = killed.committed_rows, killed.consumed
     kept = [i for i in range(n) if i not in dropped]
     assert committed == 64 and consumed == kept[committed - 1] + 1
@@ -308,6 +309,7 @@ def test_finished_shard_refuses_appends(tmp_path):
     w.finish()  # idempotent
     with pytest.raises(StoreError, match="already finished"):
         w.append(make_rows(5))
+    w.close()
     again = writer(root)
     assert again.done and again.committed_rows == 5
     with pytest.raises(StoreError, match="already finished"):
@@ -372,3 +374,11 @@ def test_disk_full_keeps_committed_rows_readable(tiny_disk, background):
     assert n > 0 and n % 32 == 0 and n == manifest(tiny_disk / "activations")["rows"]
     np.testing.assert_array_equal(store.read(A, 0, n), rows[A][:n].numpy())
     np.testing.assert_array_equal(store.tokens(0, n)["tokens"], rows["tokens"][:n])
+
+
+def test_a_shard_has_one_writer_at_a_time(tmp_path):
+    first = ShardWriter(tmp_path / "activations", 0, 1, {"L0.ffn_out": 4}, {"model": "m"}, background=False)
+    with pytest.raises(StoreError, match="shard r00000-of-00001 is being written by another process"):
+        ShardWriter(tmp_path / "activations", 0, 1, {"L0.ffn_out": 4}, {"model": "m"}, background=False)
+    first.close()
+    ShardWriter(tmp_path / "activations", 0, 1, {"L0.ffn_out": 4}, {"model": "m"}, background=False).close()
