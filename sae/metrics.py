@@ -41,8 +41,10 @@ def spliced_metrics(adapter, site, sae, batches: list[tuple[torch.Tensor, torch.
     """
     xs, recons, acts_l0, fire_counts = [], [], [], torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0, "tokens": 0}
+    device = next(adapter.model.parameters()).device
     for ids, keep in batches:
-        x = adapter.capture([site], ids)[site][keep.to(ids.device)].float()
+        ids, keep = ids.to(device), keep.to(device)
+        x = adapter.capture([site], ids)[site][keep].float()
         feats = sae.encode(x.to(sae.W_dec.device))
         recon = sae.decode(feats)
         xs.append(x.cpu())
@@ -52,12 +54,11 @@ def spliced_metrics(adapter, site, sae, batches: list[tuple[torch.Tensor, torch.
         fire_counts += active.sum(0)
         if not ce:
             continue
-        keep_d = keep.to(ids.device)
         model = adapter.model
         clean = model(ids).logits
-        with adapter.hooks({site: _replace_kept(keep_d, lambda r: sae.decode(sae.encode(r.to(sae.W_dec.device))))}):
+        with adapter.hooks({site: _replace_kept(keep, lambda r: sae.decode(sae.encode(r.to(sae.W_dec.device))))}):
             spliced = model(ids).logits
-        with adapter.hooks({site: _replace_kept(keep_d, torch.zeros_like)}):
+        with adapter.hooks({site: _replace_kept(keep, torch.zeros_like)}):
             zero = model(ids).logits
         totals["clean"] += _next_token_ce(clean, ids).item()
         totals["sae"] += _next_token_ce(spliced, ids).item()

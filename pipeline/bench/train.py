@@ -95,6 +95,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, default=20, help="distinct batches of data, cycled")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dead-frac", type=float, default=0.1,
+                        help="latents counted dead at the start of each round, the same in every trainer (1 = all)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:  # quick sizes become the defaults; flags given still win
@@ -107,10 +109,9 @@ def main(argv=None) -> None:
     x = synthetic_activations(args.batches * B, args.d_in, device)
     data = list(x.split(B))
     sae_cfg = OmegaConf.structured(SAEConfig(k=args.k, d_sae=args.d_sae))
-    # dead_tokens=0 marks every latent dead, so AuxK runs on every step (a fresh SAE has no dead
-    # latents for a million tokens); sae-lens gets the same with dead_feature_window=-1 below.
-    train_cfg = OmegaConf.create({"train": OmegaConf.structured(TrainConfig(batch_size=B, device=args.device,
-                                                                            dead_tokens=0))})
+    # A fresh SAE has no dead latents for a million tokens, so AuxK would never run: every round
+    # starts with the same `dead_frac` of the latents marked dead in every trainer (see mark_dead).
+    train_cfg = OmegaConf.create({"train": OmegaConf.structured(TrainConfig(batch_size=B, device=args.device))})
 
     def new_sae():
         torch.manual_seed(0)  # every trainer starts from the same weights
@@ -122,10 +123,9 @@ def main(argv=None) -> None:
 
     def sae_lens(autocast: bool) -> SAETrainer:
         # sae-lens's defaults, but for what must match: lr (its runner sets lr_end = lr / 10), the
-        # batch, no wandb, and -1 so that every latent counts as dead, as for Dialbox above.
+        # batch and no wandb.
         cfg = SAETrainerConfig(total_training_samples=10**12, train_batch_size_samples=B, lr=lr, lr_end=lr / 10,
-                               device=args.device, autocast=autocast, dead_feature_window=-1,
-                               logger=LoggingConfig(log_to_wandb=False))
+                               device=args.device, autocast=autocast, logger=LoggingConfig(log_to_wandb=False))
         return SAETrainer(cfg, new_sae(), data_provider=itertools.cycle(data))
 
     def dialbox_memory(n):
@@ -151,13 +151,23 @@ def main(argv=None) -> None:
                 dialbox.step({s: v.to(device, non_blocking=True) for s, v in next(batches).items()})
             batches.close()
 
-        ways = {"dialbox": dialbox_memory, "sae-lens": fit_steps(sae_lens(False)),
-                "sae-lens autocast": fit_steps(sae_lens(True)), "dialbox store": dialbox_store}
+        lens, lens_autocast = sae_lens(False), sae_lens(True)
+        dead = torch.randperm(sae.cfg.d_sae, generator=torch.Generator().manual_seed(1))
+        dead = dead[:round(args.dead_frac * sae.cfg.d_sae)].to(device)
+
+        def mark_dead():  # "has not fired for longer than the dead window", in each trainer's own counter
+            dialbox.members[0].steps_since_fired[dead] = 10**9
+            for trainer in (lens, lens_autocast):
+                trainer.n_forward_passes_since_fired[dead] = 10**9
+
+        ways = {"dialbox": dialbox_memory, "sae-lens": fit_steps(lens),
+                "sae-lens autocast": fit_steps(lens_autocast), "dialbox store": dialbox_store}
         for run in ways.values():  # warm-up: allocator, kernels, the first dead-latent pass
             run(warmup)
         rates = {name: [] for name in ways}
         for r in range(args.rounds):
             order = list(ways)[r % len(ways):] + list(ways)[:r % len(ways)]  # no way always runs first
+            mark_dead()
             for name in order:
                 sync(device)
                 start = time.perf_counter()
@@ -193,8 +203,9 @@ def main(argv=None) -> None:
     ]
     spread = "; ".join(f"{n}: " + ", ".join(f"{v:,.0f}" for v in rates[n]) for n in ways)
     notes = f"""
-TopK SAE d_in {d_in} -> d_sae {d_sae}, k {args.k}, AuxK coefficient {sae.cfg.aux_loss_coefficient:g} running on
-every step (all latents counted dead: Dialbox `dead_tokens=0`, sae-lens `dead_feature_window=-1`), batch {B},
+TopK SAE d_in {d_in} -> d_sae {d_sae}, k {args.k}, AuxK coefficient {sae.cfg.aux_loss_coefficient:g}, with the
+same {args.dead_frac:.0%} of the latents marked dead in every trainer at the start of each round (OpenAI's
+ceiling for dead latents; `--dead-frac 1` is the worst case), batch {B},
 on {args.device}. Data: {args.batches} batches of synthetic activations (sparse sums of {4 * d_in} random unit
 directions, 16 per row, plus noise; mean norm sqrt(d_in); bf16-rounded), cycled; in memory they sit on the device.
 Every trainer starts from the same weights and lr ({lr:.3g}). Dialbox runs `sae.trainer.Trainer.step`, the loop
@@ -214,7 +225,7 @@ median bf16 FLOP/s of a {"8192" if cuda else "2048"}^3 matmul measured in this r
 """
     given = argv if argv is not None else sys.argv[1:]
     command = "make bench-train" + (f" ARGS='{' '.join(given)}'" if given else "")
-    write_section("bench-train", command, table(["measure", "values", "ratio", "target"], rows) + "\n" + notes)
+    write_section("bench-train" if not cuda else "bench-train-cuda", command, table(["measure", "values", "ratio", "target"], rows) + "\n" + notes)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One short check on a CUDA machine: harvest and train the tiny random DeepSeek-V4 on the GPU,
+# then bench-train at DeepSeek-V4-Flash width (d_in 4096, 65,536 latents, k=64, batch 4096).
+#
+#   pipeline/bench/gpu_check.sh OUT_DIR
+#
+# Needs the project's Python packages importable and the embedded tokenizer in
+# $DIALBOX_CACHE (the tiny model borrows SmolLM2's). Writes logs, metrics and the
+# bench-train-cuda section of BENCHMARKS.md into OUT_DIR.
+set -euo pipefail
+out=${1:?usage: gpu_check.sh OUT_DIR}
+mkdir -p "$out"
+export WANDB_MODE=disabled PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt" || true
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$out/gpu.txt"
+
+device=${DEVICE:-cuda} tokens=${TOKENS:-400000}  # DEVICE=cpu TOKENS=20000 BENCH=0 for a dry run
+runs=${RUNS:-$out/runs}
+time python3 -m pipeline.harvest run.runs_dir="$runs" model=tiny_deepseek_v4 model.device="$device" \
+  'harvest.sites=[L1.resid_post,L2.attn_in,L3.ffn_out]' harvest.max_tokens="$tokens" harvest.batch_size=64 \
+  2>&1 | tr '\r' '\n' | tail -6 | tee "$out/harvest.log" || echo "FAILED: harvest"
+time python3 -m pipeline.train run.runs_dir="$runs" train.device="$device" sae.k=16 train.batch_size=4096 \
+  eval.tokens=16384 2>&1 | tr '\r' '\n' | tail -4 | tee "$out/train.log" || echo "FAILED: train"
+for site in "$runs"/demo/saes/*/; do cp "$site/metrics.json" "$out/metrics-$(basename "$site").json" || true; done
+
+if [ "${BENCH:-1}" = 1 ]; then
+  time python3 -m pipeline.bench.train --device cuda --d-in 4096 --d-sae 65536 --k 64 --batch 4096 \
+    2>&1 | tail -30 | tee "$out/bench-train.log"
+  cp BENCHMARKS.md "$out/BENCHMARKS.md"
+fi
