@@ -121,6 +121,13 @@ def _decode(stored: np.ndarray) -> np.ndarray:
     return stored.astype(np.float32, copy=False)
 
 
+def _as_tensor(stored: np.ndarray) -> torch.Tensor:
+    """Stored rows as a tensor without a copy: uint16 bits become a bfloat16 view."""
+    if stored.dtype == np.uint16:
+        return torch.from_numpy(np.ascontiguousarray(stored).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(stored)
+
+
 def _read_manifest(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -644,7 +651,8 @@ class ActivationStore:
     def iter_batches(
         self, sites, batch_size: int, seed: int = 0, start_batch: int = 0, shuffle_chunks: int = 8, drop_last: bool = True
     ):
-        """One epoch of shuffled batches: dicts site -> float32 tensor [batch_size, width].
+        """One epoch of shuffled batches: dicts site -> tensor [batch_size, width] in the store's
+        dtype (bfloat16 or float32; converting on the consumer's device halves the bytes moved).
 
         Chunks are visited in a seeded random order, read whole, and their rows shuffled
         within windows of `shuffle_chunks` chunks. The same seed gives the same batches;
@@ -680,16 +688,16 @@ class ActivationStore:
             rows = {}
             for site in sites:
                 whole = np.concatenate([self._array(shard, site)[start:stop] for shard, start, stop in window])
-                rows[site] = _decode(whole[perm])
+                rows[site] = whole[perm]
                 if carry is not None:
                     rows[site] = np.concatenate([carry[site], rows[site]])
             m = len(rows[sites[0]])
             full = m - m % batch_size
             for i in range(0, full, batch_size):
-                yield {site: torch.from_numpy(rows[site][i : i + batch_size]) for site in sites}
+                yield {site: _as_tensor(rows[site][i : i + batch_size]) for site in sites}
             carry = {site: rows[site][full:] for site in sites}
         if carry is not None and len(carry[sites[0]]) and not drop_last:
-            yield {site: torch.from_numpy(carry[site]) for site in sites}
+            yield {site: _as_tensor(carry[site]) for site in sites}
 
 
 def _prefetch(items, depth: int):

@@ -382,3 +382,15 @@ def test_a_shard_has_one_writer_at_a_time(tmp_path):
         ShardWriter(tmp_path / "activations", 0, 1, {"L0.ffn_out": 4}, {"model": "m"}, background=False)
     first.close()
     ShardWriter(tmp_path / "activations", 0, 1, {"L0.ffn_out": 4}, {"model": "m"}, background=False).close()
+
+
+def test_bf16_batches_come_as_bfloat16_views_of_the_stored_bits(tmp_path):
+    w = writer(tmp_path / "activations", dtype="bfloat16", chunk_rows=8)
+    w.append(make_rows(32))
+    w.finish()
+    store = ActivationStore(tmp_path)
+    batches = list(store.iter_batches(A, 32, seed=0, shuffle_chunks=1))
+    assert batches[0][A].dtype == torch.bfloat16
+    got = torch.sort(batches[0][A].float(), dim=0).values
+    want = torch.sort(torch.from_numpy(store.read(A, 0, 32)), dim=0).values
+    assert torch.equal(got, want)
