@@ -101,6 +101,14 @@ def load_model(cfg: ModelConfig, max_layer: int | None = None):
     return model, tokenizer
 
 
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer load_model would return, without loading any weights."""
+    names = {"embedded": "embedded", "hub": cfg.path, "random": cfg.tokenizer}
+    if not names.get(cfg.source):
+        raise ValueError(f"model.source={cfg.source!r} names no tokenizer: set model.path or model.tokenizer")
+    return _load_tokenizer(names[cfg.source], cfg)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -649,7 +649,8 @@ class ActivationStore:
     # -- training stream -------------------------------------------------------------------
 
     def iter_batches(
-        self, sites, batch_size: int, seed: int = 0, start_batch: int = 0, shuffle_chunks: int = 8, drop_last: bool = True
+        self, sites, batch_size: int, seed: int = 0, start_batch: int = 0, shuffle_chunks: int = 8, drop_last: bool = True,
+        stop_row: int | None = None,
     ):
         """One epoch of shuffled batches: dicts site -> tensor [batch_size, width] in the store's
         dtype (bfloat16 or float32; converting on the consumer's device halves the bytes moved).
@@ -657,21 +658,23 @@ class ActivationStore:
         Chunks are visited in a seeded random order, read whole, and their rows shuffled
         within windows of `shuffle_chunks` chunks. The same seed gives the same batches;
         `start_batch=k` gives the batches from the k-th on without reading the windows
-        before it. Use seed + epoch for a new order each epoch.
+        before it. Use seed + epoch for a new order each epoch. `stop_row` leaves out the rows
+        from that global index on (a held-out tail).
         """
         sites = [sites] if isinstance(sites, str) else list(sites)
         for site in sites:
             self._check_site(site)
         if batch_size < 1 or shuffle_chunks < 1 or start_batch < 0:
             raise StoreError("iter_batches needs batch_size >= 1, shuffle_chunks >= 1 and start_batch >= 0")
-        batches = self._batches(sites, batch_size, seed, start_batch, shuffle_chunks, drop_last)
+        batches = self._batches(sites, batch_size, seed, start_batch, shuffle_chunks, drop_last,
+                                self.n_tokens if stop_row is None else stop_row)
         return _prefetch(batches, depth=4)
 
-    def _batches(self, sites, batch_size, seed, start_batch, shuffle_chunks, drop_last):
+    def _batches(self, sites, batch_size, seed, start_batch, shuffle_chunks, drop_last, stop_row):
         chunks = [
-            (s.name, start, min(start + self.chunk_rows, s.rows))
+            (s.name, start, min(start + self.chunk_rows, s.rows, stop_row - s.offset))
             for s in self._shards
-            for start in range(0, s.rows, self.chunk_rows)
+            for start in range(0, min(s.rows, stop_row - s.offset), self.chunk_rows)
         ]
         order = np.random.default_rng(seed).permutation(len(chunks))
         skip = start_batch * batch_size  # rows of the stream before the first batch wanted

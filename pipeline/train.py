@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 import os
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from sae_lens import SAE
 from tqdm import tqdm
 
 from pipeline.config import ModelConfig, register_configs
+from pipeline.models import load_tokenizer
 from pipeline.corpus import CorpusError, iter_windows, windows_for_tokens
 from pipeline.rundir import RunDir, one_line_errors
 from pipeline.sites import Site, SiteError
@@ -113,16 +115,18 @@ def save_checkpoint(trainer: Trainer, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def training_batches(store: ActivationStore, sites: list[str], cfg: DictConfig, start_step: int):
-    """Shuffled batches from `start_step` on, epoch after epoch (a new order each epoch)."""
-    steps_per_epoch = store.n_tokens // cfg.train.batch_size
+def training_batches(store: ActivationStore, sites: list[str], cfg: DictConfig, start_step: int,
+                     stop_row: int | None = None):
+    """Shuffled batches from `start_step` on, epoch after epoch (a new order each epoch), from
+    the store's rows before `stop_row` (all when None)."""
+    steps_per_epoch = (store.n_tokens if stop_row is None else stop_row) // cfg.train.batch_size
     if steps_per_epoch == 0:
         raise StoreError(f"the store holds {store.n_tokens} tokens, fewer than one batch of "
                          f"{cfg.train.batch_size}: lower train.batch_size or harvest more")
     epoch, skip = divmod(start_step, steps_per_epoch)
     while True:
         yield from store.iter_batches(sites, cfg.train.batch_size, seed=cfg.train.seed + epoch, start_batch=skip,
-                                      shuffle_chunks=cfg.train.shuffle_chunks, drop_last=True)
+                                      shuffle_chunks=cfg.train.shuffle_chunks, drop_last=True, stop_row=stop_row)
         epoch, skip = epoch + 1, 0
 
 
@@ -168,38 +172,51 @@ def harvest_config(run: RunDir) -> DictConfig:
     raise StoreError(f"no harvest config in {run.root / 'config'}: the store was not made by `make harvest`")
 
 
-def heldout_batches(run: RunDir, cfg: DictConfig, tokenizer) -> tuple[list, bool]:
-    """Windows right after the harvested ones (or the last ones when the whole corpus was harvested)."""
+@dataclass
+class Heldout:
+    batches: list  # (input_ids [b, L], keep [b, L]) for the spliced evaluation
+    stop_row: int | None  # training leaves out the store's rows from here on
+    fresh: bool  # False: no text was left to hold out, so the evaluation runs on training text
+
+
+def plan_heldout(run: RunDir, cfg: DictConfig, store: ActivationStore) -> Heldout:
+    """Held-out windows: the ones right after the harvested windows; when the harvest took the
+    whole corpus, its last windows, whose rows (the store's last rows) training then leaves out."""
     harvested = harvest_config(run)
     data = harvested.data
+    tokenizer = load_tokenizer(OmegaConf.merge(OmegaConf.structured(ModelConfig), harvested.model))
     skip = windows_for_tokens(harvested.harvest.max_tokens, data.context_length)
     wanted = max(1, math.ceil(cfg.eval.tokens / data.context_length))
     windows = list(iter_windows(data, tokenizer, max_windows=skip + wanted if skip else 0))
     fresh = windows[skip:] if skip else []
-    heldout = fresh if len(fresh) >= wanted else windows[-wanted:]
-    heldout = [w for w in heldout if len(w.tokens) == data.context_length]
-    batches = []
-    for i in range(0, len(heldout), cfg.eval.batch_size):
-        group = heldout[i:i + cfg.eval.batch_size]
-        batches.append((torch.from_numpy(np.stack([w.tokens for w in group])),
-                        torch.from_numpy(np.stack([w.keep for w in group]))))
-    return batches, len(fresh) >= wanted
+    stop_row = None
+    if len(fresh) >= wanted:
+        heldout = fresh[:wanted]
+    else:
+        heldout = windows[-wanted:]
+        if harvested.harvest.world_size == 1 and store.complete:
+            stop_row = store.n_tokens - sum(int(w.keep.sum()) for w in heldout)
+    full = [w for w in heldout if len(w.tokens) == data.context_length]
+    batches = [(torch.from_numpy(np.stack([w.tokens for w in full[i:i + cfg.eval.batch_size]])),
+                torch.from_numpy(np.stack([w.keep for w in full[i:i + cfg.eval.batch_size]])))
+               for i in range(0, len(full), cfg.eval.batch_size)]
+    return Heldout(batches, stop_row, fresh=len(fresh) >= wanted or stop_row is not None)
 
 
 def output_dir(run: RunDir, member: Member) -> Path:
     return run.saes(member.site) if member.tag == "base" else run.saes(member.site) / "sweep" / member.tag
 
 
-def save_and_evaluate(cfg: DictConfig, run: RunDir, trainer: Trainer, seconds: float, trained_now: int) -> dict:
+def save_and_evaluate(cfg: DictConfig, run: RunDir, trainer: Trainer, heldout: Heldout, store_rows: int,
+                      seconds: float, trained_now: int) -> dict:
     """Fold the activation scale, save each SAE in sae-lens's format, evaluate the saved file."""
     from pipeline.adapters import make_adapter
     from pipeline.models import load_model
 
     harvested = harvest_config(run)
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), harvested.model)
-    model, tokenizer = load_model(model_cfg)
+    model, _ = load_model(model_cfg)
     adapter = make_adapter(model, model_cfg)
-    batches, fresh = heldout_batches(run, cfg, tokenizer)
     results = {}
     for m in trainer.members:
         out = output_dir(run, m)
@@ -208,12 +225,12 @@ def save_and_evaluate(cfg: DictConfig, run: RunDir, trainer: Trainer, seconds: f
             m.sae.fold_activation_norm_scaling_factor(m.scale)
         m.sae.save_inference_model(out)
         saved = SAE.load_from_disk(out, device=str(next(model.parameters()).device))
-        metrics = spliced_metrics(adapter, Site.parse(m.site), saved, batches, ce=cfg.eval.ce)
+        metrics = spliced_metrics(adapter, Site.parse(m.site), saved, heldout.batches, ce=cfg.eval.ce)
         metrics.update(
             site=m.site, architecture=cfg.sae.architecture if m.tag == "base" else m.tag,
             d_in=m.sae.cfg.d_in, d_sae=m.sae.cfg.d_sae, dead_frac=dead_frac, tokens_trained=trainer.tokens,
             tokens_per_s=trained_now / seconds if seconds else None, activation_scale=m.scale,
-            eval_on_heldout_text=fresh,
+            eval_on_heldout_text=heldout.fresh, store_rows_trained_on=heldout.stop_row or store_rows,
         )
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         results[f"{m.site}/{m.tag}"] = metrics
@@ -227,7 +244,8 @@ def train(cfg: DictConfig) -> dict:
     store = open_store(run, cfg.train.allow_partial_store)
     sites = choose_sites(store, list(cfg.train.sites), rank, world, cfg.train.parallel)
     members = build_members(cfg, store, sites, device)
-    tokens = cfg.train.tokens or store.n_tokens
+    heldout = plan_heldout(run, cfg, store)
+    tokens = cfg.train.tokens or (heldout.stop_row or store.n_tokens)
     trainer = Trainer(members, total_steps_for(tokens, cfg.train.batch_size), cfg.train,
                       data_parallel=cfg.train.parallel == "data")
     ckpt = checkpoint_path(run, rank, world, cfg.train.parallel)
@@ -243,7 +261,7 @@ def train(cfg: DictConfig) -> dict:
     started, start_tokens, histogram_tokens = time.perf_counter(), trainer.tokens, 0
     bar = tqdm(total=trainer.total_steps * cfg.train.batch_size, initial=trainer.tokens, unit="tok",
                unit_scale=True, desc=f"train r{rank}", disable=not writer, dynamic_ncols=True)
-    batches = training_batches(store, sites, cfg, trainer.step_count)
+    batches = training_batches(store, sites, cfg, trainer.step_count, heldout.stop_row)
     try:
         while trainer.step_count < trainer.total_steps:
             share = (rank, world) if trainer.data_parallel else (0, 1)
@@ -265,7 +283,8 @@ def train(cfg: DictConfig) -> dict:
     seconds = time.perf_counter() - started
     if writer:
         save_checkpoint(trainer, ckpt)
-    results = save_and_evaluate(cfg, run, trainer, seconds, trainer.tokens - start_tokens) if writer else {}
+    results = save_and_evaluate(cfg, run, trainer, heldout, store.n_tokens, seconds,
+                                trainer.tokens - start_tokens) if writer else {}
     if wb is not None:
         wb.summary.update({f"{k}/{m}": v for k, r in results.items() for m, v in r.items() if isinstance(v, float)})
         wb.finish()

@@ -17,6 +17,7 @@ from sae_lens.saes.sae import TrainStepInput
 from conftest import ROOT, compose_config, run_stage
 from pipeline.adapters import make_adapter
 from pipeline.config import ModelConfig, SAEConfig, TrainConfig
+from pipeline.corpus import iter_windows
 from pipeline.harvest import harvest
 from pipeline.models import load_model
 from pipeline.sites import Site, SiteError
@@ -255,3 +256,21 @@ def test_sigkill_then_resume_continues_with_the_same_data(tiny_run, tmp_path):
     wb = load_file(killed / "demo" / "saes" / "L2.ffn_out" / "sae_weights.safetensors")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_fully_harvested_corpus_holds_out_its_last_windows(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Verse {i}: the bridge crosses the river at dawn."}) + "\n"
+                              for i in range(400)))
+    runs = tmp_path / "runs"
+    harvest(compose_config("harvest", [f"run.runs_dir={runs}", *TINY, "data=jsonl", f"data.paths=[{corpus}]",
+                                       "harvest.sites=[L2.ffn_out]", "harvest.max_tokens=0"]))
+    store_rows = json.loads(next((runs / "demo" / "activations" / "manifests").glob("*.json")).read_text())["rows"]
+    results = train(train_config(runs, "eval.tokens=640", "eval.ce=false", "train.batch_size=128"))
+    metrics = results["L2.ffn_out/base"]
+    assert metrics["eval_on_heldout_text"] and metrics["eval_tokens"] > 0
+    # The last 10 windows of 64 are held out: training reads only the store's rows before theirs.
+    cfg = compose_config("harvest", [*TINY, "data=jsonl", f"data.paths=[{corpus}]"])
+    held_rows = sum(int(w.keep.sum()) for w in list(iter_windows(cfg.data, load_model(cfg.model)[1]))[-10:])
+    assert metrics["store_rows_trained_on"] == store_rows - held_rows
+    assert metrics["tokens_trained"] == (store_rows - held_rows) // 128 * 128

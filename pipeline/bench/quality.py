@@ -23,15 +23,17 @@ SITE = "L15.resid_post"
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=2_100_000, help="tokens harvested (BOS rows are left out)")
+    parser.add_argument("--tokens", type=int, default=2_100_000,
+                        help="tokens to harvest (the demo corpus has about 1.08M: it is harvested whole)")
+    parser.add_argument("--train-tokens", type=int, default=2_100_000, help="tokens trained (epochs as needed)")
     parser.add_argument("--run", default="quality")
     parser.add_argument("--eval-tokens", type=int, default=32_768)
     args = parser.parse_args(argv)
 
     harvest(compose("harvest", [f"run.run_name={args.run}", f"harvest.sites=[{SITE}]",
                                       f"harvest.max_tokens={args.tokens}", "harvest.batch_size=32"]))
-    results = train(compose("train", [f"run.run_name={args.run}", "sae=topk", "sae.k=32",
-                                            "sae.expansion_factor=16", f"eval.tokens={args.eval_tokens}"]))
+    results = train(compose("train", [f"run.run_name={args.run}", "sae=topk", "sae.k=32", "sae.expansion_factor=16",
+                                      f"train.tokens={args.train_tokens}", f"eval.tokens={args.eval_tokens}"]))
     m = results[f"{SITE}/base"]
     rows = [
         ["fvu", f"**{m['fvu']:.3f}**", "<= 0.25"],
@@ -45,9 +47,11 @@ def main(argv=None) -> None:
         ["tokens trained", f"{m['tokens_trained']:,}", ">= 2,000,000"],
         ["training tokens/s", f"{m['tokens_per_s']:,.0f}", ""],
     ]
-    notes = (f"\nSmolLM2-135M-Instruct `{SITE}`, TopK k=32, 576 -> {m['d_sae']} latents, batch 4096, one pass; "
-             f"evaluated on {m['eval_tokens']:,} held-out tokens "
-             f"({'windows after the harvested ones' if m['eval_on_heldout_text'] else 'training text'}).\n")
+    epochs = m["tokens_trained"] / m["store_rows_trained_on"]
+    notes = (f"\nSmolLM2-135M-Instruct `{SITE}` on the demo corpus (King James Bible), TopK k=32, "
+             f"576 -> {m['d_sae']} latents, batch 4096, {m['tokens_trained']:,} tokens = {epochs:.2f} epochs over "
+             f"{m['store_rows_trained_on']:,} stored tokens; evaluated on {m['eval_tokens']:,} tokens of "
+             f"{'held-out windows training never read' if m['eval_on_heldout_text'] else 'training text'}.\n")
     command = "make quality" + (f" ARGS='{' '.join(sys.argv[1:])}'" if argv is None and sys.argv[1:] else "")
     write_section("quality", command, table(["metric", "value", "target"], rows) + "\n" + notes)
 
