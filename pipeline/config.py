@@ -153,12 +153,14 @@ class TrainConfig:
     shuffle_chunks: int = 8  # chunks mixed in the shuffle buffer
     # Scale activations to mean norm sqrt(d_in) during training (folded into the saved weights).
     normalize: bool = True
-    # Leave out tokens whose norm exceeds this multiple of the median norm (0 = keep all).
+    # Leave out of training, and of the spliced evaluation, tokens whose norm exceeds this multiple
+    # of the site's mean norm (e.g. 10 drops "massive activation" attention-sink tokens; 0 = keep all).
     outlier_norm: float = 0.0
     # Run the TopK encoder matmul in bf16 (AMX / tensor cores); the rest stays float32.
     bf16_encoder: bool = True
     # A latent is dead when it has not fired in this many tokens.
-    dead_tokens: int = 1_000_000
+    # 0 = a tenth of the training tokens, at most 10M (AuxK must get to work within short runs).
+    dead_tokens: int = 0
     log_every: int = 25
     checkpoint_every: int = 100  # steps
     # Under torchrun: `data` (all ranks train every SAE on their share of each batch) or

@@ -98,6 +98,10 @@ def build_members(cfg: DictConfig, store: ActivationStore, sites: list[str], dev
         for tag, sae_cfg in sweep_configs(cfg):
             torch.manual_seed(cfg.train.seed)  # every rank starts from the same weights
             sae = build_sae(sae_cfg, d_in, metadata, str(device))
+            with torch.no_grad():
+                # Start b_dec at the data mean: real residual streams share a large mean direction, and
+                # with b_dec = 0 the few latents aligned with it win every token and the rest never fire.
+                sae.b_dec.copy_(torch.from_numpy(store.stats(site)["mean"]) * scale)
             members.append(Member(tag, site, sae, scale, learning_rate(sae_cfg, sae.cfg.d_sae)))
     return members
 
@@ -207,7 +211,7 @@ def output_dir(run: RunDir, member: Member) -> Path:
     return run.saes(member.site) if member.tag == "base" else run.saes(member.site) / "sweep" / member.tag
 
 
-def save_and_evaluate(cfg: DictConfig, run: RunDir, trainer: Trainer, heldout: Heldout, store_rows: int,
+def save_and_evaluate(cfg: DictConfig, run: RunDir, trainer: Trainer, heldout: Heldout, store: ActivationStore,
                       seconds: float, trained_now: int) -> dict:
     """Fold the activation scale, save each SAE in sae-lens's format, evaluate the saved file."""
     from pipeline.adapters import make_adapter
@@ -215,6 +219,7 @@ def save_and_evaluate(cfg: DictConfig, run: RunDir, trainer: Trainer, heldout: H
 
     harvested = harvest_config(run)
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), harvested.model)
+    store_mean_norms = {m.site: store.stats(m.site)["mean_norm"] for m in trainer.members}
     model, _ = load_model(model_cfg)
     adapter = make_adapter(model, model_cfg)
     results = {}
@@ -225,12 +230,14 @@ def save_and_evaluate(cfg: DictConfig, run: RunDir, trainer: Trainer, heldout: H
             m.sae.fold_activation_norm_scaling_factor(m.scale)
         m.sae.save_inference_model(out)
         saved = SAE.load_from_disk(out, device=str(next(model.parameters()).device))
-        metrics = spliced_metrics(adapter, Site.parse(m.site), saved, heldout.batches, ce=cfg.eval.ce)
+        max_norm = cfg.train.outlier_norm * store_mean_norms[m.site]
+        metrics = spliced_metrics(adapter, Site.parse(m.site), saved, heldout.batches, ce=cfg.eval.ce, max_norm=max_norm)
         metrics.update(
             site=m.site, architecture=cfg.sae.architecture if m.tag == "base" else m.tag,
             d_in=m.sae.cfg.d_in, d_sae=m.sae.cfg.d_sae, dead_frac=dead_frac, tokens_trained=trainer.tokens,
             tokens_per_s=trained_now / seconds if seconds else None, activation_scale=m.scale,
-            eval_on_heldout_text=heldout.fresh, store_rows_trained_on=heldout.stop_row or store_rows,
+            eval_on_heldout_text=heldout.fresh, store_rows_trained_on=heldout.stop_row or store.n_tokens,
+            history=m.history,  # training loss, FVU, L0 and dead fraction at each checkpoint
         )
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         results[f"{m.site}/{m.tag}"] = metrics
@@ -273,6 +280,7 @@ def train(cfg: DictConfig) -> dict:
                 histogram_tokens = log_step(wb, trainer, histogram_tokens)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in trainer.members[0].last.items()})
             if writer and trainer.step_count % cfg.train.checkpoint_every == 0:
+                trainer.record_checkpoint()
                 save_checkpoint(trainer, ckpt)
     except TrainingError as e:
         kept = torch.load(ckpt, weights_only=False)["step"] if ckpt.exists() else None
@@ -283,7 +291,7 @@ def train(cfg: DictConfig) -> dict:
     seconds = time.perf_counter() - started
     if writer:
         save_checkpoint(trainer, ckpt)
-    results = save_and_evaluate(cfg, run, trainer, heldout, store.n_tokens, seconds,
+    results = save_and_evaluate(cfg, run, trainer, heldout, store, seconds,
                                 trainer.tokens - start_tokens) if writer else {}
     if wb is not None:
         wb.summary.update({f"{k}/{m}": v for k, r in results.items() for m, v in r.items() if isinstance(v, float)})

@@ -33,18 +33,23 @@ def _replace_kept(keep: torch.Tensor, fn):
 
 
 @torch.no_grad()
-def spliced_metrics(adapter, site, sae, batches: list[tuple[torch.Tensor, torch.Tensor]], ce: bool = True) -> dict:
+def spliced_metrics(adapter, site, sae, batches: list[tuple[torch.Tensor, torch.Tensor]], ce: bool = True,
+                    max_norm: float = 0.0) -> dict:
     """Metrics of a (folded, raw-space) sae-lens SAE on held-out windows.
 
     `batches` holds (input_ids [b, L], keep [b, L] bool) pairs; with ce=False only the
-    reconstruction metrics are computed (no forward past the site).
+    reconstruction metrics are computed (no forward past the site). With max_norm > 0, tokens
+    whose activation norm exceeds it are treated like special tokens (as training left them out).
     """
     xs, recons, acts_l0, fire_counts = [], [], [], torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0, "tokens": 0}
     device = next(adapter.model.parameters()).device
     for ids, keep in batches:
         ids, keep = ids.to(device), keep.to(device)
-        x = adapter.capture([site], ids)[site][keep].float()
+        rows = adapter.capture([site], ids)[site]
+        if max_norm > 0:
+            keep = keep & (rows.float().norm(dim=-1) <= max_norm)
+        x = rows[keep].float()
         feats = sae.encode(x.to(sae.W_dec.device))
         recon = sae.decode(feats)
         xs.append(x.cpu())

@@ -44,6 +44,7 @@ class Member:
     steps_since_fired: torch.Tensor = None
     fire_counts: torch.Tensor = None  # tokens each latent fired on, since the last histogram
     last: dict = field(default_factory=dict)  # last logged numbers
+    history: list = field(default_factory=list)  # the logged numbers at each checkpoint
 
     def __post_init__(self):
         d_sae = self.sae.cfg.d_sae
@@ -55,7 +56,7 @@ class Member:
     def state_dict(self) -> dict:
         return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(), "scale": self.scale,
                 "steps_since_fired": self.steps_since_fired, "fire_counts": self.fire_counts,
-                "d_in": self.sae.cfg.d_in, "d_sae": self.sae.cfg.d_sae}
+                "d_in": self.sae.cfg.d_in, "d_sae": self.sae.cfg.d_sae, "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
         if (state["d_in"], state["d_sae"]) != (self.sae.cfg.d_in, self.sae.cfg.d_sae):
@@ -69,6 +70,7 @@ class Member:
         self.scale = state["scale"]
         self.steps_since_fired.copy_(state["steps_since_fired"])
         self.fire_counts.copy_(state["fire_counts"])
+        self.history = list(state["history"])
 
 
 def _distributed() -> bool:
@@ -83,9 +85,11 @@ class Trainer:
         self.data_parallel = data_parallel and _distributed()
         self.step_count = 0
         self.tokens = 0
+        # The dead-latent window, in tokens (see TrainConfig.dead_tokens).
+        self.dead_tokens = cfg.dead_tokens or min(10_000_000, max(1, total_steps * cfg.batch_size // 10))
 
     def dead_mask(self, member: Member, batch_size: int) -> torch.Tensor:
-        return member.steps_since_fired * batch_size >= self.cfg.dead_tokens
+        return member.steps_since_fired * batch_size >= self.dead_tokens
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
         """One optimiser step of every member on this batch (this rank's share of it)."""
@@ -129,6 +133,11 @@ class Trainer:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= world
+
+    def record_checkpoint(self) -> None:
+        """Keep each member's latest training numbers with the step they belong to."""
+        for m in self.members:
+            m.history.append({"step": self.step_count, "tokens": self.tokens, **m.last})
 
     def state_dict(self) -> dict:
         return {"step": self.step_count, "tokens": self.tokens,

@@ -95,7 +95,7 @@ def test_every_architecture_trains_and_loads_in_sae_lens(architecture):
 
 def test_train_stage_writes_sae_lens_directories_and_metrics(tiny_run, tmp_path):
     runs = fresh_run(tiny_run, tmp_path)
-    results = train(train_config(runs, "train.sweep=[{k: 4}]"))
+    results = train(train_config(runs, "train.sweep=[{k: 4}]", "train.checkpoint_every=10"))
     assert set(results) == {"L1.resid_post/base", "L1.resid_post/k4", "L2.ffn_out/base", "L2.ffn_out/k4"}
     for site in ("L1.resid_post", "L2.ffn_out"):
         for directory in (runs / "demo" / "saes" / site, runs / "demo" / "saes" / site / "sweep" / "k4"):
@@ -105,7 +105,9 @@ def test_train_stage_writes_sae_lens_directories_and_metrics(tiny_run, tmp_path)
                 assert metrics[key] is not None, key
             assert metrics["tokens_trained"] == (8192 - 128) // 256 * 256
             assert SAE.load_from_disk(directory).cfg.d_sae == 4 * 64
-    assert json.loads((runs / "demo" / "saes" / "L2.ffn_out" / "sweep" / "k4" / "metrics.json").read_text())["l0"] <= 4
+    k4 = json.loads((runs / "demo" / "saes" / "L2.ffn_out" / "sweep" / "k4" / "metrics.json").read_text())
+    assert k4["l0"] <= 4
+    assert [h["step"] for h in k4["history"]] == [10, 20, 30] and all(0 < h["fvu"] for h in k4["history"])
     assert (runs / "demo" / "config" / "train.yaml").exists()
 
 
@@ -274,3 +276,16 @@ def test_a_fully_harvested_corpus_holds_out_its_last_windows(tmp_path):
     held_rows = sum(int(w.keep.sum()) for w in list(iter_windows(cfg.data, load_model(cfg.model)[1]))[-10:])
     assert metrics["store_rows_trained_on"] == store_rows - held_rows
     assert metrics["tokens_trained"] == (store_rows - held_rows) // 128 * 128
+
+
+def test_outlier_norm_tokens_are_left_out_of_every_site_of_the_batch():
+    from pipeline.train import local_share
+
+    x = torch.ones(8, 4)
+    x[3] *= 100  # a "massive activation" token
+    batch = {"L1.ffn_out": x.to(torch.bfloat16), "L2.ffn_out": torch.arange(8.0)[:, None].repeat(1, 2)}
+    kept = local_share(batch, rank=0, world=1, outlier_norm=10, mean_norms={"L1.ffn_out": 2.0, "L2.ffn_out": 1e9})
+    assert kept["L2.ffn_out"][:, 0].tolist() == [0, 1, 2, 4, 5, 6, 7]
+    assert len(kept["L1.ffn_out"]) == 7
+    halves = [local_share(batch, r, 2, 0.0, {})["L2.ffn_out"][:, 0].tolist() for r in (0, 1)]
+    assert halves == [[0, 1, 2, 3], [4, 5, 6, 7]]
