@@ -113,8 +113,9 @@ class SAEConfig:
     expansion_factor: int = 16
     d_sae: int = 0  # absolute number of latents; overrides expansion_factor when > 0
     k: int = 32  # active latents per token (topk, batchtopk, matryoshka)
-    # AuxK dead-latent loss weight for the TopK family (OpenAI and sparsify use 1/32); 0 turns it off.
-    aux_loss_coefficient: float = 0.03125
+    # AuxK dead-latent loss weight for the TopK family (sae-lens's default; OpenAI and sparsify use
+    # 1/32, which left 28% of SmolLM2's latents dead after 2M tokens against 2% with 1.0); 0 = off.
+    aux_loss_coefficient: float = 1.0
     l1_coefficient: float = 5.0  # relu_l1
     l0_coefficient: float = 1.0  # jumprelu
     jumprelu_init_threshold: float = 0.01
@@ -122,7 +123,8 @@ class SAEConfig:
     # Nested dictionary sizes for matryoshka; empty = d_sae/8, d_sae/4, d_sae/2, d_sae.
     matryoshka_widths: list = field(default_factory=list)
     decoder_init_norm: float = 0.1
-    # Adam learning rate; 0 = sparsify's rule 2e-4 / sqrt(d_sae / 16384).
+    # Adam learning rate; 0 = 8e-4 / sqrt(d_sae / 16384): four times sparsify's rule, which on
+    # SmolLM2 L15 reached FVU 0.13 in 2M tokens where sparsify's rate reached 0.20.
     lr: float = 0.0
 
 

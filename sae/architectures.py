@@ -26,8 +26,8 @@ def sae_width(cfg, d_in: int) -> int:
 
 
 def learning_rate(cfg, d_sae: int) -> float:
-    """sparsify's rule of thumb: wider dictionaries want smaller steps."""
-    return float(cfg.lr) if cfg.lr > 0 else 2e-4 / math.sqrt(d_sae / 16384)
+    """Wider dictionaries want smaller steps (sparsify's rule, scaled up for short runs)."""
+    return float(cfg.lr) if cfg.lr > 0 else 8e-4 / math.sqrt(d_sae / 16384)
 
 
 def _architecture_fields(cfg, d_sae: int) -> dict:
