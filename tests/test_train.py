@@ -289,3 +289,18 @@ def test_outlier_norm_tokens_are_left_out_of_every_site_of_the_batch():
     assert len(kept["L1.ffn_out"]) == 7
     halves = [local_share(batch, r, 2, 0.0, {})["L2.ffn_out"][:, 0].tolist() for r in (0, 1)]
     assert halves == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_logs_metrics_and_no_secrets(tiny_run, tmp_path):
+    runs = fresh_run(tiny_run, tmp_path)
+    secret = "sk-dialbox-test-secret-0123456789"
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"} | {"OPENAI_API_KEY": secret}
+    run_stage("pipeline.train", f"run.runs_dir={runs}", *SMALL_SAE, "train.sites=[L2.ffn_out]", "train.tokens=4096",
+              "train.log_every=2", "eval.ce=false", "wandb.mode=offline", env=env)
+    files = [f for f in (runs / "demo" / "wandb").rglob("*") if f.is_file()]
+    logged = b"".join(f.read_bytes() for f in files)
+    assert any(f.suffix == ".wandb" for f in files)
+    for key in (b"L2.ffn_out/base/fvu", b"L2.ffn_out/base/dead_frac", b"L2.ffn_out/base/log10_density"):
+        assert key in logged, key
+    assert secret.encode() not in logged
