@@ -1,0 +1,1 @@
+"""Sparse autoencoders: sae-lens architectures, the fast TopK step, the training loop, metrics."""
