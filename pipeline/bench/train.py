@@ -143,13 +143,20 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = write_store(tmp, x)
 
+        # What `make train` runs: shuffled batches read on a background thread, moved to the device.
+        # The reader reads `shuffle_chunks` chunks at a time, so each timing covers whole windows of
+        # batches, their reads included: the rate a long run sees.
+        window = max(1, train_cfg.train.shuffle_chunks * store.chunk_rows // B)
+        store_steps = -(-steps // window) * window
+
         def dialbox_store(n):
-            # What `make train` runs: shuffled batches read on a background thread, moved to the device.
-            # A fresh reader each time (as on resume), so its first read is timed too.
-            batches = training_batches(store, [SITE], train_cfg, dialbox.step_count)
-            for _ in range(n):
+            batches = training_batches(store, [SITE], train_cfg, 0)
+            for _ in range(store_steps if n == steps else n):
                 dialbox.step({s: v.to(device, non_blocking=True) for s, v in next(batches).items()})
             batches.close()
+            for t in threading.enumerate():  # no read may go on while another way is timed
+                if t.name == "store-prefetch":
+                    t.join()
 
         lens, lens_autocast = sae_lens(False), sae_lens(True)
         dead = torch.randperm(sae.cfg.d_sae, generator=torch.Generator().manual_seed(1))
@@ -173,11 +180,8 @@ def main(argv=None) -> None:
                 start = time.perf_counter()
                 ways[name](steps)
                 sync(device)
-                rates[name].append(steps * B / (time.perf_counter() - start))
-                # The reader's thread may still finish a read: let it, so it does not slow the next way.
-                for t in threading.enumerate():
-                    if t.name == "store-prefetch":
-                        t.join()
+                timed = store_steps if name == "dialbox store" else steps
+                rates[name].append(timed * B / (time.perf_counter() - start))
         peak = matmul_peak(device)
 
     tps = {name: statistics.median(v) for name, v in rates.items()}
@@ -214,8 +218,9 @@ sae-lens runs the body of `SAETrainer.fit` (`maybe_reset_sparsity`, `step(next(d
 default config (constant lr, Adam, fp32, no TF32) and wandb, evals and checkpoints off; `step` is the seam
 `fit` itself calls. The store run writes the same rows with `ShardWriter` (bf16, default chunking) to a
 temporary directory and trains from `pipeline.train.training_batches` (`ActivationStore.iter_batches` on a
-background thread); a fresh reader per timing, so its first read is counted. The rows were just written, so
-they come from the page cache.
+background thread); each timing starts a reader and covers whole shuffle windows ({store_steps} steps, the reads
+of their {train_cfg.train.shuffle_chunks} chunks each included), as a long run sees them. The rows were just
+written, so they come from the page cache.
 {args.rounds} rounds x {steps} steps per way after {warmup} warm-up step(s), order rotated each round;
 medians reported. Tokens/s per round: {spread}.
 FLOPs per token of the Dialbox step: 6 * d_in * (d_sae + k + k_aux) = {flops_per_token:,}: the encoder's
