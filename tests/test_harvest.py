@@ -209,3 +209,15 @@ def test_sigkill_then_resume_equals_a_clean_run(runs_dir, kill_after_rows):
         np.testing.assert_array_equal(a.tokens(0, a.n_tokens)[key], b.tokens(0, b.n_tokens)[key])
     for site in a.sites:
         np.testing.assert_allclose(a.read(site, 0, a.n_tokens), b.read(site, 0, b.n_tokens), rtol=2e-2, atol=2e-2)
+
+
+def test_hf_datasets_path_streams_a_local_dataset(runs_dir, tmp_path):
+    """data=hf runs the real `datasets.load_dataset(..., streaming=True)` path; here on a local
+    dataset directory, since this machine reaches no hub."""
+    dataset = tmp_path / "local_dataset"
+    dataset.mkdir()
+    (dataset / "train.jsonl").write_text("".join(json.dumps({"content": f"Row {i} of a streamed dataset."}) + "\n"
+                                                 for i in range(30)))
+    store = harvest(config(runs_dir, *TINY, "data=hf", f"data.dataset={dataset}", "data.subset=null",
+                           "data.text_field=content", "harvest.sites=[L0.ffn_out]", "harvest.max_tokens=0"))
+    assert store.tokens(0, store.n_tokens)["doc_ids"].max() == 29
