@@ -28,10 +28,11 @@ $(STAMP): pyproject.toml
 harvest: setup
 	$(PY) -m pipeline.harvest run.run_name=$(RUN) $(ARGS)
 
-# The main job end to end on the embedded model: 200k tokens of the Bible at L15.resid_post.
+# The main job end to end on the embedded model: 200k tokens of the Bible at L15.resid_post, then
+# a TopK SAE on them (batches of 1024: more steps from few tokens).
 demo: setup
 	$(PY) -m pipeline.harvest run.run_name=$(RUN) $(ARGS)
-	$(PY) -m pipeline.train run.run_name=$(RUN)
+	$(PY) -m pipeline.train run.run_name=$(RUN) train.batch_size=1024
 
 test: setup
 	WANDB_MODE=disabled $(PY) -m pytest -q -ra $(ARGS)

@@ -294,7 +294,8 @@ def train(cfg: DictConfig) -> dict:
     results = save_and_evaluate(cfg, run, trainer, heldout, store, seconds,
                                 trainer.tokens - start_tokens) if writer else {}
     if wb is not None:
-        wb.summary.update({f"{k}/{m}": v for k, r in results.items() for m, v in r.items() if isinstance(v, float)})
+        wb.summary.update({f"eval/{k}/{m}": v for k, r in results.items() for m, v in r.items()
+                           if isinstance(v, float)})
         wb.finish()
     for name, r in results.items():
         summary = ", ".join(f"{k} {r[k]:.4g}" for k in ("fvu", "l0", "dead_frac", "ce_loss_recovered", "tokens_per_s")

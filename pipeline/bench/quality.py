@@ -29,7 +29,8 @@ def main(argv=None) -> None:
     parser.add_argument("--run", default="quality")
     parser.add_argument("--eval-tokens", type=int, default=32_768)
     parser.add_argument("--outlier-norm", type=float, default=10.0,
-                        help="leave out tokens above this multiple of the mean norm (SmolLM2's attention sinks)")
+                        help="leave out tokens above this multiple of the mean norm (SmolLM2's attention sinks; "
+                             "the train stage's default)")
     args = parser.parse_args(argv)
 
     harvest(compose("harvest", [f"run.run_name={args.run}", f"harvest.sites=[{SITE}]",
