@@ -169,6 +169,11 @@ def log_step(wb, trainer: Trainer, histogram_tokens: int) -> int:
     return histogram_tokens
 
 
+def harvested_model(run: RunDir) -> DictConfig:
+    """The model config the store was harvested with, every field filled in."""
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), harvest_config(run).model)
+
+
 def harvest_config(run: RunDir) -> DictConfig:
     for name in ("harvest.yaml", "harvest.r0.yaml"):
         if (run.root / "config" / name).exists():
@@ -188,7 +193,7 @@ def plan_heldout(run: RunDir, cfg: DictConfig, store: ActivationStore) -> Heldou
     whole corpus, its last windows, whose rows (the store's last rows) training then leaves out."""
     harvested = harvest_config(run)
     data = harvested.data
-    tokenizer = load_tokenizer(OmegaConf.merge(OmegaConf.structured(ModelConfig), harvested.model))
+    tokenizer = load_tokenizer(harvested_model(run))
     skip = windows_for_tokens(harvested.harvest.max_tokens, data.context_length)
     wanted = max(1, math.ceil(cfg.eval.tokens / data.context_length))
     windows = list(iter_windows(data, tokenizer, max_windows=skip + wanted if skip else 0))
@@ -212,14 +217,12 @@ def output_dir(run: RunDir, member: Member) -> Path:
 
 
 def save_and_evaluate(cfg: DictConfig, run: RunDir, trainer: Trainer, heldout: Heldout, store: ActivationStore,
-                      seconds: float, trained_now: int) -> dict:
+                      mean_norms: dict, seconds: float, trained_now: int) -> dict:
     """Fold the activation scale, save each SAE in sae-lens's format, evaluate the saved file."""
     from pipeline.adapters import make_adapter
     from pipeline.models import load_model
 
-    harvested = harvest_config(run)
-    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), harvested.model)
-    store_mean_norms = {m.site: store.stats(m.site)["mean_norm"] for m in trainer.members}
+    model_cfg = harvested_model(run)
     model, _ = load_model(model_cfg)
     adapter = make_adapter(model, model_cfg)
     results = {}
@@ -230,7 +233,7 @@ def save_and_evaluate(cfg: DictConfig, run: RunDir, trainer: Trainer, heldout: H
             m.sae.fold_activation_norm_scaling_factor(m.scale)
         m.sae.save_inference_model(out)
         saved = SAE.load_from_disk(out, device=str(next(model.parameters()).device))
-        max_norm = cfg.train.outlier_norm * store_mean_norms[m.site]
+        max_norm = cfg.train.outlier_norm * mean_norms[m.site]
         metrics = spliced_metrics(adapter, Site.parse(m.site), saved, heldout.batches, ce=cfg.eval.ce, max_norm=max_norm)
         metrics.update(
             site=m.site, architecture=cfg.sae.architecture if m.tag == "base" else m.tag,
@@ -291,7 +294,7 @@ def train(cfg: DictConfig) -> dict:
     seconds = time.perf_counter() - started
     if writer:
         save_checkpoint(trainer, ckpt)
-    results = save_and_evaluate(cfg, run, trainer, heldout, store, seconds,
+    results = save_and_evaluate(cfg, run, trainer, heldout, store, mean_norms, seconds,
                                 trainer.tokens - start_tokens) if writer else {}
     if wb is not None:
         wb.summary.update({f"eval/{k}/{m}": v for k, r in results.items() for m, v in r.items()
