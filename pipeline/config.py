@@ -134,6 +134,10 @@ class EvalConfig:
     tokens: int = 8192
     batch_size: int = 8
     ce: bool = True  # ce_loss_recovered and kl_div need the model; off for a quick run
+    # JSON-lines files of held-out text, packed like the harvest's corpus. Empty: the windows right
+    # after the harvested ones, which are found by tokenizing the harvested part again (slow for
+    # a billion-token hub harvest: give files here instead).
+    paths: list = field(default_factory=list)
 
 
 @dataclass

@@ -189,27 +189,31 @@ class Heldout:
 
 
 def plan_heldout(run: RunDir, cfg: DictConfig, store: ActivationStore) -> Heldout:
-    """Held-out windows: the ones right after the harvested windows; when the harvest took the
-    whole corpus, its last windows, whose rows (the store's last rows) training then leaves out."""
+    """Held-out windows: from `eval.paths` when given, else the ones right after the harvested
+    windows; when the harvest took the whole corpus, its last windows, whose rows (the store's
+    last rows) training then leaves out."""
     harvested = harvest_config(run)
     data = harvested.data
     tokenizer = load_tokenizer(harvested_model(run))
-    skip = windows_for_tokens(harvested.harvest.max_tokens, data.context_length)
     wanted = max(1, math.ceil(cfg.eval.tokens / data.context_length))
-    windows = list(iter_windows(data, tokenizer, max_windows=skip + wanted if skip else 0))
-    fresh = windows[skip:] if skip else []
-    stop_row = None
-    if len(fresh) >= wanted:
-        heldout = fresh[:wanted]
+    stop_row, fresh = None, True
+    if cfg.eval.paths:
+        data = OmegaConf.merge(data, {"source": "jsonl", "paths": list(cfg.eval.paths), "max_docs": 0})
+        heldout = list(iter_windows(data, tokenizer, max_windows=wanted))
     else:
-        heldout = windows[-wanted:]
-        if harvested.harvest.world_size == 1 and store.complete:
-            stop_row = store.n_tokens - sum(int(w.keep.sum()) for w in heldout)
+        skip = windows_for_tokens(harvested.harvest.max_tokens, data.context_length)
+        windows = list(iter_windows(data, tokenizer, max_windows=skip + wanted if skip else 0))
+        heldout = windows[skip:skip + wanted] if skip else []
+        if len(heldout) < wanted:  # the harvest took the whole corpus
+            heldout = windows[-wanted:]
+            fresh = harvested.harvest.world_size == 1 and store.complete
+            if fresh:
+                stop_row = store.n_tokens - sum(int(w.keep.sum()) for w in heldout)
     full = [w for w in heldout if len(w.tokens) == data.context_length]
     batches = [(torch.from_numpy(np.stack([w.tokens for w in full[i:i + cfg.eval.batch_size]])),
                 torch.from_numpy(np.stack([w.keep for w in full[i:i + cfg.eval.batch_size]])))
                for i in range(0, len(full), cfg.eval.batch_size)]
-    return Heldout(batches, stop_row, fresh=len(fresh) >= wanted or stop_row is not None)
+    return Heldout(batches, stop_row, fresh)
 
 
 def output_dir(run: RunDir, member: Member) -> Path:

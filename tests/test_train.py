@@ -21,7 +21,7 @@ from pipeline.corpus import iter_windows
 from pipeline.harvest import harvest
 from pipeline.models import load_model
 from pipeline.sites import Site, SiteError
-from pipeline.store import StoreError
+from pipeline.store import ActivationStore, StoreError
 from pipeline.train import train
 from sae.architectures import ARCHITECTURES, build_sae
 from sae.metrics import spliced_metrics
@@ -304,3 +304,19 @@ def test_wandb_offline_run_logs_metrics_and_no_secrets(tiny_run, tmp_path):
     for key in (b"L2.ffn_out/base/fvu", b"L2.ffn_out/base/dead_frac", b"L2.ffn_out/base/log10_density"):
         assert key in logged, key
     assert secret.encode() not in logged
+
+
+def test_held_out_text_can_come_from_its_own_files(tiny_run, tmp_path):
+    runs = fresh_run(tiny_run, tmp_path)
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"text": f"A held-out sentence, number {i}, about rivers."}) + "\n"
+                               for i in range(100)))
+    results = train(train_config(runs, "train.sites=[L2.ffn_out]", "train.tokens=1024", "eval.ce=false",
+                                 "eval.tokens=256", f"eval.paths=[{heldout}]"))
+    metrics = results["L2.ffn_out/base"]
+    assert metrics["eval_on_heldout_text"]
+    assert metrics["store_rows_trained_on"] == ActivationStore(runs / "demo").n_tokens  # nothing held back
+    # 4 windows of 64 from the held-out file, BOS and end-of-document tokens left out
+    cfg = compose_config("harvest", [*TINY, "data=jsonl", f"data.paths=[{heldout}]"])
+    windows = list(iter_windows(cfg.data, load_model(cfg.model)[1], max_windows=4))
+    assert metrics["eval_tokens"] == sum(int(w.keep.sum()) for w in windows)
