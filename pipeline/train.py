@@ -92,7 +92,8 @@ def build_members(cfg: DictConfig, store: ActivationStore, sites: list[str], dev
     members = []
     for site in sites:
         d_in = store.width(site)
-        scale = math.sqrt(d_in) / store.stats(site)["mean_norm"] if cfg.train.normalize else 1.0
+        stats = store.stats(site)
+        scale = math.sqrt(d_in) / stats["mean_norm"] if cfg.train.normalize else 1.0
         metadata = {"model_name": store.identity["model"], "hook_name": site,
                     "context_size": store.identity.get("context_length")}
         for tag, sae_cfg in sweep_configs(cfg):
@@ -101,7 +102,7 @@ def build_members(cfg: DictConfig, store: ActivationStore, sites: list[str], dev
             with torch.no_grad():
                 # Start b_dec at the data mean: real residual streams share a large mean direction, and
                 # with b_dec = 0 the few latents aligned with it win every token and the rest never fire.
-                sae.b_dec.copy_(torch.from_numpy(store.stats(site)["mean"]) * scale)
+                sae.b_dec.copy_(torch.from_numpy(stats["mean"]) * scale)
             members.append(Member(tag, site, sae, scale, learning_rate(sae_cfg, sae.cfg.d_sae)))
     return members
 

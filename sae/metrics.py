@@ -44,9 +44,16 @@ def spliced_metrics(adapter, site, sae, batches: list[tuple[torch.Tensor, torch.
     xs, recons, acts_l0, fire_counts = [], [], [], torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0, "tokens": 0}
     device = next(adapter.model.parameters()).device
+    model = adapter.model
     for ids, keep in batches:
         ids, keep = ids.to(device), keep.to(device)
-        rows = adapter.capture([site], ids)[site]
+        if ce:  # the clean forward, which CE needs anyway, also yields the site's rows
+            seen = []
+            with adapter.hooks({site: lambda r: seen.append(r.clone())}):
+                clean = model(ids).logits
+            rows = seen[0]
+        else:  # only the rows: the forward stops at the site
+            rows = adapter.capture([site], ids)[site]
         if max_norm > 0:
             keep = keep & (rows.float().norm(dim=-1) <= max_norm)
         x = rows[keep].float()
@@ -59,9 +66,8 @@ def spliced_metrics(adapter, site, sae, batches: list[tuple[torch.Tensor, torch.
         fire_counts += active.sum(0)
         if not ce:
             continue
-        model = adapter.model
-        clean = model(ids).logits
-        with adapter.hooks({site: _replace_kept(keep, lambda r: sae.decode(sae.encode(r.to(sae.W_dec.device))))}):
+        # Upstream of the site nothing changes, so the spliced rows are the reconstruction just made.
+        with adapter.hooks({site: _replace_kept(keep, lambda _: recon)}):
             spliced = model(ids).logits
         with adapter.hooks({site: _replace_kept(keep, torch.zeros_like)}):
             zero = model(ids).logits
