@@ -109,7 +109,8 @@ def load_tokenizer(cfg: ModelConfig):
     return _load_tokenizer(names[cfg.source], cfg)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the GPU when there is one; anything else is a torch device name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -139,7 +140,7 @@ def _load_pretrained(path: str, cfg: ModelConfig, dtype: torch.dtype, max_layer:
     if cfg.attn_implementation:
         extra["attn_implementation"] = cfg.attn_implementation
     # A device_map (e.g. `auto`) spreads the weights over GPUs; without one they load straight onto `device`.
-    device_map = cfg.device_map or _device(cfg.device)
+    device_map = cfg.device_map or resolve_device(cfg.device)
     model = AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=dtype, device_map=device_map, **hub_args, **extra
     )
@@ -173,7 +174,7 @@ def _build_random(cfg: ModelConfig, dtype: torch.dtype, max_layer: int | None):
     _fill_hash_tables(model, cfg.seed)
     _truncate_config(model.config, max_layer)
     del model.model.layers[model.config.num_hidden_layers :]
-    model.to(_device(cfg.device))
+    model.to(resolve_device(cfg.device))
     return model, _load_tokenizer(cfg.tokenizer, cfg)
 
 

@@ -28,7 +28,7 @@ from sae_lens import SAE
 from tqdm import tqdm
 
 from pipeline.config import ModelConfig, register_configs
-from pipeline.models import load_tokenizer
+from pipeline.models import load_tokenizer, resolve_device
 from pipeline.corpus import CorpusError, iter_windows, windows_for_tokens
 from pipeline.rundir import RunDir, one_line_errors
 from pipeline.sites import Site, SiteError
@@ -38,10 +38,6 @@ from sae.metrics import spliced_metrics
 from sae.trainer import Member, Trainer, TrainingError, total_steps_for
 
 register_configs()
-
-
-def resolve_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
