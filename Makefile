@@ -13,7 +13,7 @@ SUDO := $(shell test $$(id -u) -eq 0 || echo sudo)
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo harvest train test test-fast bench bench-harvest bench-train quality
+.PHONY: setup demo harvest train test test-fast bench bench-harvest bench-train quality report browse
 
 setup: $(STAMP)
 
@@ -36,6 +36,14 @@ harvest: setup
 demo: setup
 	$(PY) -m pipeline.harvest run.run_name=$(RUN) $(ARGS)
 	$(PY) -m pipeline.train run.run_name=$(RUN) train.batch_size=1024
+
+# The static feature browser of runs/$(RUN)/features, in runs/$(RUN)/report.
+report: setup
+	$(PY) -m pipeline.report run.run_name=$(RUN) $(ARGS)
+
+# Serves runs/$(RUN)/report on http://127.0.0.1:8765/ (ARGS='browse.port=9000' for another port).
+browse: setup
+	$(PY) -m pipeline.browse run.run_name=$(RUN) $(ARGS)
 
 test: setup
 	WANDB_MODE=disabled $(PY) -m pytest -q -ra $(ARGS)

@@ -188,10 +188,33 @@ class TrainJob:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+@dataclass
+class ReportConfig:
+    sites: list = field(default_factory=list)  # empty = every site in runs/<run>/features
+    # Features per data file: opening a feature page fetches the one file that holds it.
+    chunk_size: int = 128
+    # Top tokens per feature in the site's index (shown in the table and searched).
+    index_top_tokens: int = 5
+
+
+@dataclass
+class BrowseConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+
+
+@dataclass
+class ReportJob:
+    run: RunConfig = field(default_factory=RunConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    browse: BrowseConfig = field(default_factory=BrowseConfig)
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="harvest_schema", node=HarvestJob)
     cs.store(name="train_schema", node=TrainJob)
+    cs.store(name="report_schema", node=ReportJob)
 
 
 def compose(stage: str, overrides: list[str]):

@@ -1,0 +1,177 @@
+"""The feature browser's data: the label stage's tables turned into files a browser fetches.
+
+    runs/<run>/features/<site>/{features,examples}.parquet, meta.json   (from `make label`)
+        ->
+    runs/<run>/report/index.html, app.js, style.css   the page itself, copied from features/static/
+    runs/<run>/report/data/sites.json                 every site: its meta.json plus counts
+    runs/<run>/report/data/<site>/index.json          columnar arrays for the index table
+    runs/<run>/report/data/<site>/chunk-<k>.json      everything about features k*chunk_size ..
+
+The page fetches one site's index when it opens it and one chunk when it opens a feature,
+so a site of 65,536 features opens fast however many example contexts it has.
+
+Tokens and labels are corpus text and may hold markup: they are written only as JSON
+strings, and app.js puts them on the page with textContent, never as HTML.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.sites import Site
+
+STATIC = Path(__file__).parent / "static"
+KINDS = ("top", "quantile", "random")
+
+
+class ReportError(ValueError):
+    """Feature tables that are missing, incomplete or inconsistent."""
+
+
+def build_report(features_dir: Path, out: Path, sites: list[str] = (), chunk_size: int = 128,
+                 index_top_tokens: int = 5) -> list[dict]:
+    """Write the browser for `sites` (default: all) to `out`; returns each site's summary."""
+    site_dirs = find_sites(Path(features_dir), sites)
+    # Built beside `out` and swapped in at the end, so a browser never reads a half-written report.
+    partial = Path(out).with_name(Path(out).name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(STATIC, partial)
+    try:
+        summaries = [write_site(d, partial / "data" / d.name, chunk_size, index_top_tokens) for d in site_dirs]
+        write_json(partial / "data" / "sites.json", {"chunk_size": chunk_size, "sites": summaries})
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
+    return summaries
+
+
+def find_sites(features_dir: Path, wanted: list[str]) -> list[Path]:
+    if not features_dir.is_dir():
+        raise ReportError(f"no feature tables in {features_dir}: run `make label` first")
+    names = [str(Site.parse(s)) for s in wanted] or [p.name for p in features_dir.iterdir() if p.is_dir()]
+    if not names:
+        raise ReportError(f"no sites in {features_dir}: run `make label` first")
+    dirs = [features_dir / name for name in sorted(names, key=Site.parse)]
+    for d in dirs:
+        for name in ("meta.json", "features.parquet", "examples.parquet"):
+            if not (d / name).is_file():
+                raise ReportError(f"{d} has no {name}: run `make label` for site {d.name}")
+    return dirs
+
+
+def write_site(src: Path, dst: Path, chunk_size: int, index_top_tokens: int) -> dict:
+    meta = json.loads((src / "meta.json").read_text())
+    features = pq.read_table(src / "features.parquet").sort_by("index")
+    check_features(src, meta, features)
+    dst.mkdir(parents=True)
+    labels = features.column("label").to_pylist()
+    write_json(dst / "index.json", index_columns(features, labels, index_top_tokens))
+    examples = example_rows(src / "examples.parquet")
+    for k, chunk in enumerate(feature_chunks(features, labels, examples, chunk_size)):
+        write_json(dst / f"chunk-{k}.json", chunk)
+    dead = features.column("dead").to_numpy(zero_copy_only=False)
+    n_labelled = sum(label is not None for label in labels)
+    return {**meta, "n_dead": int(dead.sum()), "n_labelled": n_labelled,
+            "n_unlabelled": len(labels) - n_labelled - int(dead.sum())}
+
+
+def check_features(src: Path, meta: dict, features: pa.Table) -> None:
+    if meta.get("site") != src.name:
+        raise ReportError(f"{src}/meta.json is for site {meta.get('site')!r}: run `make label` for site {src.name}")
+    # The browser finds feature i at position i and in chunk i // chunk_size.
+    n = meta["n_features"]
+    if not np.array_equal(features.column("index").to_numpy(), np.arange(n)):
+        raise ReportError(f"{src}/features.parquet holds {features.num_rows} rows, not features 0..{n - 1} once "
+                          f"each (a label.features slice?): run `make label` for the whole site {src.name}")
+
+
+def index_columns(features: pa.Table, labels: list, top_n: int) -> dict:
+    """What the index table shows, searches and sorts by, one array per column (small to parse)."""
+    column = features.column
+    return {
+        "index": column("index").to_pylist(),
+        "label": labels,
+        "dead": [int(d) for d in column("dead").to_pylist()],
+        "density": [sig(x, 3) for x in column("density").to_pylist()],
+        "max_act": [sig(x, 4) for x in column("max_act").to_pylist()],
+        "score": [sig(x, 3) for x in column("score").to_pylist()],
+        "top": [tokens[:top_n] for tokens in column("top_tokens").to_pylist()],
+    }
+
+
+def feature_chunks(features: pa.Table, labels: list, examples, chunk_size: int):
+    """Yield lists of `chunk_size` feature records, each with its examples, reading examples once."""
+    row = next(examples, None)
+    for start in range(0, features.num_rows, chunk_size):
+        chunk = [feature_record(f, labels) for f in features.slice(start, chunk_size).to_pylist()]
+        end = start + len(chunk)
+        while row is not None and row["index"] < end:
+            index = row.pop("index")
+            if index < start:
+                raise ReportError("examples.parquet is not sorted by feature index: run `make label` again")
+            row["max_act"] = sig(row["max_act"], 4)
+            chunk[index - start]["examples"][row.pop("kind")].append(row)
+            row = next(examples, None)
+        for record in chunk:
+            for rows in record["examples"].values():
+                rows.sort(key=lambda e: (e["quantile"], e["rank"]))
+        yield chunk
+    if row is not None:
+        raise ReportError(f"examples.parquet has examples of feature {row['index']}, "
+                          f"beyond the {features.num_rows} features: run `make label` again")
+
+
+def feature_record(row: dict, labels: list) -> dict:
+    """One feature as the feature page reads it: value/token pairs zipped, neighbours with labels."""
+    for key, digits in (("density", 3), ("max_act", 4), ("mean_act", 4),
+                        ("detection", 3), ("fuzzing", 3), ("score", 3)):
+        row[key] = sig(row[key], digits)
+    row["id"] = row.pop("feature_id")
+    for side in ("logit_pos", "logit_neg"):
+        row[side] = [[tok, sig(v, 3)] for tok, v in zip(row[side], row.pop(f"{side}_values"))]
+    row["neighbours"] = [[n, sig(c, 3), labels[n]] for n, c in zip(row["neighbours"], row.pop("neighbour_cos"))]
+    row["examples"] = {kind: [] for kind in KINDS}
+    return row
+
+
+def example_rows(path: Path, batch_rows: int = 4096):
+    """examples.parquet row by row in file order, a batch at a time: it can be gigabytes."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+        table = pa.Table.from_batches([batch])
+        table = table.set_column(table.schema.get_field_index("acts"), "acts", rounded_acts(table))
+        yield from table.to_pylist()
+
+
+def rounded_acts(table: pa.Table) -> pa.ListArray:
+    """Activations to 4 significant digits of each context's peak: a third of the JSON, same picture."""
+    acts = table.column("acts").combine_chunks()
+    lengths = pc.list_value_length(acts).to_numpy(zero_copy_only=False)
+    values = acts.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    peak = np.repeat(np.abs(table.column("max_act").to_numpy(zero_copy_only=False)).astype(np.float64), lengths)
+    decimals = np.clip(3 - np.floor(np.log10(np.maximum(peak, 1e-9))), 0, 9)
+    scale = 10.0 ** decimals  # whole powers of ten, so 0.123 prints as 0.123
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.round(values * scale) / scale))
+
+
+def sig(x: float | None, digits: int) -> float | None:
+    """A number for the page, to `digits` significant digits; null stays null (and so does NaN)."""
+    if x is None or not math.isfinite(x):
+        return None
+    return float(f"{x:.{digits}g}")
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False), encoding="utf-8")

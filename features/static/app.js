@@ -1,0 +1,341 @@
+// Dialbox feature browser: one page, routed by the URL hash, its data fetched as JSON when needed.
+//
+//   #                             the sites (or, when there is one, that site's index)
+//   #L15.resid_post?q=cat&page=2  a site's index: search, filter, sort, one page of rows at a time
+//   #L15.resid_post/12            one feature (the hash is its feature ID)
+//
+// Tokens and labels are corpus text and may hold markup: they reach the page only as text
+// nodes and attribute values (el() below), never through innerHTML.
+"use strict";
+
+const PAGE_SIZE = 100;
+const SORTABLE = { index: "Feature", density: "Density", max_act: "Max act", score: "Score" };
+const SHOW = ["all", "labelled", "unlabelled", "dead"];
+const json = new Map(); // url -> promise of its parsed JSON: each file is fetched once
+let routing = 0; // the latest navigation; an older one that finishes late draws nothing
+
+function getJSON(url) {
+  if (!json.has(url)) {
+    json.set(url, fetch(url).then((r) => {
+      if (!r.ok) throw new Error(`could not load ${url} (HTTP ${r.status})`);
+      return r.json();
+    }));
+    json.get(url).catch(() => json.delete(url));
+  }
+  return json.get(url);
+}
+
+// An element with attributes and children; strings become text nodes, so they are never parsed.
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
+  node.append(...children.filter((c) => c !== null && c !== undefined));
+  return node;
+}
+
+function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
+  node.append(...children);
+  return node;
+}
+
+function num(x, digits = 3) {
+  if (x === null || x === undefined) return "–";
+  if (x !== 0 && Math.abs(x) < 1e-3) return x.toExponential(digits - 1);
+  return String(Number(x.toPrecision(digits)));
+}
+
+function percent(x) {
+  return x === null ? "–" : `${num(100 * x)}%`;
+}
+
+// Whitespace tokens must stay visible: a newline shows as ↵, a tab as →.
+function shown(token) {
+  return token.replace(/\n/g, "↵").replace(/\t/g, "→");
+}
+
+function featureLink(site, index, text) {
+  return el("a", { href: `#${site}/${index}` }, text ?? `${site}/${index}`);
+}
+
+function tokenChips(tokens) {
+  return el("span", { class: "chips" }, ...tokens.map((t) => el("span", { class: "chip" }, shown(t))));
+}
+
+// ---- routing -------------------------------------------------------------------------------
+
+async function route() {
+  const ticket = ++routing;
+  const main = document.getElementById("main");
+  const [rawPath, query = ""] = location.hash.slice(1).split("?");
+  let view;
+  try {
+    const path = decodeURIComponent(rawPath);
+    const { sites, chunk_size: chunkSize } = await getJSON("data/sites.json");
+    const [name, index] = path.split("/");
+    const site = name ? sites.find((s) => s.site === name) : sites.length === 1 ? sites[0] : null;
+    if (name && !site) throw new Error(`no site ${name} in this report`);
+    if (!site) view = sitesView(sites);
+    else if (index === undefined) view = await siteView(site, new URLSearchParams(query));
+    else view = await featureView(site, Number(index), chunkSize);
+  } catch (err) {
+    view = el("p", { class: "error" }, String(err.message));
+  }
+  if (ticket !== routing) return;
+  main.replaceChildren(view);
+  window.scrollTo(0, 0);
+}
+
+// ---- the sites ----------------------------------------------------------------------------
+
+function sitesView(sites) {
+  document.title = "Dialbox features";
+  const head = el("tr", {}, ...["Site", "Features", "Labelled", "Unlabelled", "Dead", "Tokens mined"].map((h) => el("th", {}, h)));
+  const rows = sites.map((s) => el("tr", {},
+    el("td", {}, el("a", { href: `#${s.site}` }, s.site)),
+    ...[s.n_features, s.n_labelled, s.n_unlabelled, s.n_dead, s.tokens_mined].map((n) => el("td", { class: "num" }, n.toLocaleString("en")))));
+  return el("section", {}, el("h1", {}, "Sites"), el("table", { class: "grid" }, el("thead", {}, head), el("tbody", {}, ...rows)));
+}
+
+function siteSummary(site) {
+  const parts = [`${site.n_features.toLocaleString("en")} features`, `${site.n_labelled.toLocaleString("en")} labelled`,
+    `${site.n_unlabelled.toLocaleString("en")} unlabelled`, `${site.n_dead.toLocaleString("en")} dead`,
+    `${site.tokens_mined.toLocaleString("en")} tokens mined`];
+  for (const key of ["model", "sae", "explainer", "scorer"]) {
+    if (site[key]) parts.push(`${key}: ${typeof site[key] === "string" ? site[key] : JSON.stringify(site[key])}`);
+  }
+  return el("p", { class: "muted" }, parts.join(" · "));
+}
+
+// ---- a site's index -------------------------------------------------------------------------
+
+// Search text and sort orders are built on first use and kept with the index data.
+function searchText(data) {
+  data.search ??= data.index.map((_, i) => `${data.label[i] ?? ""}\n${data.top[i].join("\n")}`.toLowerCase());
+  return data.search;
+}
+
+function sortedOrder(data, key, descending) {
+  data.orders ??= {};
+  const name = `${key}:${descending}`;
+  if (!data.orders[name]) {
+    const values = data[key];
+    const sign = descending ? -1 : 1;
+    // Features without a value (no score) go last whichever way the column is sorted.
+    data.orders[name] = data.index.slice().sort((a, b) =>
+      values[a] === null ? (values[b] === null ? a - b : 1) : values[b] === null ? -1 : sign * (values[a] - values[b]) || a - b);
+  }
+  return data.orders[name];
+}
+
+// A query that is a feature number or ID (12, L15.resid_post/12) also finds that feature, first.
+function queryIndex(site, q) {
+  const m = /^(?:(L\d+\.[a-z_]+)\/)?(\d+)$/i.exec(q);
+  return m && (!m[1] || m[1].toLowerCase() === site.site.toLowerCase()) ? Number(m[2]) : -1;
+}
+
+function matchingRows(site, data, state) {
+  const q = state.q.trim().toLowerCase();
+  const id = queryIndex(site, state.q.trim());
+  const wanted = { all: () => true, labelled: (i) => data.label[i] !== null,
+    unlabelled: (i) => data.label[i] === null && !data.dead[i], dead: (i) => data.dead[i] === 1 }[state.show];
+  const text = q ? searchText(data) : null;
+  const rows = sortedOrder(data, state.sort, state.desc).filter((i) => wanted(i) && (!q || i === id || text[i].includes(q)));
+  const at = rows.indexOf(id);
+  if (at > 0) rows.unshift(...rows.splice(at, 1));
+  return rows;
+}
+
+function readState(params) {
+  const sort = SORTABLE[params.get("sort")] ? params.get("sort") : "index";
+  const show = SHOW.includes(params.get("show")) ? params.get("show") : "all";
+  return { q: params.get("q") ?? "", show, sort,
+    desc: params.get("desc") === "1", page: Math.max(0, Number(params.get("page") ?? 0) || 0) };
+}
+
+function writeState(site, state) {
+  const params = new URLSearchParams();
+  if (state.q) params.set("q", state.q);
+  if (state.show !== "all") params.set("show", state.show);
+  if (state.sort !== "index") params.set("sort", state.sort);
+  if (state.desc) params.set("desc", "1");
+  if (state.page) params.set("page", state.page);
+  const hash = `#${site.site}${params.toString() ? `?${params}` : ""}`;
+  // replaceState: typing a search should not fill the back button's history.
+  if (hash !== location.hash) history.replaceState(null, "", hash);
+}
+
+async function siteView(site, params) {
+  const data = await getJSON(`data/${site.site}/index.json`);
+  document.title = `${site.site} · Dialbox features`;
+  const state = readState(params);
+  const search = el("input", { type: "search", id: "search", value: state.q, autocomplete: "off",
+    placeholder: `Search labels, tokens or a feature ID (12, ${site.site}/12)` });
+  const show = el("select", { id: "show", "aria-label": "Which features" },
+    ...SHOW.map((v) => el("option", { value: v }, v)));
+  show.value = state.show;
+  const headers = el("tr");
+  const body = el("tbody");
+  const pager = el("div", { class: "pager" });
+
+  function header(key, label) {
+    const button = el("button", { type: "button", class: "sort", "data-sort": key },
+      label, state.sort === key ? (state.desc ? " ▼" : " ▲") : "");
+    button.addEventListener("click", () => {
+      state.desc = state.sort === key ? !state.desc : key !== "index";
+      state.sort = key;
+      state.page = 0;
+      render();
+    });
+    return el("th", { class: key === "index" ? "" : "num" }, button);
+  }
+
+  function row(i) {
+    const label = data.label[i] !== null ? featureLink(site.site, i, data.label[i])
+      : el("span", { class: "muted" }, data.dead[i] ? "dead" : "unlabelled");
+    return el("tr", { class: data.dead[i] ? "dead" : "" },
+      el("td", {}, featureLink(site.site, i, String(i))), el("td", { class: "label" }, label),
+      el("td", {}, tokenChips(data.top[i])), el("td", { class: "num" }, percent(data.density[i])),
+      el("td", { class: "num" }, num(data.max_act[i])), el("td", { class: "num" }, num(data.score[i])));
+  }
+
+  function render() {
+    const rows = matchingRows(site, data, state);
+    const pages = Math.max(1, Math.ceil(rows.length / PAGE_SIZE));
+    state.page = Math.min(state.page, pages - 1);
+    headers.replaceChildren(header("index", SORTABLE.index), el("th", {}, "Label"), el("th", {}, "Top tokens"),
+      header("density", SORTABLE.density), header("max_act", SORTABLE.max_act), header("score", SORTABLE.score));
+    body.replaceChildren(...rows.slice(state.page * PAGE_SIZE, (state.page + 1) * PAGE_SIZE).map(row));
+    pager.replaceChildren(pageButton("‹ Prev", state.page - 1, pages), el("span", { id: "page-info" },
+      `Page ${state.page + 1} of ${pages} · ${rows.length.toLocaleString("en")} features`), pageButton("Next ›", state.page + 1, pages));
+    writeState(site, state);
+    performance.mark("index-rendered"); // open time, for devtools and the 65,536-feature browser test
+  }
+
+  function pageButton(text, page, pages) {
+    const button = el("button", { type: "button" }, text);
+    button.disabled = page < 0 || page >= pages;
+    button.addEventListener("click", () => { state.page = page; render(); window.scrollTo(0, 0); });
+    return button;
+  }
+
+  search.addEventListener("input", () => { state.q = search.value; state.page = 0; render(); });
+  show.addEventListener("change", () => { state.show = show.value; state.page = 0; render(); });
+  render();
+  return el("section", {}, el("h1", {}, site.site), siteSummary(site), el("div", { class: "controls" }, search, show),
+    el("table", { class: "grid features", id: "feature-table" }, el("thead", {}, headers), body), pager);
+}
+
+// ---- one feature ----------------------------------------------------------------------------
+
+async function featureView(site, index, chunkSize) {
+  if (!Number.isInteger(index) || index < 0 || index >= site.n_features) {
+    throw new Error(`${site.site} has no feature ${index}: its features are 0..${site.n_features - 1}`);
+  }
+  const chunk = await getJSON(`data/${site.site}/chunk-${Math.floor(index / chunkSize)}.json`);
+  const f = chunk.find((x) => x.index === index);
+  document.title = `${f.id} · Dialbox features`;
+  const nav = el("nav", { class: "crumbs" }, el("a", { href: `#${site.site}` }, `← ${site.site} index`),
+    index > 0 ? featureLink(site.site, index - 1, "‹ previous") : null,
+    index + 1 < site.n_features ? featureLink(site.site, index + 1, "next ›") : null);
+  return el("article", { class: "feature" }, nav, idHeading(f.id), labelBlock(f, site),
+    el("section", {}, el("h2", {}, "Activations"), stats(f, site), histogram(f.hist_counts, site.hist_edges)),
+    el("div", { class: "columns" }, logitTable("Promoted tokens", f.logit_pos), logitTable("Suppressed tokens", f.logit_neg),
+      neighbours(site.site, f.neighbours)),
+    contexts(f));
+}
+
+// The ID is what the steering CLI and server take: one click copies it.
+function idHeading(id) {
+  const code = el("code", { id: "feature-id" }, id);
+  const button = el("button", { type: "button", id: "copy-id", title: "Copy the feature ID, for steering" }, "Copy ID");
+  button.addEventListener("click", async () => {
+    try {
+      await navigator.clipboard.writeText(id);
+      button.textContent = "Copied";
+    } catch {
+      // No clipboard (plain http off localhost): select the ID for Ctrl+C instead.
+      getSelection().selectAllChildren(code);
+      button.textContent = "Press Ctrl+C";
+    }
+  });
+  return el("h1", {}, code, " ", button);
+}
+
+function labelBlock(f, site) {
+  if (f.dead) {
+    return el("p", { class: "status dead" }, `Dead: never fired on the ${site.tokens_mined.toLocaleString("en")} mined tokens, so it has no label.`);
+  }
+  if (f.label === null) {
+    return el("p", { class: "status unlabelled" }, `Unlabelled: ${f.label_error ?? "no reason recorded"}`);
+  }
+  const score = f.score === null ? "not scored" : `score ${num(f.score)} (detection ${num(f.detection)}, fuzzing ${num(f.fuzzing)})`;
+  return el("div", {}, el("p", { class: "label", id: "feature-label" }, f.label),
+    el("p", { class: "muted" }, `label from ${f.label_source} · ${score}`));
+}
+
+function stats(f, site) {
+  return el("p", {}, `Density ${percent(f.density)} of ${site.tokens_mined.toLocaleString("en")} tokens · `
+    + `max activation ${num(f.max_act)} · mean when firing ${num(f.mean_act)}`);
+}
+
+// Bars over log-spaced bins, heights on a log scale so the tail shows beside the bulk. The
+// site-wide bins span many decades: draw only those from the feature's first to last non-empty one.
+function histogram(allCounts, allEdges) {
+  const used = allCounts.flatMap((c, i) => (c > 0 ? [i] : []));
+  const [lo, hi] = used.length ? [used[0], used[used.length - 1] + 1] : [0, allCounts.length];
+  const counts = allCounts.slice(lo, hi), edges = allEdges.slice(lo, hi + 1);
+  const width = 640, height = 110, bar = width / counts.length;
+  const top = Math.log1p(Math.max(1, ...counts));
+  const chart = svg("svg", { class: "hist", viewBox: `0 0 ${width} ${height + 18}`, role: "img", "aria-label": "activation histogram" });
+  counts.forEach((count, i) => {
+    const h = (height * Math.log1p(count)) / top;
+    chart.append(svg("rect", { x: i * bar + 0.5, y: height - h, width: Math.max(bar - 1, 0.5), height: h },
+      svg("title", {}, `${num(edges[i])} – ${num(edges[i + 1])}: ${count.toLocaleString("en")} tokens`)));
+  });
+  chart.append(svg("text", { x: 0, y: height + 14 }, num(edges[0])),
+    svg("text", { x: width / 2, y: height + 14, "text-anchor": "middle" }, "activation (log scale)"),
+    svg("text", { x: width, y: height + 14, "text-anchor": "end" }, num(edges[edges.length - 1])));
+  return chart;
+}
+
+function logitTable(title, pairs) {
+  return el("section", {}, el("h2", {}, title), el("table", { class: "grid logits" }, el("tbody", {},
+    ...pairs.map(([token, value]) => el("tr", {}, el("td", {}, tokenChips([token])), el("td", { class: "num" }, num(value)))))));
+}
+
+function neighbours(site, list) {
+  return el("section", {}, el("h2", {}, "Nearest features"), el("ul", { class: "neighbours" },
+    ...list.map(([index, cos, label]) => el("li", {}, featureLink(site, index), " ",
+      el("span", { class: "muted" }, `cos ${num(cos)}`), " ", label ?? el("span", { class: "muted" }, "no label")))));
+}
+
+function contexts(f) {
+  const { top, quantile, random } = f.examples;
+  const byQuantile = Map.groupBy(quantile, (e) => e.quantile);
+  return el("section", { class: "contexts" },
+    el("h2", {}, "Top activations"), ...top.map((e) => context(e, f.max_act)),
+    ...[...byQuantile].flatMap(([q, rows]) => [el("h3", {}, `Quantile ${q}`), ...rows.map((e) => context(e, f.max_act))]),
+    random.length ? el("details", {}, el("summary", {}, `Contexts where it does not fire (${random.length})`),
+      ...random.map((e) => context(e, f.max_act))) : null);
+}
+
+// One context; each token's background is its activation relative to the feature's maximum.
+function context(example, maxAct) {
+  const tokens = example.tokens.map((token, i) => {
+    const act = example.acts[i];
+    const span = el("span", { class: "tok", title: `${shown(token)} · activation ${num(act)}` }, shown(token));
+    if (act > 0 && maxAct > 0) {
+      span.classList.add("on");
+      span.style.backgroundColor = `rgba(255, 120, 0, ${Math.min(1, 0.1 + (0.9 * act) / maxAct).toFixed(3)})`;
+    }
+    return span;
+  });
+  const split = example.split ? el("span", { class: `split ${example.split}`,
+    title: example.split === "explain" ? "shown to the explainer" : "used by the scorer" }, example.split) : null;
+  return el("div", { class: "context" }, el("span", { class: "peak" }, num(example.max_act), split), el("span", { class: "text" }, ...tokens));
+}
+
+window.addEventListener("hashchange", route);
+route();

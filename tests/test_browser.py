@@ -1,0 +1,194 @@
+"""The feature browser in a real headless Chromium, served over HTTP by `make browse`'s server.
+
+A screenshot of a feature page is saved under the test's tmp dir, and also as
+$DIALBOX_SCREENSHOT_DIR/feature-browser.png when that is set (DIALBOX_SCREENSHOT_DIR=docs/img).
+"""
+
+import contextlib
+import functools
+import os
+import shutil
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import NoAlertPresentException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from features.report import build_report
+from pipeline.browse import make_server
+from report_fixtures import write_site
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+PAYLOADS = ["<script>window.pwned=1</script>", "<script>alert(1)</script>",
+            '"><img src=x onerror=window.pwned=1>', '"><img src=x onerror=alert(1)>', "</textarea>"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).exists()]
+    if missing:
+        pytest.fail(f"the browser tests need {' and '.join(missing)}: run `make setup` (installs Debian's chromium)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    yield driver
+    driver.quit()
+
+
+@contextlib.contextmanager
+def serving(root: Path, server=None):
+    """`root` over HTTP on 127.0.0.1 (a free port); yields the base URL."""
+    server = server or make_server(root, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def report(tmp_path: Path, sites: dict, **fixture) -> Path:
+    for site, n in sites.items():
+        write_site(tmp_path / "features", site, n, **fixture)
+    build_report(tmp_path / "features", tmp_path / "report")
+    return tmp_path / "report"
+
+
+def wait_for(driver, css: str, timeout: float = 10):
+    """The elements matching `css`, once there are some."""
+    return WebDriverWait(driver, timeout).until(lambda d: d.find_elements(By.CSS_SELECTOR, css))
+
+
+def table_rows(driver):
+    return driver.find_elements(By.CSS_SELECTOR, "#feature-table tbody tr")
+
+
+def test_browse_search_open_follow(browser, tmp_path):
+    root = report(tmp_path, {"L3.resid_post": 300, "L5.ffn_out": 40})
+    with serving(root) as base:
+        browser.get(base)
+        sites = wait_for(browser, "main table a")
+        assert [a.text for a in sites] == ["L3.resid_post", "L5.ffn_out"]
+        assert "300 232 38 30 200,000" in browser.find_element(By.TAG_NAME, "main").text
+        sites[0].click()
+        wait_for(browser, "#feature-table tbody tr")
+        assert len(table_rows(browser)) == 100  # one page, not 300 rows
+        assert browser.find_element(By.ID, "page-info").text == "Page 1 of 3 · 300 features"
+
+        browser.find_element(By.ID, "search").send_keys("heaven and")
+        WebDriverWait(browser, 5).until(lambda d: len(table_rows(d)) == 38)
+        assert {row.find_element(By.CSS_SELECTOR, ".label").text for row in table_rows(browser)} == {"heaven and earth"}
+        assert browser.current_url.endswith("#L3.resid_post?q=heaven+and")
+        table_rows(browser)[0].find_element(By.CSS_SELECTOR, ".label a").click()
+
+        assert wait_for(browser, "#feature-label")[0].text == "heaven and earth"
+        assert browser.find_element(By.ID, "feature-id").text == "L3.resid_post/5"
+        page = browser.find_element(By.TAG_NAME, "main").text
+        assert "label from heuristic · score 0.6 (detection 0.5, fuzzing 0.7)" in page
+        assert "Density 0.289% of 200,000 tokens" in page and "Promoted tokens" in page
+        lit = browser.find_elements(By.CSS_SELECTOR, ".contexts .tok.on")
+        assert len(lit) == 2 * 4  # the peak and the token after it, in 2 top and 2 quantile contexts
+        assert lit[0].text == " the" and lit[0].get_attribute("title") == " the · activation 6"
+        # Background opacity follows the activation: the peak opaque, a quarter of it faint.
+        assert [t.get_attribute("style") for t in lit[:2]] == [
+            "background-color: rgb(255, 120, 0);", "background-color: rgba(255, 120, 0, 0.325);"]
+        assert len(browser.find_elements(By.CSS_SELECTOR, "svg.hist rect")) == 8
+        browser.find_element(By.ID, "copy-id").click()  # the clipboard answers asynchronously
+        WebDriverWait(browser, 5).until(lambda d: d.find_element(By.ID, "copy-id").text in ("Copied", "Press Ctrl+C"))
+        screenshot(browser, tmp_path)
+
+        browser.find_element(By.LINK_TEXT, "L3.resid_post/6").click()  # nearest feature
+        status = wait_for(browser, ".status.unlabelled")[0]
+        assert status.text == "Unlabelled: explainer timed out"
+        browser.back()
+        browser.back()  # to the index, with its search kept
+        WebDriverWait(browser, 5).until(lambda d: len(table_rows(d)) == 38)
+
+
+def screenshot(browser, tmp_path):
+    path = tmp_path / "feature-browser.png"
+    assert browser.save_screenshot(str(path))
+    if os.environ.get("DIALBOX_SCREENSHOT_DIR"):
+        target = Path(os.environ["DIALBOX_SCREENSHOT_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / path.name)
+
+
+def test_filter_and_sort(browser, tmp_path):
+    root = report(tmp_path, {"L3.resid_post": 300})
+    with serving(root) as base:
+        browser.get(base)
+        wait_for(browser, "#feature-table tbody tr")
+        Select(browser.find_element(By.ID, "show")).select_by_value("dead")
+        WebDriverWait(browser, 5).until(lambda d: len(table_rows(d)) == 30)
+        assert all(row.find_element(By.CSS_SELECTOR, ".label").text == "dead" for row in table_rows(browser))
+        browser.find_element(By.LINK_TEXT, "9").click()
+        assert wait_for(browser, ".status.dead")[0].text.startswith("Dead: never fired")
+        assert not browser.find_elements(By.ID, "feature-label")
+
+        browser.get(base + "#L3.resid_post")
+        wait_for(browser, "#feature-table tbody tr")
+        browser.find_element(By.CSS_SELECTOR, "button[data-sort=score]").click()  # highest first
+        first = table_rows(browser)[0].find_elements(By.TAG_NAME, "td")
+        assert first[5].text == "0.85"
+        browser.find_element(By.CSS_SELECTOR, "button[data-sort=max_act]").click()
+        assert table_rows(browser)[0].find_elements(By.TAG_NAME, "td")[4].text == "17"
+        browser.find_element(By.ID, "search").send_keys("L3.resid_post/250")
+        WebDriverWait(browser, 5).until(lambda d: table_rows(d)[0].find_element(By.TAG_NAME, "td").text == "250")
+
+
+def test_corpus_text_renders_as_text(browser, tmp_path):
+    """Tokens and labels holding markup show as the characters they are, and nothing runs."""
+    labels = {i: PAYLOADS[i % len(PAYLOADS)] for i in range(20)}
+    root = report(tmp_path, {"L3.resid_post": 20}, tokens=PAYLOADS, labels=labels)
+    with serving(root) as base:
+        browser.get(base + "#L3.resid_post")
+        wait_for(browser, "#feature-table tbody tr")
+        browser.find_element(By.ID, "search").send_keys("<img")
+        check_inert(browser, PAYLOADS[2:4])
+        browser.get(base + "#L3.resid_post/1")
+        wait_for(browser, ".contexts .tok")
+        check_inert(browser, PAYLOADS)
+        assert browser.find_element(By.ID, "feature-label").text == PAYLOADS[1]
+
+
+def check_inert(browser, texts):
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text  # an alert() that ran would still be open
+    visible = browser.find_element(By.TAG_NAME, "main").text
+    assert all(text in visible for text in texts)
+    assert browser.execute_script("return window.pwned") is None
+    assert browser.find_elements(By.CSS_SELECTOR, "main img, main script, main textarea") == []
+
+
+def test_plain_static_server(browser, tmp_path):
+    """Any static file server will do: here Python's own http.server, as `python -m http.server`."""
+    root = report(tmp_path, {"L3.resid_post": 20})
+    plain = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(root)))
+    with serving(root, plain) as base:
+        browser.get(base + "#L3.resid_post/12")
+        assert wait_for(browser, "#feature-label")[0].text == "heaven and earth"
+
+
+@pytest.mark.slow
+def test_large_site_opens_in_two_seconds(browser, tmp_path):
+    root = report(tmp_path, {"L0.resid_post": 65_536}, examples={"top": 1})
+    with serving(root) as base:
+        browser.get(base + "#L0.resid_post")
+        wait_for(browser, "#feature-table tbody tr", timeout=30)
+        # Milliseconds from the start of navigation to the first page of rows on screen.
+        opened = browser.execute_script("return performance.getEntriesByName('index-rendered')[0].startTime")
+        print(f"65,536-feature index opened in {opened:.0f} ms")
+        assert opened < 2000
+        assert len(table_rows(browser)) == 100
+        assert browser.find_element(By.ID, "page-info").text == "Page 1 of 656 · 65,536 features"
+        browser.get(base + "#L0.resid_post/65535")
+        assert wait_for(browser, "#feature-id")[0].text == "L0.resid_post/65535"
+
