@@ -76,14 +76,13 @@ def write_site(src: Path, dst: Path, chunk_size: int, index_top_tokens: int) -> 
     check_features(src, meta, features)
     dst.mkdir(parents=True)
     labels = features.column("label").to_pylist()
-    write_json(dst / "index.json", index_columns(features, labels, index_top_tokens))
+    index = index_columns(features, labels, index_top_tokens)
+    write_json(dst / "index.json", index)
     examples = example_rows(src / "examples.parquet")
     for k, chunk in enumerate(feature_chunks(features, labels, examples, chunk_size)):
         write_json(dst / f"chunk-{k}.json", chunk)
-    dead = features.column("dead").to_numpy(zero_copy_only=False)
-    n_labelled = sum(label is not None for label in labels)
-    return {**meta, "n_dead": int(dead.sum()), "n_labelled": n_labelled,
-            "n_unlabelled": len(labels) - n_labelled - int(dead.sum())}
+    n_dead, n_labelled = sum(index["dead"]), sum(label is not None for label in labels)
+    return {**meta, "n_dead": n_dead, "n_labelled": n_labelled, "n_unlabelled": len(labels) - n_labelled - n_dead}
 
 
 def check_features(src: Path, meta: dict, features: pa.Table) -> None:
@@ -154,7 +153,8 @@ def example_rows(path: Path, batch_rows: int = 4096):
 
 
 def rounded_acts(table: pa.Table) -> pa.ListArray:
-    """Activations to 4 significant digits of each context's peak: a third of the JSON, same picture."""
+    """Activations to 4 significant digits of each context's peak, all the page can show (a float32
+    printed in full takes 18 characters, and a chunk file holds thousands of them)."""
     acts = table.column("acts").combine_chunks()
     lengths = pc.list_value_length(acts).to_numpy(zero_copy_only=False)
     values = acts.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
