@@ -46,6 +46,10 @@ function num(x, digits = 3) {
   return String(Number(x.toPrecision(digits)));
 }
 
+function count(n) {
+  return n.toLocaleString("en");
+}
+
 function percent(x) {
   return x === null ? "–" : `${num(100 * x)}%`;
 }
@@ -91,17 +95,19 @@ async function route() {
 
 function sitesView(sites) {
   document.title = "Dialbox features";
-  const head = el("tr", {}, ...["Site", "Features", "Labelled", "Unlabelled", "Dead", "Tokens mined"].map((h) => el("th", {}, h)));
+  const columns = ["Site", "Features", "Labelled", "Unlabelled", "Dead", "Tokens mined"];
   const rows = sites.map((s) => el("tr", {},
     el("td", {}, el("a", { href: `#${s.site}` }, s.site)),
-    ...[s.n_features, s.n_labelled, s.n_unlabelled, s.n_dead, s.tokens_mined].map((n) => el("td", { class: "num" }, n.toLocaleString("en")))));
-  return el("section", {}, el("h1", {}, "Sites"), el("table", { class: "grid" }, el("thead", {}, head), el("tbody", {}, ...rows)));
+    ...[s.n_features, s.n_labelled, s.n_unlabelled, s.n_dead, s.tokens_mined]
+      .map((n) => el("td", { class: "num" }, count(n)))));
+  return el("section", {}, el("h1", {}, "Sites"), el("table", { class: "grid" },
+    el("thead", {}, el("tr", {}, ...columns.map((h) => el("th", {}, h)))), el("tbody", {}, ...rows)));
 }
 
 function siteSummary(site) {
-  const parts = [`${site.n_features.toLocaleString("en")} features`, `${site.n_labelled.toLocaleString("en")} labelled`,
-    `${site.n_unlabelled.toLocaleString("en")} unlabelled`, `${site.n_dead.toLocaleString("en")} dead`,
-    `${site.tokens_mined.toLocaleString("en")} tokens mined`];
+  const parts = [`${count(site.n_features)} features`, `${count(site.n_labelled)} labelled`,
+    `${count(site.n_unlabelled)} unlabelled`, `${count(site.n_dead)} dead`,
+    `${count(site.tokens_mined)} tokens mined`];
   for (const key of ["model", "sae", "explainer", "scorer"]) {
     if (site[key]) parts.push(`${key}: ${typeof site[key] === "string" ? site[key] : JSON.stringify(site[key])}`);
   }
@@ -123,8 +129,10 @@ function sortedOrder(data, key, descending) {
     const values = data[key];
     const sign = descending ? -1 : 1;
     // Features without a value (no score) go last whichever way the column is sorted.
-    data.orders[name] = data.index.slice().sort((a, b) =>
-      values[a] === null ? (values[b] === null ? a - b : 1) : values[b] === null ? -1 : sign * (values[a] - values[b]) || a - b);
+    data.orders[name] = data.index.slice().sort((a, b) => {
+      if (values[a] === null || values[b] === null) return (values[a] === null) - (values[b] === null) || a - b;
+      return sign * (values[a] - values[b]) || a - b;
+    });
   }
   return data.orders[name];
 }
@@ -141,7 +149,8 @@ function matchingRows(site, data, state) {
   const wanted = { all: () => true, labelled: (i) => data.label[i] !== null,
     unlabelled: (i) => data.label[i] === null && !data.dead[i], dead: (i) => data.dead[i] === 1 }[state.show];
   const text = q ? searchText(data) : null;
-  const rows = sortedOrder(data, state.sort, state.desc).filter((i) => wanted(i) && (!q || i === id || text[i].includes(q)));
+  const rows = sortedOrder(data, state.sort, state.desc)
+    .filter((i) => wanted(i) && (!q || i === id || text[i].includes(q)));
   const at = rows.indexOf(id);
   if (at > 0) rows.unshift(...rows.splice(at, 1));
   return rows;
@@ -208,7 +217,7 @@ async function siteView(site, params) {
       header("density", SORTABLE.density), header("max_act", SORTABLE.max_act), header("score", SORTABLE.score));
     body.replaceChildren(...rows.slice(state.page * PAGE_SIZE, (state.page + 1) * PAGE_SIZE).map(row));
     pager.replaceChildren(pageButton("‹ Prev", state.page - 1, pages), el("span", { id: "page-info" },
-      `Page ${state.page + 1} of ${pages} · ${rows.length.toLocaleString("en")} features`), pageButton("Next ›", state.page + 1, pages));
+      `Page ${state.page + 1} of ${pages} · ${count(rows.length)} features`), pageButton("Next ›", state.page + 1, pages));
     writeState(site, state);
     performance.mark("index-rendered"); // open time, for devtools and the 65,536-feature browser test
   }
@@ -241,15 +250,16 @@ async function featureView(site, index, chunkSize) {
     index + 1 < site.n_features ? featureLink(site.site, index + 1, "next ›") : null);
   return el("article", { class: "feature" }, nav, idHeading(f.id), labelBlock(f, site),
     el("section", {}, el("h2", {}, "Activations"), stats(f, site), histogram(f.hist_counts, site.hist_edges)),
-    el("div", { class: "columns" }, logitTable("Promoted tokens", f.logit_pos), logitTable("Suppressed tokens", f.logit_neg),
-      neighbours(site.site, f.neighbours)),
+    el("div", { class: "columns" }, logitTable("Promoted tokens", f.logit_pos),
+      logitTable("Suppressed tokens", f.logit_neg), neighbours(site.site, f.neighbours)),
     contexts(f));
 }
 
 // The ID is what the steering CLI and server take: one click copies it.
 function idHeading(id) {
   const code = el("code", { id: "feature-id" }, id);
-  const button = el("button", { type: "button", id: "copy-id", title: "Copy the feature ID, for steering" }, "Copy ID");
+  const button = el("button", { type: "button", id: "copy-id", title: "Copy the feature ID, for steering" },
+    "Copy ID");
   button.addEventListener("click", async () => {
     try {
       await navigator.clipboard.writeText(id);
@@ -265,18 +275,20 @@ function idHeading(id) {
 
 function labelBlock(f, site) {
   if (f.dead) {
-    return el("p", { class: "status dead" }, `Dead: never fired on the ${site.tokens_mined.toLocaleString("en")} mined tokens, so it has no label.`);
+    return el("p", { class: "status dead" },
+      `Dead: never fired on the ${count(site.tokens_mined)} mined tokens, so it has no label.`);
   }
   if (f.label === null) {
     return el("p", { class: "status unlabelled" }, `Unlabelled: ${f.label_error ?? "no reason recorded"}`);
   }
-  const score = f.score === null ? "not scored" : `score ${num(f.score)} (detection ${num(f.detection)}, fuzzing ${num(f.fuzzing)})`;
+  const score = f.score === null ? "not scored"
+    : `score ${num(f.score)} (detection ${num(f.detection)}, fuzzing ${num(f.fuzzing)})`;
   return el("div", {}, el("p", { class: "label", id: "feature-label" }, f.label),
     el("p", { class: "muted" }, `label from ${f.label_source} · ${score}`));
 }
 
 function stats(f, site) {
-  return el("p", {}, `Density ${percent(f.density)} of ${site.tokens_mined.toLocaleString("en")} tokens · `
+  return el("p", {}, `Density ${percent(f.density)} of ${count(site.tokens_mined)} tokens · `
     + `max activation ${num(f.max_act)} · mean when firing ${num(f.mean_act)}`);
 }
 
@@ -288,11 +300,12 @@ function histogram(allCounts, allEdges) {
   const counts = allCounts.slice(lo, hi), edges = allEdges.slice(lo, hi + 1);
   const width = 640, height = 110, bar = width / counts.length;
   const top = Math.log1p(Math.max(1, ...counts));
-  const chart = svg("svg", { class: "hist", viewBox: `0 0 ${width} ${height + 18}`, role: "img", "aria-label": "activation histogram" });
-  counts.forEach((count, i) => {
-    const h = (height * Math.log1p(count)) / top;
+  const chart = svg("svg", { class: "hist", viewBox: `0 0 ${width} ${height + 18}`, role: "img",
+    "aria-label": "activation histogram" });
+  counts.forEach((n, i) => {
+    const h = (height * Math.log1p(n)) / top;
     chart.append(svg("rect", { x: i * bar + 0.5, y: height - h, width: Math.max(bar - 1, 0.5), height: h },
-      svg("title", {}, `${num(edges[i])} – ${num(edges[i + 1])}: ${count.toLocaleString("en")} tokens`)));
+      svg("title", {}, `${num(edges[i])} – ${num(edges[i + 1])}: ${count(n)} tokens`)));
   });
   chart.append(svg("text", { x: 0, y: height + 14 }, num(edges[0])),
     svg("text", { x: width / 2, y: height + 14, "text-anchor": "middle" }, "activation (log scale)"),
@@ -302,7 +315,8 @@ function histogram(allCounts, allEdges) {
 
 function logitTable(title, pairs) {
   return el("section", {}, el("h2", {}, title), el("table", { class: "grid logits" }, el("tbody", {},
-    ...pairs.map(([token, value]) => el("tr", {}, el("td", {}, tokenChips([token])), el("td", { class: "num" }, num(value)))))));
+    ...pairs.map(([token, value]) => el("tr", {},
+      el("td", {}, tokenChips([token])), el("td", { class: "num" }, num(value)))))));
 }
 
 function neighbours(site, list) {
@@ -316,7 +330,8 @@ function contexts(f) {
   const byQuantile = Map.groupBy(quantile, (e) => e.quantile);
   return el("section", { class: "contexts" },
     el("h2", {}, "Top activations"), ...top.map((e) => context(e, f.max_act)),
-    ...[...byQuantile].flatMap(([q, rows]) => [el("h3", {}, `Quantile ${q}`), ...rows.map((e) => context(e, f.max_act))]),
+    ...[...byQuantile].flatMap(([q, rows]) => [el("h3", {}, `Quantile ${q}`),
+      ...rows.map((e) => context(e, f.max_act))]),
     random.length ? el("details", {}, el("summary", {}, `Contexts where it does not fire (${random.length})`),
       ...random.map((e) => context(e, f.max_act))) : null);
 }
@@ -334,7 +349,8 @@ function context(example, maxAct) {
   });
   const split = example.split ? el("span", { class: `split ${example.split}`,
     title: example.split === "explain" ? "shown to the explainer" : "used by the scorer" }, example.split) : null;
-  return el("div", { class: "context" }, el("span", { class: "peak" }, num(example.max_act), split), el("span", { class: "text" }, ...tokens));
+  return el("div", { class: "context" },
+    el("span", { class: "peak" }, num(example.max_act), split), el("span", { class: "text" }, ...tokens));
 }
 
 window.addEventListener("hashchange", route);
