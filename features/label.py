@@ -1,0 +1,148 @@
+"""Labelling one site: mine, then per feature examples -> label -> scores, then the tables.
+
+Features are handled in chunks, so the examples of 65,536 features never sit in memory at once.
+A feature the LLM could not label (endpoint down, garbage replies) is written as `unlabelled`
+with the reason; the LLM's good replies are cached, so a rerun only asks again for those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from features import explain, score
+from features.examples import ExamplePlan, attach_tokens, feature_examples
+from features.lens import logit_lens, nearest_features
+from features.llm import ChatModel, LLMError, map_with_progress
+from features.mining import HIST_EDGES, FeatureMiner, MiningPlan
+from features.tables import ExampleWriter, write_features, write_meta
+
+CHUNK = 1024  # features per chunk of examples
+
+
+@dataclass
+class SiteInputs:
+    site: str
+    sae: object  # sae_lens SAE
+    store: object  # ActivationStore
+    model: object  # for the logit lens (only its final norm and unembedding are used)
+    vocab: list  # token id -> decoded string
+
+
+def mining_plan(cfg) -> MiningPlan:
+    return MiningPlan(context_tokens=cfg.context_tokens, top_examples=cfg.top_examples,
+                      sampled_examples=cfg.sampled_examples, pool_blocks=cfg.pool_blocks,
+                      batch_blocks=max(1, cfg.batch_tokens // cfg.context_tokens), max_tokens=cfg.max_tokens,
+                      outlier_norm=cfg.outlier_norm, seed=cfg.seed)
+
+
+def label_site(inputs: SiteInputs, cfg, explainer, chat: ChatModel | None, out, device) -> dict:
+    """Write out/{features,examples}.parquet and meta.json for one site; return label sources counted.
+
+    cfg: the `label` config; explainer: the `explainer` config; chat: its model (None = heuristic)."""
+    out.mkdir(parents=True, exist_ok=True)
+    plan = mining_plan(cfg)
+    miner = FeatureMiner(inputs.store, inputs.site, inputs.sae, plan, device)
+    state = {k: v.cpu() if torch.is_tensor(v) else v for k, v in
+             miner.run(out / "mining.pt", cfg.checkpoint_seconds).items()}
+    n = miner.n_features
+    lo, hi = (cfg.features or [0, n])[:2]
+    if not 0 <= lo < hi <= n:
+        raise ValueError(f"label.features={list(cfg.features)} is not a range within [0, {n}] features of {inputs.site}")
+
+    w_dec = inputs.sae.W_dec.detach()
+    lens = logit_lens(w_dec[lo:hi], inputs.model, cfg.logit_tokens)
+    neighbour_cos, neighbours = nearest_features(w_dec, cfg.neighbours)
+    token_ids = inputs.store.tokens(0, miner.n_blocks * plan.context_tokens)["tokens"]
+    fires = state["fires"][lo:hi]
+    use_llm = _llm_features(fires, lo, chat, explainer.max_features, cfg.seed)
+
+    eplan = ExamplePlan(cfg.quantiles, cfg.explain_top, cfg.explain_per_quantile, cfg.random_examples, cfg.seed)
+    writer = ExampleWriter(out, plan.context_tokens)
+    described = {}
+    for start in tqdm(range(lo, hi, CHUNK), desc=f"label {inputs.site}", unit="chunk", dynamic_ncols=True):
+        chunk = range(start, min(start + CHUNK, hi))
+        examples = {f: feature_examples(state, f, eplan, plan.context_tokens) for f in chunk}
+        for exs in examples.values():
+            attach_tokens(exs, token_ids, inputs.vocab, plan.context_tokens)
+        promoted = {f: [inputs.vocab[i] for i in lens[1][f - lo].tolist()] if lens else [] for f in chunk}
+
+        def describe(f):
+            return _describe(examples[f], promoted[f], bool(state["fires"][f] == 0), chat if f in use_llm else None,
+                             explainer.max_tokens, cfg)
+
+        llm_chunk = [f for f in chunk if f in use_llm]
+        if llm_chunk:
+            described.update(zip(llm_chunk, map_with_progress(describe, llm_chunk, chat.concurrency, "explain")))
+        described.update({f: describe(f) for f in chunk if f not in use_llm})
+        writer.write(examples)
+    writer.close()
+
+    columns = _feature_columns(inputs, state, lo, hi, described, lens, neighbours, neighbour_cos)
+    write_features(out, columns)
+    write_meta(out, {
+        "site": inputs.site, "n_features": n, "features": [lo, hi], "tokens_mined": int(state["tokens"]),
+        "hist_edges": HIST_EDGES.tolist(), "context_tokens": plan.context_tokens,
+        "explainer": f"llm:{chat.name}" if chat else "heuristic", "llm_features": len(use_llm),
+        "scorer": "detection and fuzzing (balanced accuracy) on examples the explainer did not see",
+        "model": inputs.sae.cfg.metadata.model_name, "sae": f"saes/{inputs.site}",
+    })
+    sources = columns["label_source"]
+    return {src: sources.count(src) for src in sorted(set(sources))}
+
+
+def _llm_features(fires: torch.Tensor, lo: int, chat, limit: int, seed: int) -> set:
+    """The live features the LLM labels: all of them, or a seeded sample of explainer.max_features."""
+    if chat is None:
+        return set()
+    live = (torch.nonzero(fires > 0).flatten() + lo).tolist()
+    if limit and limit < len(live):
+        live = np.random.default_rng(seed).choice(live, limit, replace=False).tolist()
+    return set(live)
+
+
+def _describe(examples, promoted, dead: bool, chat, max_tokens: int, cfg) -> dict:
+    """label, label_source, label_error, detection, fuzzing and top tokens of one feature."""
+    top_tokens = explain.peak_tokens(examples)
+    result = dict(label=None, label_source="dead" if dead else "unlabelled", label_error=None,
+                  detection=None, fuzzing=None, top_tokens=top_tokens)
+    if dead:
+        return result
+    try:
+        if chat is not None:
+            label, judge, source = explain.llm_label(chat, examples, promoted, max_tokens), score.LLMJudge(chat), f"llm:{chat.name}"
+        else:
+            label, judge, source = explain.heuristic_label(examples), score.TokenJudge(), "heuristic"
+    except LLMError as e:
+        return {**result, "label_error": f"explainer: {e}"}
+    result.update(label=label, label_source=source)
+    try:
+        result["detection"] = score.detection(judge, label, examples, cfg.score_examples)
+        result["fuzzing"] = score.fuzzing(judge, label, examples, cfg.score_examples, cfg.seed)
+    except LLMError as e:
+        result["label_error"] = f"scorer: {e}"
+    return result
+
+
+def _feature_columns(inputs, state, lo, hi, described, lens, neighbours, neighbour_cos) -> dict:
+    fires, tokens = state["fires"][lo:hi], max(int(state["tokens"]), 1)
+    rows = [described[f] for f in range(lo, hi)]
+    scores = [[r[k] for k in ("detection", "fuzzing") if r[k] is not None] for r in rows]
+    if lens:
+        pos_vals, pos_ids, neg_vals, neg_ids = (t.tolist() for t in lens)
+        pos, neg = ([[inputs.vocab[i] for i in row] for row in ids] for ids in (pos_ids, neg_ids))
+    else:  # no logit lens for this site's width
+        pos_vals = pos = neg_vals = neg = [[] for _ in rows]
+    return {
+        "index": list(range(lo, hi)), "feature_id": [f"{inputs.site}/{f}" for f in range(lo, hi)],
+        "density": (fires.double() / tokens).tolist(), "max_act": state["top_keys"][0, lo:hi].clamp(min=0).tolist(),
+        "mean_act": (state["act_sum"][lo:hi] / fires.clamp(min=1)).tolist(), "dead": (fires == 0).tolist(),
+        **{k: [r[k] for r in rows] for k in ("label", "label_source", "label_error", "detection", "fuzzing", "top_tokens")},
+        "score": [sum(s) / len(s) if s else None for s in scores],
+        "logit_pos": pos, "logit_pos_values": pos_vals, "logit_neg": neg, "logit_neg_values": neg_vals,
+        "neighbours": neighbours[lo:hi].tolist(), "neighbour_cos": neighbour_cos[lo:hi].tolist(),
+        "hist_counts": state["hist"][lo:hi].tolist(),
+    }

@@ -1,0 +1,72 @@
+"""The label stage's output files in `runs/<run>/features/<site>/` (the report reads these):
+
+  features.parquet  one row per feature: stats, label, label source, scores, top tokens, logit
+                    lens, neighbours, activation histogram (bin edges in meta.json)
+  examples.parquet  one row per example context, sorted by feature, with its split
+  meta.json         what was mined with what
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.examples import Example
+
+FEATURE_SCHEMA = pa.schema([
+    ("index", pa.int32()), ("feature_id", pa.string()), ("density", pa.float64()), ("max_act", pa.float32()),
+    ("mean_act", pa.float32()), ("dead", pa.bool_()), ("label", pa.string()), ("label_source", pa.string()),
+    ("label_error", pa.string()), ("detection", pa.float32()), ("fuzzing", pa.float32()), ("score", pa.float32()),
+    ("top_tokens", pa.list_(pa.string())), ("logit_pos", pa.list_(pa.string())),
+    ("logit_pos_values", pa.list_(pa.float32())), ("logit_neg", pa.list_(pa.string())),
+    ("logit_neg_values", pa.list_(pa.float32())), ("neighbours", pa.list_(pa.int32())),
+    ("neighbour_cos", pa.list_(pa.float32())), ("hist_counts", pa.list_(pa.int64())),
+])
+EXAMPLE_SCHEMA = pa.schema([
+    ("index", pa.int32()), ("kind", pa.string()), ("rank", pa.int32()), ("quantile", pa.int32()),
+    ("start", pa.int64()), ("tokens", pa.list_(pa.string())), ("acts", pa.list_(pa.float32())),
+    ("max_act", pa.float32()), ("split", pa.string()),
+])
+
+
+class ExampleWriter:
+    """Appends the examples of successive features to examples.parquet (renamed into place on close)."""
+
+    def __init__(self, out: Path, context_tokens: int):
+        self.path, self.tmp, self.context_tokens = out / "examples.parquet", out / "examples.parquet.tmp", context_tokens
+        self.writer = pq.ParquetWriter(self.tmp, EXAMPLE_SCHEMA)
+
+    def write(self, by_feature: dict[int, list[Example]]) -> None:
+        rows = [(f, ex) for f, examples in by_feature.items() for ex in examples]
+        columns = {
+            "index": [f for f, _ in rows], "kind": [ex.kind for _, ex in rows], "rank": [ex.rank for _, ex in rows],
+            "quantile": [ex.quantile for _, ex in rows], "start": [ex.block * self.context_tokens for _, ex in rows],
+            "tokens": [ex.tokens for _, ex in rows], "acts": [ex.acts.tolist() for _, ex in rows],
+            "max_act": [ex.peak for _, ex in rows], "split": [ex.split for _, ex in rows],
+        }
+        self.writer.write_table(pa.table(columns, schema=EXAMPLE_SCHEMA))
+
+    def close(self) -> None:
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+
+
+def write_features(out: Path, columns: dict) -> None:
+    tmp = out / "features.parquet.tmp"
+    pq.write_table(pa.table(columns, schema=FEATURE_SCHEMA), tmp)
+    os.replace(tmp, out / "features.parquet")
+
+
+def write_meta(out: Path, meta: dict) -> None:
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out / "meta.json")
+
+
+def read_features(out: Path):
+    """The features table as a pyarrow Table."""
+    return pq.read_table(out / "features.parquet")
