@@ -189,6 +189,60 @@ class TrainJob:
 
 
 @dataclass
+class ExplainerConfig:
+    # heuristic (token counts, no LLM) | local (a transformers model in this process) |
+    # openai (any OpenAI-compatible chat endpoint: vLLM, SGLang, ds4-server, a hosted API)
+    kind: str = "heuristic"
+    # openai: the endpoint, the model it serves, and the NAME of the environment variable holding
+    # the API key (the key itself never goes into a config, a log or the cache).
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8  # requests in flight
+    retries: int = 3  # per request, with exponential backoff
+    backoff_s: float = 1.0
+    timeout_s: float = 120.0
+    # local: a hub id or directory; empty = the run's own model (DeepSeek-V4-Flash labels its own features).
+    local_path: str = ""
+    # Live features the LLM labels (a seeded random sample); the rest get heuristic labels, shown
+    # as such. 0 = all.
+    max_features: int = 0
+    max_tokens: int = 40  # length of an explanation
+
+
+@dataclass
+class LabelConfig:
+    sites: list = field(default_factory=list)  # empty = every site with a trained SAE
+    # Label only features [start, stop) of each site (a slice of a split job); empty = all.
+    features: list = field(default_factory=list)
+    device: str = "cpu"  # cpu | cuda | auto
+    context_tokens: int = 32  # store rows per example context
+    top_examples: int = 20
+    sampled_examples: int = 40  # uniform sample of activating contexts, split into quantiles
+    quantiles: int = 4
+    pool_blocks: int = 256  # random contexts checked for every feature (non-activating examples)
+    random_examples: int = 10
+    explain_top: int = 8  # top contexts shown to the explainer (the rest are for scoring)
+    explain_per_quantile: int = 2
+    score_examples: int = 10  # activating and non-activating examples per scorer
+    batch_tokens: int = 4096  # rows per SAE encode while mining
+    max_tokens: int = 0  # mine the first rows of the store only (0 = all)
+    # Rows above this multiple of the site's mean norm count as not firing (attention sinks, as in training).
+    outlier_norm: float = 10.0
+    logit_tokens: int = 10  # promoted and suppressed tokens of the logit lens
+    neighbours: int = 8
+    seed: int = 0
+    checkpoint_seconds: float = 180.0  # mining state saved this often (a killed pass resumes)
+
+
+@dataclass
+class LabelJob:
+    run: RunConfig = field(default_factory=RunConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    explainer: ExplainerConfig = MISSING
+
+
+@dataclass
 class ReportConfig:
     sites: list = field(default_factory=list)  # empty = every site in runs/<run>/features
     # Features per data file: opening a feature page fetches the one file that holds it.
@@ -214,7 +268,10 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="harvest_schema", node=HarvestJob)
     cs.store(name="train_schema", node=TrainJob)
+    cs.store(name="label_schema", node=LabelJob)
     cs.store(name="report_schema", node=ReportJob)
+    cs.store(name="steer_schema", node=SteerJob)
+    cs.store(name="serve_schema", node=ServeJob)
 
 
 def compose(stage: str, overrides: list[str]):
@@ -227,3 +284,132 @@ def compose(stage: str, overrides: list[str]):
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base=None):
         return hydra_compose(stage, overrides)
+
+
+# --- steering (design.md section 6) ----------------------------------------------------------
+
+
+@dataclass
+class SteerConfig:
+    """`python -m pipeline.steer`: one prompt, unsteered and steered side by side."""
+
+    prompt: str = "Tell me about your favourite food."
+    # Interventions, each a string "<feature ID or vector> key=value ..." or a dict with the same keys:
+    # op (add | clamp | project), scale, units (max_act | raw), positions (all | prompt | generated), layers.
+    # e.g. ["L15.resid_post/1234 scale=4", "terse layers=[12] scale=2"]
+    interventions: list = field(default_factory=list)
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    chat: Optional[bool] = None  # apply the chat template; None = when the tokenizer has one
+    # Rows of the store that give each feature's max activation when there is no feature table yet.
+    max_act_rows: int = 16384
+    width: int = 60  # characters per column of the side-by-side print
+
+
+@dataclass
+class ContrastConfig:
+    """`python -m pipeline.steer contrast`: a named vector from prompts with and without a suffix."""
+
+    name: str = "terse"
+    # The same prompts with (positive) and without (negative) the suffix ...
+    prompts: str = "features/prompts/contrast.txt"
+    suffix: str = "Respond tersely."
+    # ... or two files of prompts, one a line (used when both are given).
+    positive_file: str = ""
+    negative_file: str = ""
+    site_kind: str = "resid_post"
+    layers: list = field(default_factory=list)  # empty = every layer
+    where: str = "last"  # last (the last prompt token, as ds4 does) | mean (over the prompt's tokens)
+    orthogonalize: bool = False  # remove the component along the negative mean
+    operation: str = "add"  # add (h += s*v) | project (ds4's h -= s*v(v.h); stored as unit rows)
+    chat: Optional[bool] = None
+    top_features: int = 10  # features of the run's SAEs listed per vector site (0 = none)
+
+
+@dataclass
+class ExportConfig:
+    """`python -m pipeline.steer export`: a vector (or a feature's decoder row) in another format."""
+
+    vector: str = ""  # a vector name in runs/<run>/vectors
+    feature: str = ""  # or a feature ID, saved first as a vector named after it
+    operation: str = "add"  # for a feature: add | project
+    format: str = "native"  # native (safetensors + JSON) | ds4 (.f32 + sidecar) | gguf (llama.cpp control vector)
+    out_dir: str = ""  # empty = runs/<run>/vectors/exports
+
+
+@dataclass
+class ProjectConfig:
+    """`python -m pipeline.steer project`: the SAE features a vector or a feature points along."""
+
+    target: str = ""  # a vector name or a feature ID
+    sae_site: str = ""  # the SAE whose features to list; empty = the SAE at the target's site
+    layer: Optional[int] = None  # for a vector with several layers: which one (None = each)
+    top: int = 10
+
+
+@dataclass
+class JudgeConfig:
+    # An OpenAI-compatible chat endpoint rating concept, relevance and fluency 0-2 (AxBench's scale);
+    # empty base_url = measurable proxies instead.
+    base_url: str = ""
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding the key
+    concurrency: int = 4
+    max_tokens: int = 8
+
+
+@dataclass
+class SteerEvalConfig:
+    """`python -m pipeline.steer eval`: a steering target swept on a dev split, reported on a test split."""
+
+    # What to evaluate: the contrast vector (built from the contrast section when missing) or a feature ID.
+    target: str = "terse"
+    prompts: str = "features/prompts/heldout.txt"
+    dev_prompts: int = 16  # the first ones after a seeded shuffle; the rest are the test split
+    # The concept: length (shorter answers = more of it), keywords (any of `keywords` present) or
+    # feature (the target feature's activation on the answer, in units of its max activation).
+    concept: str = "length"
+    keywords: list = field(default_factory=list)
+    concept_description: str = "a terse, brief answer"  # for the judge
+    layers: list = field(default_factory=lambda: [9, 15, 21])  # the sweep (ignored for a feature: its own layer)
+    scales: list = field(default_factory=lambda: [4.0, 8.0, 12.0])
+    positions: str = "all"
+    # The prompting baseline: each prompt with this suffix, no steering (empty = contrast.suffix).
+    baseline_suffix: str = ""
+    max_new_tokens: int = 200
+    batch_size: int = 16
+    bootstrap: int = 2000
+    seed: int = 0
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    write_benchmarks: bool = False  # put the report in BENCHMARKS.md (make steer-eval does)
+
+
+@dataclass
+class SteerJob:
+    run: RunConfig = field(default_factory=RunConfig)
+    # None: the model the run was harvested with.
+    model: Optional[ModelConfig] = None
+    steer: SteerConfig = field(default_factory=SteerConfig)
+    contrast: ContrastConfig = field(default_factory=ContrastConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    project: ProjectConfig = field(default_factory=ProjectConfig)
+    eval: SteerEvalConfig = field(default_factory=SteerEvalConfig)
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"  # loopback only unless asked: the server runs code paths on request
+    port: int = 8000
+    max_tokens: int = 256  # default and ceiling of a request's max_tokens
+    # Interventions applied to every request before its own `steering` list (as llama.cpp's start-up vectors).
+    steering: list = field(default_factory=list)
+    max_act_rows: int = 16384
+
+
+@dataclass
+class ServeJob:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: Optional[ModelConfig] = None
+    serve: ServeConfig = field(default_factory=ServeConfig)
