@@ -6,6 +6,7 @@ $DIALBOX_SCREENSHOT_DIR/feature-browser.png when that is set (DIALBOX_SCREENSHOT
 
 import contextlib
 import functools
+import json
 import os
 import shutil
 import threading
@@ -19,6 +20,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from conftest import make_trained_run, run_stage
 from features.report import build_report
 from pipeline.browse import make_server
 from report_fixtures import write_site
@@ -192,3 +194,29 @@ def test_large_site_opens_in_two_seconds(browser, tmp_path):
         browser.get(base + "#L0.resid_post/65535")
         assert wait_for(browser, "#feature-id")[0].text == "L0.resid_post/65535"
 
+
+@pytest.mark.slow
+def test_labelled_run_end_to_end(browser, tmp_path):
+    """harvest -> train -> label (heuristic) -> report of SmolLM2 on a corpus full of markup, read in Chromium."""
+    corpus = tmp_path / "corpus.jsonl"
+    markup = [PAYLOADS[0], PAYLOADS[2], PAYLOADS[4]]
+    corpus.write_text("".join(json.dumps({"text": f"In the beginning {markup[i % 3]} God created "
+                                                  f"{markup[(i + 1) % 3]} the heaven and the earth. " * 4}) + "\n"
+                              for i in range(100)))
+    runs = make_trained_run(tmp_path / "runs", tokens=4096, data=("data=jsonl", f"data.paths=[{corpus}]"))
+    run_stage("pipeline.label", f"run.runs_dir={runs}")
+    run_stage("pipeline.report", f"run.runs_dir={runs}")
+
+    site = json.loads((runs / "demo" / "report" / "data" / "sites.json").read_text())["sites"][0]
+    assert site["site"] == "L3.resid_post" and site["n_labelled"] > 0
+
+    with serving(runs / "demo" / "report") as base:
+        browser.get(base)
+        wait_for(browser, "#feature-table tbody tr")
+        summary = f"{site['n_features']:,} features · {site['n_labelled']:,} labelled"
+        assert summary in browser.find_element(By.TAG_NAME, "main").text
+        label = browser.find_element(By.CSS_SELECTOR, "#feature-table .label a")
+        label.click()
+        wait_for(browser, ".contexts .tok.on")
+        assert browser.find_element(By.ID, "feature-id").text.startswith("L3.resid_post/")
+        check_inert(browser, markup)
