@@ -17,6 +17,9 @@ WORDS = ["In", " the", " beginning", " God", " created", " the", " heaven", " an
 THEMES = ["the word 'the' in narrative", "creation and beginnings", "names of God", "sentence-final periods",
           "conjunction 'and' joining clauses", "heaven and earth", "line breaks between verses"]
 HIST_EDGES = [0.01 * 2**k for k in range(9)]
+# Corpus text that would run if it were ever parsed as HTML (window.pwned set, an alert open).
+MARKUP = ["<script>window.pwned=1</script>", "<script>alert(1)</script>",
+          '"><img src=x onerror=window.pwned=1>', '"><img src=x onerror=alert(1)>', "</textarea>"]
 
 
 def is_dead(i: int) -> bool:

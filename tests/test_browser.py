@@ -23,11 +23,9 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from conftest import make_trained_run, run_stage
 from features.report import build_report
 from pipeline.browse import make_server
-from report_fixtures import write_site
+from report_fixtures import MARKUP, write_site
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-PAYLOADS = ["<script>window.pwned=1</script>", "<script>alert(1)</script>",
-            '"><img src=x onerror=window.pwned=1>', '"><img src=x onerror=alert(1)>', "</textarea>"]
 
 
 @pytest.fixture(scope="module")
@@ -148,17 +146,17 @@ def test_filter_and_sort(browser, tmp_path):
 
 def test_corpus_text_renders_as_text(browser, tmp_path):
     """Tokens and labels holding markup show as the characters they are, and nothing runs."""
-    labels = {i: PAYLOADS[i % len(PAYLOADS)] for i in range(20)}
-    root = report(tmp_path, {"L3.resid_post": 20}, tokens=PAYLOADS, labels=labels)
+    labels = {i: MARKUP[i % len(MARKUP)] for i in range(20)}
+    root = report(tmp_path, {"L3.resid_post": 20}, tokens=MARKUP, labels=labels)
     with serving(root) as base:
         browser.get(base + "#L3.resid_post")
         wait_for(browser, "#feature-table tbody tr")
         browser.find_element(By.ID, "search").send_keys("<img")
-        check_inert(browser, PAYLOADS[2:4])
+        check_inert(browser, MARKUP[2:4])
         browser.get(base + "#L3.resid_post/1")
         wait_for(browser, ".contexts .tok")
-        check_inert(browser, PAYLOADS)
-        assert browser.find_element(By.ID, "feature-label").text == PAYLOADS[1]
+        check_inert(browser, MARKUP)
+        assert browser.find_element(By.ID, "feature-label").text == MARKUP[1]
 
 
 def check_inert(browser, texts):
@@ -199,7 +197,7 @@ def test_large_site_opens_in_two_seconds(browser, tmp_path):
 def test_labelled_run_end_to_end(browser, tmp_path):
     """harvest -> train -> label (heuristic) -> report of SmolLM2 on a corpus full of markup, read in Chromium."""
     corpus = tmp_path / "corpus.jsonl"
-    markup = [PAYLOADS[0], PAYLOADS[2], PAYLOADS[4]]
+    markup = [MARKUP[0], MARKUP[2], MARKUP[4]]
     corpus.write_text("".join(json.dumps({"text": f"In the beginning {markup[i % 3]} God created "
                                                   f"{markup[(i + 1) % 3]} the heaven and the earth. " * 4}) + "\n"
                               for i in range(100)))

@@ -12,9 +12,8 @@ import pytest
 from conftest import run_stage
 from features.report import ReportError, build_report, rounded_acts
 from pipeline.browse import make_server
-from report_fixtures import WORDS, write_site
+from report_fixtures import MARKUP, WORDS, write_site
 
-PAYLOADS = ["<script>window.pwned=1</script>", '"><img src=x onerror=window.pwned=1>', "</textarea>"]
 
 
 def read(path: Path):
@@ -73,10 +72,10 @@ def test_activations_rounded_to_the_peak():
 
 
 def test_corpus_text_stays_data(tmp_path):
-    write_site(tmp_path / "features", n=12, tokens=PAYLOADS, labels={0: PAYLOADS[1]})
+    write_site(tmp_path / "features", n=12, tokens=MARKUP, labels={0: MARKUP[1]})
     build_report(tmp_path / "features", tmp_path / "report")
     feature = read(tmp_path / "report" / "data" / "L3.resid_post" / "chunk-0.json")[0]
-    assert feature["label"] == PAYLOADS[1] and feature["examples"]["top"][0]["tokens"] == PAYLOADS
+    assert feature["label"] == MARKUP[1] and feature["examples"]["top"][0]["tokens"] == MARKUP
     for page in ("index.html", "app.js"):
         assert "pwned" not in (tmp_path / "report" / page).read_text()
 
