@@ -13,7 +13,7 @@ SUDO := $(shell test $$(id -u) -eq 0 || echo sudo)
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo harvest train test test-fast bench bench-harvest bench-train quality report browse
+.PHONY: setup demo harvest train label test test-fast bench bench-harvest bench-train bench-label quality report browse
 
 setup: $(STAMP)
 
@@ -31,11 +31,20 @@ $(STAMP): pyproject.toml
 harvest: setup
 	$(PY) -m pipeline.harvest run.run_name=$(RUN) $(ARGS)
 
-# The main job end to end on the embedded model: 200k tokens of the Bible at L15.resid_post, then
-# a TopK SAE on them (batches of 1024: more steps from few tokens).
+# The main job end to end on the embedded model: 200k tokens of the Bible at L15.resid_post, a
+# TopK SAE on them (batches of 1024: more steps from few tokens), every feature labelled (SmolLM2
+# itself explains a sample of DEMO_LLM_FEATURES, token counts label the rest), and the report.
+DEMO_LLM_FEATURES ?= 4
 demo: setup
 	$(PY) -m pipeline.harvest run.run_name=$(RUN) $(ARGS)
 	$(PY) -m pipeline.train run.run_name=$(RUN) train.batch_size=1024
+	$(PY) -m pipeline.label run.run_name=$(RUN) explainer=local explainer.max_features=$(DEMO_LLM_FEATURES)
+	$(PY) -m pipeline.report run.run_name=$(RUN)
+
+# Mine, explain and score every feature of runs/$(RUN)/saes into runs/$(RUN)/features
+# (ARGS='explainer=openai explainer.base_url=http://host:8000/v1 explainer.model=NAME' for an LLM endpoint).
+label: setup
+	$(PY) -m pipeline.label run.run_name=$(RUN) $(ARGS)
 
 # The static feature browser of runs/$(RUN)/features, in runs/$(RUN)/report.
 report: setup
@@ -51,7 +60,7 @@ test: setup
 test-fast: setup
 	WANDB_MODE=disabled $(PY) -m pytest -q -ra -m "not slow" $(ARGS)
 
-bench: bench-harvest bench-train
+bench: bench-harvest bench-train bench-label
 
 bench-harvest: setup
 	$(PY) -m pipeline.bench.harvest $(ARGS)
@@ -61,6 +70,9 @@ train: setup
 
 bench-train: setup
 	$(PY) -m pipeline.bench.train $(ARGS)
+
+bench-label: setup
+	$(PY) -m pipeline.bench.label $(ARGS)
 
 # SAE quality on the embedded model (about an hour on 2 cores; not part of `make bench`).
 quality: setup

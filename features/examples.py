@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from features.mining import slot_acts
+
 
 @dataclass
 class ExamplePlan:
@@ -47,9 +49,9 @@ class Example:
 
 def feature_examples(state: dict, feature: int, plan: ExamplePlan, context_tokens: int) -> list[Example]:
     """All examples of one feature, split (top and quantile examples carry their activations)."""
-    top_live = state["top_keys"][:, feature] > -np.inf
-    top_blocks = state["top_blocks"][top_live, feature].tolist()
-    examples = [Example("top", r, -1, b, state["top_acts"][r, feature].float().numpy(), "explain" if r < plan.explain_top else "score")
+    top_live = state["top_keys"][feature] > -np.inf
+    top_blocks = state["top_blocks"][feature, top_live].tolist()
+    examples = [Example("top", r, -1, b, slot_acts(state, "top", feature, r).numpy(), "explain" if r < plan.explain_top else "score")
                 for r, b in enumerate(top_blocks)]
     examples += _quantile_examples(state, feature, plan, set(top_blocks))
     rng = np.random.default_rng([plan.seed, feature])
@@ -60,17 +62,17 @@ def feature_examples(state: dict, feature: int, plan: ExamplePlan, context_token
 
 
 def _quantile_examples(state: dict, feature: int, plan: ExamplePlan, exclude: set) -> list[Example]:
-    live = state["sample_keys"][:, feature] > -np.inf
-    slots = [i for i in torch.nonzero(live).flatten().tolist() if int(state["sample_blocks"][i, feature]) not in exclude]
+    live = state["sample_keys"][feature] > -np.inf
+    slots = [i for i in torch.nonzero(live).flatten().tolist() if int(state["sample_blocks"][feature, i]) not in exclude]
     if not slots:
         return []
-    peaks = state["sample_peaks"][slots, feature]
+    peaks = state["sample_peaks"][feature, slots]
     ordered = [slots[i] for i in torch.argsort(peaks).tolist()]  # weakest first
     examples = []
     for q, group in enumerate(np.array_split(np.array(ordered), min(plan.quantiles, len(ordered)))):
         for r, slot in enumerate(group.tolist()):
-            examples.append(Example("quantile", r, q, int(state["sample_blocks"][slot, feature]),
-                                    state["sample_acts"][slot, feature].float().numpy(),
+            examples.append(Example("quantile", r, q, int(state["sample_blocks"][feature, slot]),
+                                    slot_acts(state, "sample", feature, slot).numpy(),
                                     "explain" if r < plan.explain_per_quantile else "score"))
     return examples
 

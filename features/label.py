@@ -138,7 +138,7 @@ def _feature_columns(inputs, state, lo, hi, described, lens, neighbours, neighbo
         pos_vals = pos = neg_vals = neg = [[] for _ in rows]
     return {
         "index": list(range(lo, hi)), "feature_id": [f"{inputs.site}/{f}" for f in range(lo, hi)],
-        "density": (fires.double() / tokens).tolist(), "max_act": state["top_keys"][0, lo:hi].clamp(min=0).tolist(),
+        "density": (fires.double() / tokens).tolist(), "max_act": state["top_keys"][lo:hi, 0].clamp(min=0).tolist(),
         "mean_act": (state["act_sum"][lo:hi] / fires.clamp(min=1)).tolist(), "dead": (fires == 0).tolist(),
         **{k: [r[k] for r in rows] for k in ("label", "label_source", "label_error", "detection", "fuzzing", "top_tokens")},
         "score": [sum(s) / len(s) if s else None for s in scores],

@@ -10,7 +10,7 @@ The store's rows are cut into fixed blocks of `context_tokens` consecutive rows 
     per-token activations: later split into activation quantiles;
   - for a fixed pool of random blocks, whether it fires there: its non-activating contexts.
 
-Everything is a tensor of shape [slots, features, ...], merged per batch with one `topk`, so the
+Everything is a tensor of shape [features, slots, ...], merged per batch with one `topk`, so the
 pass costs little more than the SAE encode itself (see `make bench-label`). The state is a plain
 dict of tensors: saved every few minutes, a killed pass resumes where it stopped.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,20 +67,24 @@ class FeatureMiner:
         F, W, p, dev = self.n_features, self.plan.context_tokens, self.plan, self.device
         pool = np.random.default_rng(p.seed).choice(self.n_blocks, min(p.pool_blocks, self.n_blocks), replace=False)
 
-        def slots(k):  # (keys, block ids, per-token acts) of k example slots per feature
-            return (torch.full((k, F), -math.inf, device=dev), torch.full((k, F), -1, dtype=torch.long, device=dev),
-                    torch.zeros(k, F, W, dtype=torch.float16, device=dev))
+        def slots(name, k):  # k example slots per feature, best key first; key -inf = empty
+            return {f"{name}_keys": torch.full((F, k), -math.inf, device=dev),
+                    f"{name}_blocks": torch.full((F, k), -1, dtype=torch.long, device=dev),
+                    f"{name}_peaks": torch.zeros(F, k, device=dev),
+                    f"{name}_acts": torch.zeros(F, k, W, dtype=torch.float16, device=dev),
+                    f"{name}_pos": torch.arange(k, device=dev).repeat(F, 1)}
 
-        top, sample = slots(p.top_examples), slots(p.sampled_examples)
         return {
+            # What the state is a pass of: a checkpoint of anything else is not resumed.
+            "identity": {"plan": asdict(p), "site": self.site, "rows": self.n_blocks * W, "d_sae": F,
+                         "sae_sum": float(self.sae.W_enc.double().sum() + self.sae.W_dec.double().sum())},
             "next_batch": 0,
             "tokens": 0,
             "fires": torch.zeros(F, dtype=torch.long, device=dev),
             "act_sum": torch.zeros(F, dtype=torch.float64, device=dev),
             "hist": torch.zeros(F, len(HIST_EDGES) - 1, dtype=torch.long, device=dev),
-            "top_keys": top[0], "top_blocks": top[1], "top_acts": top[2],
-            "sample_keys": sample[0], "sample_blocks": sample[1], "sample_acts": sample[2],
-            "sample_peaks": torch.zeros(p.sampled_examples, F, device=dev),
+            **slots("top", p.top_examples),
+            **slots("sample", p.sampled_examples),
             "pool": torch.from_numpy(np.sort(pool)).to(dev),
             "pool_fires": torch.zeros(len(pool), F, dtype=torch.bool, device=dev),
         }
@@ -92,7 +96,11 @@ class FeatureMiner:
     def run(self, checkpoint: Path | None = None, checkpoint_seconds: float = 180.0) -> dict:
         """Mine every remaining batch (resuming from `checkpoint` when it exists) and return the state."""
         if checkpoint is not None and checkpoint.exists():
-            self.state = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            saved = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            if saved.get("identity") == self.state["identity"]:
+                self.state = saved
+            else:
+                print(f"mine {self.site}: {checkpoint} is from another SAE, store or plan; mining again")
         W = self.plan.context_tokens
         bar = tqdm(total=self.n_blocks * W, initial=min(self.state["next_batch"] * self.plan.batch_blocks, self.n_blocks) * W,
                    unit="tok", unit_scale=True, desc=f"mine {self.site}", dynamic_ncols=True)
@@ -123,50 +131,64 @@ class FeatureMiner:
         """Fold one batch of blocks [n, W, F] (blocks first_block.. first_block+n-1) into the state."""
         s, n, F = self.state, acts.shape[0], acts.shape[2]
         flat = acts.view(-1, F)
-        fired = flat > 0
-        s["fires"] += fired.sum(0)
-        s["act_sum"] += flat.sum(0, dtype=torch.float64)
-        rows, feats = fired.nonzero(as_tuple=True)
-        bins = (torch.bucketize(flat[rows, feats], self.edges) - 1).clamp_(0, len(HIST_EDGES) - 2)
+        # One pass finds the firing entries; counts, sums and the histogram use only those.
+        rows, feats = (flat > 0).nonzero(as_tuple=True)
+        values = flat[rows, feats]
+        s["fires"] += torch.bincount(feats, minlength=F)
+        s["act_sum"] += torch.bincount(feats, weights=values.double(), minlength=F)
+        bins = (torch.bucketize(values, self.edges) - 1).clamp_(0, len(HIST_EDGES) - 2)
         s["hist"].view(-1).index_add_(0, feats * (len(HIST_EDGES) - 1) + bins, torch.ones_like(bins))
         s["tokens"] += flat.shape[0]
 
-        peaks = acts.amax(dim=1)  # [n, F]
-        blocks = torch.arange(first_block, first_block + n, device=acts.device)
-        _merge(s, "top", peaks.masked_fill(peaks <= 0, -math.inf), blocks, acts)
+        peaks = acts.amax(dim=1).T.contiguous()  # [F, n]
+        _merge(s, "top", peaks.masked_fill(peaks <= 0, -math.inf), peaks, first_block, acts)
         # Random keys for a uniform reservoir over the blocks where each feature fires; the
         # generator is seeded by the batch so a resumed pass draws the same keys.
         gen = torch.Generator(device=acts.device).manual_seed(self.plan.seed * 1_000_003 + batch_index)
         keys = torch.rand(peaks.shape, generator=gen, device=acts.device).masked_fill_(peaks <= 0, -math.inf)
-        taken = _merge(s, "sample", keys, blocks, acts)
-        s["sample_peaks"] = torch.where(taken >= 0, peaks[taken.clamp(min=0), torch.arange(F, device=acts.device)],
-                                        s["sample_peaks"].gather(0, (-1 - taken).clamp(min=0)))
+        _merge(s, "sample", keys, peaks, first_block, acts)
 
         in_batch = (s["pool"] >= first_block) & (s["pool"] < first_block + n)
         if in_batch.any():
-            s["pool_fires"][in_batch] = peaks[s["pool"][in_batch] - first_block] > 0
+            s["pool_fires"][in_batch] = peaks[:, s["pool"][in_batch] - first_block].T > 0
         s["next_batch"] = batch_index + 1
 
 
-def _merge(state: dict, name: str, keys: torch.Tensor, blocks: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
-    """Keep, per feature, the slots with the largest keys among the old ones and this batch's blocks.
+def _merge(state: dict, name: str, keys: torch.Tensor, peaks: torch.Tensor, first_block: int, acts: torch.Tensor) -> None:
+    """Keep, per feature, the slots with the largest keys among its old ones and this batch's blocks.
 
-    keys [n, F] for the batch's blocks (ids `blocks` [n], activations `acts` [n, W, F]).
-    Returns where each kept slot came from: i >= 0 is batch block i, -1 - j is old slot j.
+    keys, peaks [F, n] for the batch's blocks (first_block + i, activations `acts` [n, W, F]).
+    Keys, blocks and peaks are kept sorted, best first; the per-token activations stay where they
+    were written and `<name>_pos` maps each rank to its row, so only new entries are copied.
+    Only features where some block beats the current last slot are touched at all.
     """
-    old_keys, old_blocks, old_acts = state[f"{name}_keys"], state[f"{name}_blocks"], state[f"{name}_acts"]
-    k, F = old_keys.shape
-    new_keys, where = torch.cat([old_keys, keys]).topk(k, dim=0)  # [k, F]
+    old_keys = state[f"{name}_keys"]
+    k = old_keys.shape[1]
+    keys, batch_of = keys.topk(min(k, keys.shape[1]), dim=1)  # the batch's best candidates per feature
+    feats = (keys[:, 0] > old_keys[:, -1]).nonzero().flatten()
+    if len(feats) == 0:
+        return
+    batch_of = batch_of[feats]
+    new_keys, where = torch.cat([old_keys[feats], keys[feats]], dim=1).topk(k, dim=1)  # [m, k], best first
     from_batch = where >= k
-    feature = torch.arange(F, device=keys.device).expand(k, F)
-    batch_i = (where - k).clamp(min=0)
-    state[f"{name}_keys"] = new_keys
-    state[f"{name}_blocks"] = torch.where(from_batch, blocks[batch_i], old_blocks.gather(0, where.clamp(max=k - 1)))
-    kept = torch.empty_like(old_acts)
-    kept[~from_batch] = old_acts[where[~from_batch], feature[~from_batch]]
-    kept[from_batch] = acts[batch_i[from_batch], :, feature[from_batch]].to(kept.dtype)
-    state[f"{name}_acts"] = kept
-    return torch.where(from_batch, batch_i, -1 - where)
+    batch_i, old_i = batch_of.gather(1, (where - k).clamp(min=0)), where.clamp(max=k - 1)
+    # Each row takes as many batch entries as it drops old ranks; pair them in order.
+    dropped = torch.zeros_like(where).scatter_add_(1, old_i, (~from_batch).long()) == 0
+    old_pos = state[f"{name}_pos"][feats]
+    rows, ranks = from_batch.nonzero(as_tuple=True)
+    free_pos = old_pos[dropped.nonzero(as_tuple=True)]
+    new_pos = old_pos.gather(1, old_i)
+    new_pos[rows, ranks] = free_pos
+    state[f"{name}_acts"][feats[rows], free_pos] = acts[batch_i[rows, ranks], :, feats[rows]].to(torch.float16)
+    state[f"{name}_keys"][feats] = new_keys
+    state[f"{name}_pos"][feats] = new_pos
+    for what, batch_value in (("blocks", first_block + batch_i), ("peaks", peaks[feats].gather(1, batch_i))):
+        state[f"{name}_{what}"][feats] = torch.where(from_batch, batch_value, state[f"{name}_{what}"][feats].gather(1, old_i))
+
+
+def slot_acts(state: dict, name: str, feature: int, rank: int) -> torch.Tensor:
+    """The per-token activations [W] of a feature's `name` slot of that rank."""
+    return state[f"{name}_acts"][feature, state[f"{name}_pos"][feature, rank]].float()
 
 
 def save_state(state: dict, path: Path) -> None:

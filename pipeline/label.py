@@ -15,6 +15,7 @@ from sae_lens import SAE
 
 from features.label import SiteInputs, label_site
 from features.llm import LLMError, LocalChat, OpenAIChat, ResponseCache
+from features.tables import read_features
 from pipeline.config import ModelConfig, register_configs
 from pipeline.corpus import CorpusError
 from pipeline.models import load_model, load_tokenizer, resolve_device
@@ -76,7 +77,17 @@ def label(cfg: DictConfig) -> dict:
         inputs = SiteInputs(site, sae, store, lens_model, vocab)
         results[site] = label_site(inputs, cfg.label, cfg.explainer, chat, run.root / "features" / site, device)
         print(f"label: {site}: " + ", ".join(f"{n} {src}" for src, n in results[site].items()))
+        show_best(run.root / "features" / site)
     return results
+
+
+def show_best(out, n: int = 5) -> None:
+    """Print a few labelled features: LLM labels first, best scores first."""
+    table = read_features(out).to_pandas()
+    table = table[table.label.notna()].assign(llm=lambda t: t.label_source.str.startswith("llm"))
+    for row in table.sort_values(["llm", "score"], ascending=False).head(n).itertuples():
+        score = "unscored" if row.score != row.score else f"score {row.score:.2f}"
+        print(f"  {row.feature_id:<24} {row.label}  ({row.label_source}, {score}, density {row.density:.2%})")
 
 
 @hydra.main(config_path="../conf", config_name="label", version_base=None)

@@ -17,7 +17,7 @@ from conftest import copy_run, run_stage
 from features.examples import Example, ExamplePlan, feature_examples
 from features.explain import heuristic_label, parse_label
 from features.llm import LLMError, OpenAIChat, ResponseCache
-from features.mining import HIST_EDGES, FeatureMiner, MiningPlan, save_state
+from features.mining import HIST_EDGES, FeatureMiner, MiningPlan, save_state, slot_acts
 from features.score import TokenJudge, detection, fuzzing
 from pipeline.store import ActivationStore
 
@@ -52,18 +52,18 @@ def test_mining_agrees_with_a_dense_pass(smol_run):
     assert len(live) > 100
     for f in live[:200].tolist():
         want = peaks[:, f].topk(PLAN.top_examples)
-        kept = state["top_keys"][:, f] > -math.inf
+        kept = state["top_keys"][f] > -math.inf
         n = min(PLAN.top_examples, int((peaks[:, f] > 0).sum()))
         assert int(kept.sum()) == n
-        torch.testing.assert_close(state["top_keys"][:n, f], want.values[:n])
+        torch.testing.assert_close(state["top_keys"][f, :n], want.values[:n])
         for slot in range(n):  # the per-token activations kept are the block's
-            block = int(state["top_blocks"][slot, f])
-            torch.testing.assert_close(state["top_acts"][slot, f].float(), acts[block, :, f], rtol=1e-3, atol=1e-2)
-        sampled = state["sample_blocks"][state["sample_keys"][:, f] > -math.inf, f]
+            block = int(state["top_blocks"][f, slot])
+            torch.testing.assert_close(slot_acts(state, "top", f, slot), acts[block, :, f], rtol=1e-3, atol=1e-2)
+        sampled = state["sample_blocks"][f, state["sample_keys"][f] > -math.inf]
         firing = set(torch.nonzero(peaks[:, f] > 0).flatten().tolist())
         assert set(sampled.tolist()) <= firing
         assert len(sampled) == min(PLAN.sampled_examples, len(firing))
-        torch.testing.assert_close(state["sample_peaks"][:len(sampled), f].sort().values,
+        torch.testing.assert_close(state["sample_peaks"][f, :len(sampled)].sort().values,
                                    peaks[sampled, f].sort().values)
     assert torch.equal(state["pool_fires"], peaks[state["pool"]] > 0)
     # The histogram's bins hold each activation's value.
