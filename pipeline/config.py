@@ -22,16 +22,16 @@ class ModelConfig:
     source: str = "embedded"
     # Hub id or local path, for source=hub.
     path: str = ""
-    revision: Optional[str] = None
+    revision: Optional[str] = None  # hub revision (branch, tag or commit) for source=hub
     # Architecture family of the adapter: `llama` (Llama/Mistral/Qwen-style blocks) or `deepseek_v4`.
     family: str = "llama"
     # Config overrides for source=random (a transformers config class name plus its fields).
     config_class: str = ""
-    config: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)  # fields of that config class
     # Tokenizer to use when the model has none of its own (source=random): a hub id, a local
     # directory, or `embedded` for SmolLM2's tokenizer.
     tokenizer: str = ""
-    seed: int = 0
+    seed: int = 0  # weights of source=random
     dtype: str = "float32"  # float32 | bfloat16
     device: str = "cpu"  # cpu | cuda | cuda:1 | auto (cuda when available)
     # `device_map` for multi-GPU loading (e.g. `auto`); empty means everything on `device`.
@@ -39,7 +39,7 @@ class ModelConfig:
     attn_implementation: Optional[str] = None  # e.g. eager (the only one DeepSeek-V4 has)
     # Dequantise FP8 checkpoints to bf16 at load time (DeepSeek-V4-Flash ships FP8/FP4 weights).
     fp8_dequantize: bool = False
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run a hub model's own modelling code (only for models you trust)
     # How the 4-D hyper-connection residual streams of DeepSeek-V4 become one row per token
     # at resid_pre/resid_post: mean | concat | stream<k> (e.g. stream0).
     hc_reduce: str = "mean"
@@ -51,10 +51,10 @@ class DataConfig:
     source: str = "demo"
     # jsonl: files or globs; hf: the dataset id.
     paths: list = field(default_factory=list)
-    dataset: str = ""
-    subset: Optional[str] = None
-    split: str = "train"
-    text_field: str = "text"
+    dataset: str = ""  # hf: the dataset id (or a local dataset directory)
+    subset: Optional[str] = None  # hf: the dataset's configuration name
+    split: str = "train"  # hf: the split to stream
+    text_field: str = "text"  # the field holding each document's text (jsonl and hf)
     # Stop after this many documents (0 = all).
     max_docs: int = 0
     # Tokens per packed context window, BOS included.
@@ -72,7 +72,7 @@ class StoreConfig:
     dtype: str = "bfloat16"
     # Rows per chunk; 0 picks about `chunk_mib` MiB per chunk for the widest site.
     chunk_rows: int = 0
-    chunk_mib: float = 4.0
+    chunk_mib: float = 4.0  # target chunk size when chunk_rows is 0
     # zstd costs CPU and saves about 6% on real activations.
     compression: Optional[str] = None
     # fsync chunk files before a commit names them (durability across power loss).
@@ -81,20 +81,20 @@ class StoreConfig:
 
 @dataclass
 class HarvestConfig:
-    sites: list = field(default_factory=lambda: ["L15.resid_post"])
+    sites: list = field(default_factory=lambda: ["L15.resid_post"])  # L<layer>.<kind>, kinds as in README
     # Stop after this many tokens stored by this writer (0 = the whole corpus).
     max_tokens: int = 200_000
     batch_size: int = 16  # context windows per forward
-    rank: int = 0
-    world_size: int = 1
+    rank: int = 0  # this writer's index: it takes windows w with w % world_size == rank
+    world_size: int = 1  # writers harvesting the same store (each its own shard)
     # Windows in flight between the forward and the background writer.
     queue_batches: int = 4
 
 
 @dataclass
 class RunConfig:
-    run_name: str = "demo"
-    runs_dir: str = "runs"
+    run_name: str = "demo"  # the run directory runs_dir/run_name that stages share
+    runs_dir: str = "runs"  # where run directories live
 
 
 @dataclass
@@ -110,7 +110,7 @@ class HarvestJob:
 class SAEConfig:
     # topk | batchtopk | jumprelu | relu_l1 | matryoshka (sae-lens training classes)
     architecture: str = "topk"
-    expansion_factor: int = 16
+    expansion_factor: int = 16  # latents per input dimension (d_sae = expansion_factor * d_in)
     d_sae: int = 0  # absolute number of latents; overrides expansion_factor when > 0
     k: int = 32  # active latents per token (topk, batchtopk, matryoshka)
     # AuxK dead-latent loss weight for the TopK family (sae-lens's default; OpenAI and sparsify use
@@ -118,11 +118,11 @@ class SAEConfig:
     aux_loss_coefficient: float = 1.0
     l1_coefficient: float = 5.0  # relu_l1
     l0_coefficient: float = 1.0  # jumprelu
-    jumprelu_init_threshold: float = 0.01
-    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.01  # jumprelu: starting threshold of every latent
+    jumprelu_bandwidth: float = 0.05  # jumprelu: width of the straight-through estimator's kernel
     # Nested dictionary sizes for matryoshka; empty = d_sae/8, d_sae/4, d_sae/2, d_sae.
     matryoshka_widths: list = field(default_factory=list)
-    decoder_init_norm: float = 0.1
+    decoder_init_norm: float = 0.1  # norm of each decoder row at initialisation
     # Adam learning rate; 0 = 8e-4 / sqrt(d_sae / 16384): four times sparsify's rule, which on
     # SmolLM2 L15 reached FVU 0.13 in 2M tokens where sparsify's rate reached 0.20.
     lr: float = 0.0
@@ -132,7 +132,7 @@ class SAEConfig:
 class EvalConfig:
     # Held-out windows (after those harvested) run through the model with the SAE spliced in.
     tokens: int = 8192
-    batch_size: int = 8
+    batch_size: int = 8  # windows per forward
     ce: bool = True  # ce_loss_recovered and kl_div need the model; off for a quick run
     # JSON-lines files of held-out text, packed like the harvest's corpus. Empty: the windows right
     # after the harvested ones, which are found by tokenizing the harvested part again (slow for
@@ -142,7 +142,7 @@ class EvalConfig:
 
 @dataclass
 class WandbConfig:
-    project: str = "dialbox"
+    project: str = "dialbox"  # wandb project name
     # offline | online | disabled; the WANDB_MODE environment variable wins.
     mode: str = "offline"
 
@@ -151,10 +151,10 @@ class WandbConfig:
 class TrainConfig:
     sites: list = field(default_factory=list)  # empty = every site in the store
     tokens: int = 0  # tokens per SAE; 0 = one pass over the store
-    batch_size: int = 4096
-    seed: int = 0
+    batch_size: int = 4096  # tokens per step
+    seed: int = 0  # data order
     device: str = "cpu"  # cpu | cuda | auto
-    lr_warmup_steps: int = 50
+    lr_warmup_steps: int = 50  # linear warm-up of the learning rate
     lr_decay_fraction: float = 0.2  # decay linearly to 0 over the last part of training
     shuffle_chunks: int = 8  # chunks mixed in the shuffle buffer
     # Scale activations to mean norm sqrt(d_in) during training (folded into the saved weights).
@@ -168,7 +168,7 @@ class TrainConfig:
     # A latent is dead when it has not fired in this many tokens.
     # 0 = a tenth of the training tokens, at most 10M (AuxK must get to work within short runs).
     dead_tokens: int = 0
-    log_every: int = 25
+    log_every: int = 25  # steps between wandb logs and progress-bar updates
     checkpoint_every: int = 100  # steps
     # Under torchrun: `data` (all ranks train every SAE on their share of each batch) or
     # `site` (each rank trains its own sites).
@@ -196,12 +196,12 @@ class ExplainerConfig:
     # openai: the endpoint, the model it serves, and the NAME of the environment variable holding
     # the API key (the key itself never goes into a config, a log or the cache).
     base_url: str = "http://127.0.0.1:8000/v1"
-    model: str = ""
-    api_key_env: str = "OPENAI_API_KEY"
+    model: str = ""  # the model name the endpoint serves
+    api_key_env: str = "OPENAI_API_KEY"  # the variable's name, not the key
     concurrency: int = 8  # requests in flight
     retries: int = 3  # per request, with exponential backoff
-    backoff_s: float = 1.0
-    timeout_s: float = 120.0
+    backoff_s: float = 1.0  # first retry after this, then doubling
+    timeout_s: float = 120.0  # per request
     # local: a hub id or directory; empty = the run's own model (DeepSeek-V4-Flash labels its own features).
     local_path: str = ""
     # Live features the LLM labels (a seeded random sample); the rest get heuristic labels, shown
@@ -217,21 +217,21 @@ class LabelConfig:
     features: list = field(default_factory=list)
     device: str = "cpu"  # cpu | cuda | auto
     context_tokens: int = 32  # store rows per example context
-    top_examples: int = 20
+    top_examples: int = 20  # top-activating contexts kept per feature
     sampled_examples: int = 40  # uniform sample of activating contexts, split into quantiles
-    quantiles: int = 4
+    quantiles: int = 4  # activation quantiles the sampled contexts are grouped into
     pool_blocks: int = 256  # random contexts checked for every feature (non-activating examples)
-    random_examples: int = 10
+    random_examples: int = 10  # non-activating contexts kept per feature (negatives for detection)
     explain_top: int = 8  # top contexts shown to the explainer (the rest are for scoring)
-    explain_per_quantile: int = 2
+    explain_per_quantile: int = 2  # contexts of each quantile shown to the explainer
     score_examples: int = 10  # activating and non-activating examples per scorer
     batch_tokens: int = 4096  # rows per SAE encode while mining
     max_tokens: int = 0  # mine the first rows of the store only (0 = all)
     # Rows above this multiple of the site's mean norm count as not firing (attention sinks, as in training).
     outlier_norm: float = 10.0
     logit_tokens: int = 10  # promoted and suppressed tokens of the logit lens
-    neighbours: int = 8
-    seed: int = 0
+    neighbours: int = 8  # nearest features by decoder cosine
+    seed: int = 0  # context sampling and the LLM's feature sample
     checkpoint_seconds: float = 180.0  # mining state saved this often (a killed pass resumes)
 
 
@@ -253,8 +253,8 @@ class ReportConfig:
 
 @dataclass
 class BrowseConfig:
-    host: str = "127.0.0.1"
-    port: int = 8765
+    host: str = "127.0.0.1"  # 0.0.0.0 exposes the report to the network
+    port: int = 8765  # make browse ARGS='browse.port=9000'
 
 
 @dataclass
