@@ -13,7 +13,8 @@ SUDO := $(shell test $$(id -u) -eq 0 || echo sudo)
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo harvest train label test test-fast bench bench-harvest bench-train bench-label quality report browse
+.PHONY: setup demo harvest train label test test-fast bench bench-harvest bench-train bench-label quality report browse \
+	steer serve export steer-eval bench-steer
 
 setup: $(STAMP)
 
@@ -60,7 +61,7 @@ test: setup
 test-fast: setup
 	WANDB_MODE=disabled $(PY) -m pytest -q -ra -m "not slow" $(ARGS)
 
-bench: bench-harvest bench-train bench-label
+bench: bench-harvest bench-train bench-label bench-steer
 
 bench-harvest: setup
 	$(PY) -m pipeline.bench.harvest $(ARGS)
@@ -77,3 +78,22 @@ bench-label: setup
 # SAE quality on the embedded model (about an hour on 2 cores; not part of `make bench`).
 quality: setup
 	$(PY) -m pipeline.bench.quality $(ARGS)
+
+# Steering (design.md section 6): `make steer ARGS='steer.interventions=["L15.resid_post/1234 scale=4"]'`,
+# `make export ARGS='export.vector=terse export.format=gguf'`, `make serve` (OpenAI-compatible, 127.0.0.1:8000).
+steer: setup
+	$(PY) -m pipeline.steer run.run_name=$(RUN) $(ARGS)
+
+export: setup
+	$(PY) -m pipeline.steer export run.run_name=$(RUN) $(ARGS)
+
+serve: setup
+	$(PY) -m pipeline.serve run.run_name=$(RUN) $(ARGS)
+
+# The verbosity case on SmolLM2: a "Respond tersely." vector swept on dev prompts, reported on test
+# prompts against the prompt baseline and a random direction; the report goes into BENCHMARKS.md.
+steer-eval: setup
+	$(PY) -m pipeline.steer eval run.run_name=$(RUN) eval.write_benchmarks=true $(ARGS)
+
+bench-steer: setup
+	$(PY) -m pipeline.bench.steer $(ARGS)

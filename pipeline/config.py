@@ -293,15 +293,15 @@ def compose(stage: str, overrides: list[str]):
 class SteerConfig:
     """`python -m pipeline.steer`: one prompt, unsteered and steered side by side."""
 
-    prompt: str = "Tell me about your favourite food."
+    prompt: str = "Tell me about your favourite food."  # sent as a user message when chat applies
     # Interventions, each a string "<feature ID or vector> key=value ..." or a dict with the same keys:
     # op (add | clamp | project), scale, units (max_act | raw), positions (all | prompt | generated), layers.
     # e.g. ["L15.resid_post/1234 scale=4", "terse layers=[12] scale=2"]
     interventions: list = field(default_factory=list)
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # tokens generated per continuation
     temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int = 0
+    top_p: float = 1.0  # nucleus sampling (when temperature > 0)
+    seed: int = 0  # sampling seed; both continuations use it
     chat: Optional[bool] = None  # apply the chat template; None = when the tokenizer has one
     # Rows of the store that give each feature's max activation when there is no feature table yet.
     max_act_rows: int = 16384
@@ -312,19 +312,19 @@ class SteerConfig:
 class ContrastConfig:
     """`python -m pipeline.steer contrast`: a named vector from prompts with and without a suffix."""
 
-    name: str = "terse"
+    name: str = "terse"  # the vector is saved as runs/<run>/vectors/<name>.safetensors + .json
     # The same prompts with (positive) and without (negative) the suffix ...
     prompts: str = "features/prompts/contrast.txt"
-    suffix: str = "Respond tersely."
+    suffix: str = "Respond tersely."  # appended (after a space) to make the positive prompts
     # ... or two files of prompts, one a line (used when both are given).
     positive_file: str = ""
-    negative_file: str = ""
-    site_kind: str = "resid_post"
+    negative_file: str = ""  # see positive_file
+    site_kind: str = "resid_post"  # where the rows are read: ffn_out or attn_out for a ds4 export
     layers: list = field(default_factory=list)  # empty = every layer
     where: str = "last"  # last (the last prompt token, as ds4 does) | mean (over the prompt's tokens)
     orthogonalize: bool = False  # remove the component along the negative mean
     operation: str = "add"  # add (h += s*v) | project (ds4's h -= s*v(v.h); stored as unit rows)
-    chat: Optional[bool] = None
+    chat: Optional[bool] = None  # apply the chat template; None = when the tokenizer has one
     top_features: int = 10  # features of the run's SAEs listed per vector site (0 = none)
 
 
@@ -346,7 +346,7 @@ class ProjectConfig:
     target: str = ""  # a vector name or a feature ID
     sae_site: str = ""  # the SAE whose features to list; empty = the SAE at the target's site
     layer: Optional[int] = None  # for a vector with several layers: which one (None = each)
-    top: int = 10
+    top: int = 10  # features listed per direction
 
 
 @dataclass
@@ -354,10 +354,10 @@ class JudgeConfig:
     # An OpenAI-compatible chat endpoint rating concept, relevance and fluency 0-2 (AxBench's scale);
     # empty base_url = measurable proxies instead.
     base_url: str = ""
-    model: str = ""
+    model: str = ""  # the model name the endpoint serves
     api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding the key
-    concurrency: int = 4
-    max_tokens: int = 8
+    concurrency: int = 4  # requests in flight
+    max_tokens: int = 8  # of each rating reply (one digit is asked for)
 
 
 @dataclass
@@ -366,22 +366,22 @@ class SteerEvalConfig:
 
     # What to evaluate: the contrast vector (built from the contrast section when missing) or a feature ID.
     target: str = "terse"
-    prompts: str = "features/prompts/heldout.txt"
+    prompts: str = "features/prompts/heldout.txt"  # held-out instructions, one a line (never used to build vectors)
     dev_prompts: int = 16  # the first ones after a seeded shuffle; the rest are the test split
     # The concept: length (shorter answers = more of it), keywords (any of `keywords` present) or
     # feature (the target feature's activation on the answer, in units of its max activation).
     concept: str = "length"
-    keywords: list = field(default_factory=list)
+    keywords: list = field(default_factory=list)  # for concept=keywords (case-insensitive)
     concept_description: str = "a terse, brief answer"  # for the judge
     layers: list = field(default_factory=lambda: [9, 15, 21])  # the sweep (ignored for a feature: its own layer)
-    scales: list = field(default_factory=lambda: [4.0, 8.0, 12.0])
-    positions: str = "all"
+    scales: list = field(default_factory=lambda: [4.0, 8.0, 12.0])  # the sweep's scales (the vector's units)
+    positions: str = "all"  # where the steering acts: all | prompt | generated
     # The prompting baseline: each prompt with this suffix, no steering (empty = contrast.suffix).
     baseline_suffix: str = ""
-    max_new_tokens: int = 200
-    batch_size: int = 16
-    bootstrap: int = 2000
-    seed: int = 0
+    max_new_tokens: int = 200  # per answer, greedy
+    batch_size: int = 16  # prompts per generate (left-padded) and per scoring forward
+    bootstrap: int = 2000  # resamples for the 95% intervals
+    seed: int = 0  # the dev/test shuffle, the random control direction and the bootstrap
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     write_benchmarks: bool = False  # put the report in BENCHMARKS.md (make steer-eval does)
 
@@ -401,15 +401,15 @@ class SteerJob:
 @dataclass
 class ServeConfig:
     host: str = "127.0.0.1"  # loopback only unless asked: the server runs code paths on request
-    port: int = 8000
+    port: int = 8000  # 0 = any free port
     max_tokens: int = 256  # default and ceiling of a request's max_tokens
     # Interventions applied to every request before its own `steering` list (as llama.cpp's start-up vectors).
     steering: list = field(default_factory=list)
-    max_act_rows: int = 16384
+    max_act_rows: int = 16384  # store rows giving max activations when there is no feature table yet
 
 
 @dataclass
 class ServeJob:
     run: RunConfig = field(default_factory=RunConfig)
-    model: Optional[ModelConfig] = None
+    model: Optional[ModelConfig] = None  # None: the model the run was harvested with
     serve: ServeConfig = field(default_factory=ServeConfig)

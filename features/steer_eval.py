@@ -1,0 +1,302 @@
+"""`make steer-eval`: does a steering target do what it should, as AxBench measures it?
+
+For held-out instruction prompts (features/prompts/heldout.txt), split by a seeded shuffle:
+
+1. dev split: every (layer, scale) of the sweep is scored by concept presence, instruction relevance
+   and fluency, combined by their harmonic mean; the best is chosen there.
+2. test split: the chosen setting is reported next to the unsteered model, the prompting
+   baseline (the prompt with "Respond tersely." appended, no steering) and a control: a random
+   direction of the same norm at the same layer and scale. Means come with 95% bootstrap intervals
+   over prompts.
+
+Scores in [0, 1], from an LLM judge (eval.judge, any OpenAI-compatible endpoint, 0-2 ratings
+as AxBench) or from measurable proxies:
+  concept    length: 1 - mean length / unsteered mean length; keywords: share of answers with one;
+             feature: the feature's max activation on the answer, in units of its max activation
+  relevance  share of answers more likely after their own prompt than after another prompt
+             (under the unsteered model): an answer that ignores its instruction is not
+  fluency    unsteered perplexity / perplexity of the answers under the unsteered model, at most 1
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from features.steering import SteeringError, Steerer, encode_prompt
+from features.vectors import SteeringVector, VectorError
+
+JUDGE_ASPECTS = {
+    "concept": "How much does the answer show this concept: {concept}?",
+    "relevance": "How well does the answer address the instruction?",
+    "fluency": "How fluent and well-formed is the answer's language?",
+}
+
+
+@dataclass
+class Outcome:
+    name: str
+    layer: int | None
+    scale: float | None
+    lengths: list  # new tokens per answer
+    nll: list  # mean negative log-likelihood per answer token, under the unsteered model (nan when empty)
+    relevant: list  # 1 when the answer is likelier after its own prompt than after another one
+    concept: list  # per answer, in [0, 1] (length: filled in against the unsteered lengths)
+    scores: dict  # concept, relevance, fluency, score (harmonic mean)
+    texts: list
+
+
+def run_eval(cfg: DictConfig, steerer: Steerer) -> dict:
+    e = cfg.eval
+    from pipeline.steer import read_prompts
+
+    prompts = read_prompts(e.prompts)
+    random.Random(e.seed).shuffle(prompts)
+    if not 0 < e.dev_prompts < len(prompts):
+        raise SteeringError(f"eval.dev_prompts={e.dev_prompts} must leave prompts for the test split ({len(prompts)} in all)")
+    dev, test = prompts[: e.dev_prompts], prompts[e.dev_prompts:]
+    vector, feature = target_vector(cfg, steerer)
+    layers = vector.layers if feature else [int(l) for l in e.layers]
+    missing = [l for l in layers if l not in vector.directions]
+    if missing:
+        raise SteeringError(f"vector {vector.name} has no layer {missing[0]}: set eval.layers among {vector.layers}")
+    random_vector(vector, e.seed).save(steerer.run.root / "vectors")
+    judge = make_judge(e.judge, steerer.run)
+    suffix = e.baseline_suffix or cfg.contrast.suffix
+
+    def steer(name, prompt_set, iv_name=None, layer=None, scale=None, append=""):
+        ivs = [] if iv_name is None else [{"vector": iv_name, "layers": [layer], "scale": scale, "positions": e.positions}]
+        return measure(steerer, e, prompt_set, name, ivs, layer, scale, append, feature)
+
+    dev_plain = steer("unsteered", dev)
+    sweep = []
+    for layer in layers:
+        for scale in e.scales:
+            sweep.append(steer(f"L{layer} x{scale:g}", dev, vector.name, layer, float(scale)))
+    for outcome in [dev_plain, *sweep]:
+        score(outcome, dev_plain, dev, e, judge)
+    best = max(sweep, key=lambda o: o.scores["score"])
+
+    plain = steer("unsteered", test)
+    conditions = [plain, steer(f"prompt baseline (+\"{suffix}\")", test, append=" " + suffix),
+                  steer(f"steered {best.name}", test, vector.name, best.layer, best.scale),
+                  steer(f"random direction {best.name}", test, f"{vector.name}.random", best.layer, best.scale)]
+    for outcome in conditions:
+        score(outcome, plain, test, e, judge)
+    results = summarize(conditions, sweep, best, e, vector, dev, test)
+    out = steerer.run.root / "steer_eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "report.md").write_text(results["report"] + "\n")
+    print(results["report"])
+    if e.write_benchmarks:
+        from pipeline.bench import write_section
+
+        args = " ".join(sys.argv[1:])
+        write_section("steer-eval", f"python -m pipeline.steer {args}".strip(), results["report"])
+    return results
+
+
+def target_vector(cfg: DictConfig, steerer: Steerer) -> tuple[SteeringVector, str | None]:
+    """(the vector to sweep, the feature ID when the target is a feature)."""
+    target = cfg.eval.target
+    if "/" in target:
+        from pipeline.steer import save_feature_vector
+
+        return save_feature_vector(steerer.run, target, "add"), target
+    try:
+        return steerer.vector(target), None
+    except VectorError:
+        if target != cfg.contrast.name:
+            raise
+    from pipeline.steer import build_contrast
+
+    print(f"steer eval: building vector {target} from {cfg.contrast.prompts} (+\"{cfg.contrast.suffix}\")")
+    return build_contrast(cfg, steerer), None
+
+
+def random_vector(vector: SteeringVector, seed: int) -> SteeringVector:
+    """A random direction per layer with the norm of the vector's own: the control."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = {}
+    for layer, v in vector.directions.items():
+        r = torch.randn(v.shape, generator=generator)
+        directions[layer] = r * (v.norm() / r.norm())
+    return SteeringVector(f"{vector.name}.random", vector.kind, vector.operation, vector.units, directions,
+                          vector.model, {"method": "random", "norm_of": vector.name, "seed": seed})
+
+
+def measure(steerer: Steerer, e: DictConfig, prompts: list[str], name: str, interventions: list, layer, scale,
+            append: str, feature: str | None) -> Outcome:
+    """Generate greedily for every prompt, then score the answers under the unsteered model."""
+    answers = []
+    for i in range(0, len(prompts), e.batch_size):
+        batch = [p + append for p in prompts[i: i + e.batch_size]]
+        answers += steerer.generate(batch, interventions, max_new_tokens=e.max_new_tokens)
+    # Answers are scored after the plain prompts: the baseline's suffix is part of its method, not of the task.
+    contexts = [encode_prompt(steerer.tokenizer, p, steerer.chat_default) for p in prompts]
+    tokens = [torch.tensor(a.tokens, dtype=torch.long) for a in answers]
+    own = answer_logprobs(steerer, contexts, tokens, e.batch_size)
+    other = answer_logprobs(steerer, contexts[1:] + contexts[:1], tokens, e.batch_size)
+    lengths = [len(t) for t in tokens]
+    nll = [-lp / n if n else math.nan for lp, n in zip(own, lengths)]
+    relevant = [int(n > 0 and a > b) for a, b, n in zip(own, other, lengths)]
+    if e.concept == "keywords":
+        concept = [float(any(k.lower() in a.text.lower() for k in e.keywords)) for a in answers]
+    elif e.concept == "feature":
+        concept = feature_presence(steerer, feature, contexts, tokens)
+    else:
+        concept = []  # length: relative to the unsteered answers, filled in by score()
+    return Outcome(name, layer, scale, lengths, nll, relevant, concept, {}, [a.text for a in answers])
+
+
+def answer_logprobs(steerer: Steerer, contexts: list, answers: list, batch_size: int) -> list[float]:
+    """Sum of log p(answer token | context, earlier answer tokens) per pair, right-padded batches."""
+    sums = []
+    for i in range(0, len(answers), batch_size):
+        pairs = list(zip(contexts[i: i + batch_size], answers[i: i + batch_size]))
+        longest = max(len(c) + len(a) for c, a in pairs)
+        ids = torch.full((len(pairs), longest), steerer.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (c, a) in enumerate(pairs):
+            ids[row, : len(c) + len(a)], mask[row, : len(c) + len(a)] = torch.cat([c, a]), 1
+        with torch.inference_mode():
+            logits = steerer.model(input_ids=ids.to(steerer.device), attention_mask=mask.to(steerer.device),
+                                   use_cache=False).logits.float().log_softmax(-1).cpu()
+        for row, (c, a) in enumerate(pairs):
+            positions = torch.arange(len(c) - 1, len(c) + len(a) - 1)
+            sums.append(float(logits[row, positions, a].sum()) if len(a) else 0.0)
+    return sums
+
+
+def feature_presence(steerer: Steerer, feature: str, contexts: list, answers: list) -> list[float]:
+    """The feature's max activation over each answer's tokens, in units of its max activation (at most 1)."""
+    from pipeline.sites import FeatureId
+
+    fid = FeatureId.parse(feature)
+    sae, top = steerer.sae(fid.site), steerer.max_act(fid.site, fid.index)
+    presence = []
+    for c, a in zip(contexts, answers):
+        if not len(a):
+            presence.append(0.0)
+            continue
+        rows = steerer.adapter.capture([fid.site], torch.cat([c, a])[None])[fid.site][0, len(c):]
+        with torch.inference_mode():
+            presence.append(min(1.0, float(sae.encode(rows.float())[:, fid.index].max()) / top))
+    return presence
+
+
+def score(outcome: Outcome, plain: Outcome, prompts: list[str], e: DictConfig, judge) -> None:
+    """Fill in outcome.concept (for length) and outcome.scores."""
+    if e.concept == "length":
+        outcome.concept = [max(0.0, 1 - n / max(1, p)) for n, p in zip(outcome.lengths, plain.lengths)]
+    ppl, plain_ppl = perplexity(outcome), perplexity(plain)
+    proxies = {"concept": max(0.0, 1 - np.mean(outcome.lengths) / max(1e-9, np.mean(plain.lengths)))
+               if e.concept == "length" else float(np.mean(outcome.concept)),
+               "relevance": float(np.mean(outcome.relevant)),
+               "fluency": min(1.0, plain_ppl / ppl) if math.isfinite(ppl) else 0.0}
+    outcome.scores = {**proxies, "perplexity": ppl, "source": "proxies"}
+    if judge is not None:
+        ratings = judge(prompts, outcome.texts, e.concept_description)
+        outcome.scores.update({k: v for k, v in ratings.items()}, source="judge",
+                              proxies={k: proxies[k] for k in JUDGE_ASPECTS})
+    parts = [outcome.scores[k] for k in JUDGE_ASPECTS]
+    outcome.scores["score"] = 0.0 if min(parts) <= 0 else len(parts) / sum(1 / p for p in parts)
+
+
+def perplexity(outcome: Outcome) -> float:
+    """exp of the mean NLL over every answer token of the condition."""
+    total = sum(n * l for n, l in zip(outcome.lengths, outcome.nll) if n)
+    count = sum(outcome.lengths)
+    return math.exp(total / count) if count else math.inf
+
+
+def make_judge(j: DictConfig, run):
+    """ratings(prompts, answers, concept) -> {aspect: mean rating / 2}, or None without an endpoint."""
+    if not j.base_url:
+        return None
+    from features.llm import OpenAIChat, ResponseCache, map_with_progress
+
+    chat = OpenAIChat(j.base_url, j.model, j.api_key_env, ResponseCache(run.root / "steer_eval" / "judge_cache.jsonl"),
+                      concurrency=j.concurrency)
+
+    def rating(reply: str) -> int:
+        digits = [c for c in reply if c in "012"]
+        if not digits:
+            raise ValueError(f"no rating 0, 1 or 2 in {reply!r}")
+        return int(digits[0])
+
+    def ratings(prompts, answers, concept):
+        asks = [(aspect, p, a) for aspect in JUDGE_ASPECTS for p, a in zip(prompts, answers)]
+
+        def ask(item):
+            aspect, prompt, answer = item
+            question = JUDGE_ASPECTS[aspect].format(concept=concept)
+            content = (f"Instruction: {prompt}\n\nAnswer: {answer}\n\n{question} "
+                       "Reply with one digit: 0 (not at all), 1 (somewhat) or 2 (clearly).")
+            return rating(chat.ask([{"role": "user", "content": content}], j.max_tokens, str))
+
+        values = map_with_progress(ask, asks, j.concurrency, "judge")
+        n = len(prompts)
+        return {aspect: float(np.mean(values[k * n:(k + 1) * n])) / 2 for k, aspect in enumerate(JUDGE_ASPECTS)}
+
+    return ratings
+
+
+def bootstrap(values_fn, n: int, draws: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of values_fn(indices) over `draws` resamples of n prompts."""
+    rng = np.random.default_rng(seed)
+    stats = [values_fn(rng.integers(0, n, n)) for _ in range(draws)]
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+def summarize(conditions: list[Outcome], sweep: list[Outcome], best: Outcome, e: DictConfig,
+              vector: SteeringVector, dev: list, test: list) -> dict:
+    plain, baseline, steered, control = conditions
+    base = np.array(plain.lengths, dtype=float)
+    rows, table = [], []
+    for o in conditions:
+        x = np.array(o.lengths, dtype=float)
+        ci = bootstrap(lambda i: x[i].mean(), len(x), e.bootstrap, e.seed)
+        cut = bootstrap(lambda i: 1 - x[i].mean() / base[i].mean(), len(x), e.bootstrap, e.seed)
+        rows.append({"condition": o.name, "mean_length": float(x.mean()), "mean_length_ci95": ci,
+                     "reduction_vs_unsteered": float(1 - x.mean() / base.mean()), "reduction_ci95": cut, **o.scores})
+        table.append([o.name, f"{x.mean():.1f} [{ci[0]:.1f}, {ci[1]:.1f}]",
+                      f"{100 * (1 - x.mean() / base.mean()):.0f}% [{100 * cut[0]:.0f}, {100 * cut[1]:.0f}]",
+                      f"{o.scores['concept']:.2f}", f"{o.scores['relevance']:.2f}",
+                      f"{o.scores['fluency']:.2f} (ppl {o.scores['perplexity']:.2f})", f"{o.scores['score']:.2f}"])
+    s, c = np.array(steered.lengths, float), np.array(control.lengths, float)
+    gap = bootstrap(lambda i: c[i].mean() - s[i].mean(), len(s), e.bootstrap, e.seed)
+    reduction = 1 - s.mean() / base.mean()
+    verdict = {"reduction": float(reduction), "reduction_target_met": bool(reduction >= 0.25),
+               "control_minus_steered_ci95": gap, "control_excluded": bool(gap[0] > 0 or gap[1] < 0),
+               "beats_prompt_baseline": bool(steered.scores["score"] > baseline.scores["score"])}
+    from pipeline.bench import table as md_table
+
+    sweep_table = md_table(["dev setting", "mean length", "concept", "relevance", "fluency (ppl)", "score"],
+                           [[o.name, f"{np.mean(o.lengths):.1f}", f"{o.scores['concept']:.2f}",
+                             f"{o.scores['relevance']:.2f}", f"{o.scores['fluency']:.2f} ({o.scores['perplexity']:.2f})",
+                             f"{o.scores['score']:.2f}"] for o in sweep])
+    report = "\n".join([
+        f"Target `{vector.name}` ({vector.operation} at {vector.kind}), scores from {steered.scores['source']}; "
+        f"{len(dev)} dev prompts, {len(test)} test prompts, greedy, at most {e.max_new_tokens} new tokens, "
+        f"positions={e.positions}. Chosen on dev: **{best.name}**.", "",
+        md_table(["test condition", "mean length [95% CI]", "shorter than unsteered [95% CI]", "concept", "relevance",
+                  "fluency", "score"], table), "",
+        f"Length cut by the steered setting: **{100 * reduction:.0f}%** (target >= 25%: "
+        f"{'met' if verdict['reduction_target_met'] else 'missed'}). Random control minus steered mean length: "
+        f"{gap[0]:.1f} to {gap[1]:.1f} tokens (95% CI; the control is "
+        f"{'excluded' if verdict['control_excluded'] else 'NOT excluded'}).", "",
+        "Dev sweep:", "", sweep_table])
+    return {"conditions": rows, "verdict": verdict, "chosen": {"layer": best.layer, "scale": best.scale},
+            "sweep": [{"setting": o.name, "layer": o.layer, "scale": o.scale, "mean_length": float(np.mean(o.lengths)),
+                       **o.scores} for o in sweep],
+            "examples": [{"prompt": p, **{o.name: o.texts[k] for o in conditions}} for k, p in enumerate(test[:3])],
+            "report": report}

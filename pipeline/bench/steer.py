@@ -1,0 +1,76 @@
+"""make bench-steer: what one active intervention costs in generation, measured in one run.
+
+    python -m pipeline.bench.steer [--model smollm2_135m] [--site L15.resid_post] [--tokens 64] [--batch 8]
+
+The same prompts generate the same number of tokens (greedy, end-of-turn suppressed until the last)
+with no intervention, with one `add` and with one `project` of a random vector at one site, in
+rounds with the order rotated; medians reported. Target: steered / unsteered >= 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from features.steering import Steerer
+from features.vectors import SteeringVector
+from pipeline.bench import table, write_section
+from pipeline.config import compose
+from pipeline.sites import Site
+from pipeline.steer import read_prompts
+
+PROMPTS = Path(__file__).resolve().parents[2] / "features" / "prompts" / "heldout.txt"
+
+
+def tokens_per_s(steerer: Steerer, prompts: list[str], interventions: list, tokens: int) -> float:
+    start = time.perf_counter()
+    out = steerer.generate(prompts, interventions, max_new_tokens=tokens, min_new_tokens=tokens)
+    seconds = time.perf_counter() - start
+    assert all(len(g.tokens) == tokens for g in out), "every prompt must generate the same number of tokens"
+    return len(prompts) * tokens / seconds
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2_135m")
+    parser.add_argument("--site", default="L15.resid_post")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    site = Site.parse(args.site)
+    with tempfile.TemporaryDirectory() as tmp:
+        steerer = Steerer(Path(tmp) / "bench", compose("steer", [f"model={args.model}"]).model)
+        width = steerer.adapter.site(site).width
+        direction = torch.randn(width, generator=torch.Generator().manual_seed(0))
+        for op in ("add", "project"):
+            SteeringVector(op, site.kind, op, "raw" if op == "add" else "fraction", {site.layer: direction},
+                           steerer.identity).save(steerer.run.root / "vectors")
+        prompts = read_prompts(str(PROMPTS))[: args.batch]
+        ways = {"none": [], "add": ["add scale=1"], "project": ["project scale=0.5"]}
+        tokens_per_s(steerer, prompts, [], 4)  # warm-up
+        rates = {way: [] for way in ways}
+        for r in range(args.rounds):
+            order = list(ways)[r % len(ways):] + list(ways)[: r % len(ways)]
+            for way in order:
+                rates[way].append(tokens_per_s(steerer, prompts, ways[way], args.tokens))
+    median = {way: statistics.median(v) for way, v in rates.items()}
+    rows = [[f"one `{way}` at {args.site} / none", f"{median[way]:,.1f} / {median['none']:,.1f} tok/s",
+             f"**{median[way] / median['none']:.3f}**", ">= 0.95"] for way in ("add", "project")]
+    per_round = "; ".join(f"{way}: " + ", ".join(f"{x:,.1f}" for x in v) for way, v in rates.items())
+    notes = (f"\nModel {args.model}, {len(prompts)} held-out prompts in one left-padded batch, {args.tokens} new tokens "
+             f"each (greedy, end of turn suppressed so every way generates the same tokens count), KV cache on. "
+             f"{args.rounds} rounds, order rotated each round, medians reported. Tokens/s per round: {per_round}.\n")
+    command = "make bench-steer" + (f" ARGS='{' '.join(argv or sys.argv[1:])}'" if (argv or sys.argv[1:]) else "")
+    write_section("bench-steer", command, table(["measure", "values", "ratio", "target"], rows) + "\n" + notes)
+
+
+if __name__ == "__main__":
+    main()

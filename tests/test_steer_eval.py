@@ -1,0 +1,77 @@
+"""The steering evaluation, in a tiny configuration on SmolLM2 (the full one is `make steer-eval`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose_config
+from features.steer_eval import Outcome, answer_logprobs, score
+from features.steering import encode_prompt
+from features.vectors import SteeringVector
+from pipeline.steer import run_action
+from test_steer import smol, smol_run  # noqa: F401 (fixtures)
+
+
+def test_answer_logprobs_in_padded_batches_match_one_sequence_at_a_time(smol):
+    contexts = [encode_prompt(smol.tokenizer, p, True) for p in ("Hi", "Tell me about the moon, please.", "Why?")]
+    answers = [torch.tensor(t, dtype=torch.long) for t in ([504, 3136, 314], [], [28, 1789, 29, 30, 441])]
+    batched = answer_logprobs(smol, contexts, answers, batch_size=3)
+    for c, a, got in zip(contexts, answers, batched):
+        ids = torch.cat([c, a])[None]
+        with torch.inference_mode():
+            logp = smol.model(input_ids=ids).logits.float().log_softmax(-1)[0]
+        expected = sum(float(logp[len(c) - 1 + k, t]) for k, t in enumerate(a.tolist()))
+        assert got == pytest.approx(expected, abs=1e-3)
+
+
+def outcome(lengths, nll, relevant):
+    return Outcome("x", None, None, lengths, nll, relevant, [], {}, [""] * len(lengths))
+
+
+def test_scores_are_proxies_combined_by_harmonic_mean():
+    e = OmegaConf.create({"concept": "length"})
+    plain = outcome([100, 100], [2.0, 2.0], [1, 1])
+    half = outcome([50, 50], [2.0, 2.0], [1, 0])
+    score(half, plain, ["a", "b"], e, None)
+    assert half.scores["concept"] == pytest.approx(0.5) and half.scores["relevance"] == 0.5
+    assert half.scores["fluency"] == pytest.approx(1.0) and half.scores["score"] == pytest.approx(0.6)
+    empty = outcome([0, 0], [float("nan")] * 2, [0, 0])  # maximal "terseness" that answers nothing scores 0
+    score(empty, plain, ["a", "b"], e, None)
+    assert empty.scores["concept"] == 1.0 and empty.scores["score"] == 0.0
+
+
+@pytest.mark.slow
+def test_tiny_evaluation_sweeps_on_dev_and_reports_on_test(smol_run, tmp_path):
+    prompts, contrast = tmp_path / "heldout.txt", tmp_path / "contrast.txt"
+    prompts.write_text("\n".join(["What is rain?", "Why do birds sing?", "What is a river?", "How do trees grow?",
+                                  "What is snow?", "Why is grass green?"]) + "\n")
+    contrast.write_text("What is wind?\nHow do clouds form?\n")
+    cfg = compose_config("steer", [f"run.runs_dir={smol_run.parent}", f"run.run_name={smol_run.name}",
+                                   "contrast.name=terse-test", f"contrast.prompts={contrast}", "contrast.layers=[2,3]",
+                                   "eval.target=terse-test", f"eval.prompts={prompts}", "eval.dev_prompts=2",
+                                   "eval.layers=[2,3]", "eval.scales=[4.0]", "eval.max_new_tokens=12",
+                                   "eval.batch_size=4", "eval.bootstrap=200"])
+    results = run_action("eval", cfg)
+    names = [c["condition"] for c in results["conditions"]]
+    assert names[0] == "unsteered" and names[1].startswith("prompt baseline") and len(names) == 4
+    assert names[2] == f"steered L{results['chosen']['layer']} x4" and names[3].startswith("random direction")
+    assert [s["setting"] for s in results["sweep"]] == ["L2 x4", "L3 x4"]
+    for c in results["conditions"]:
+        low, high = c["mean_length_ci95"]
+        assert low <= c["mean_length"] <= high <= 12
+        assert 0 <= c["relevance"] <= 1 and c["perplexity"] > 1
+    assert results["conditions"][0]["reduction_vs_unsteered"] == 0
+    assert set(results["verdict"]) >= {"reduction", "reduction_target_met", "control_excluded"}
+
+    vectors = smol_run / "vectors"
+    steered, control = SteeringVector.load(vectors, "terse-test"), SteeringVector.load(vectors, "terse-test.random")
+    for layer in (2, 3):
+        assert float(control.directions[layer].norm()) == pytest.approx(float(steered.directions[layer].norm()), rel=1e-5)
+        assert abs(float(torch.cosine_similarity(control.directions[layer], steered.directions[layer], dim=0))) < 0.3
+    saved = json.loads((smol_run / "steer_eval" / "results.json").read_text())
+    assert saved["chosen"] == results["chosen"] and (smol_run / "steer_eval" / "report.md").exists()
+    assert (smol_run / "config" / "steer-eval.yaml").exists()
