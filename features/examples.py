@@ -48,14 +48,18 @@ class Example:
 
 
 def feature_examples(state: dict, feature: int, plan: ExamplePlan, context_tokens: int) -> list[Example]:
-    """All examples of one feature, split (top and quantile examples carry their activations)."""
-    top_live = state["top_keys"][feature] > -np.inf
-    top_blocks = state["top_blocks"][feature, top_live].tolist()
-    examples = [Example("top", r, -1, b, slot_acts(state, "top", feature, r).numpy(), "explain" if r < plan.explain_top else "score")
+    """All examples of one SAE feature, split (top and quantile examples carry their activations).
+
+    The state may hold a slice of the features (row i is feature first + i); random choices are
+    seeded by the SAE feature index, so a slice gives the same examples as a whole pass."""
+    i = feature - state["identity"]["features"][0]
+    top_live = state["top_keys"][i] > -np.inf
+    top_blocks = state["top_blocks"][i, top_live].tolist()
+    examples = [Example("top", r, -1, b, slot_acts(state, "top", i, r).numpy(), "explain" if r < plan.explain_top else "score")
                 for r, b in enumerate(top_blocks)]
-    examples += _quantile_examples(state, feature, plan, set(top_blocks))
+    examples += _quantile_examples(state, i, plan, set(top_blocks))
     rng = np.random.default_rng([plan.seed, feature])
-    quiet = state["pool"][~state["pool_fires"][:, feature]].numpy()
+    quiet = state["pool"][~state["pool_fires"][:, i]].numpy()
     chosen = rng.permutation(quiet)[: plan.random_examples]
     examples += [Example("random", r, -1, int(b), np.zeros(context_tokens, np.float32), "score") for r, b in enumerate(chosen)]
     return examples

@@ -8,6 +8,7 @@ with the reason; the LLM's good replies are cached, so a rerun only asks again f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from features.examples import ExamplePlan, attach_tokens, feature_examples
 from features.lens import logit_lens, nearest_features
 from features.llm import ChatModel, LLMError, map_with_progress
 from features.mining import HIST_EDGES, FeatureMiner, MiningPlan
-from features.tables import ExampleWriter, write_features, write_meta
+from features.tables import ExampleWriter, merge_parts, write_features, write_meta
 
 CHUNK = 1024  # features per chunk of examples
 
@@ -39,26 +40,30 @@ def mining_plan(cfg) -> MiningPlan:
                       outlier_norm=cfg.outlier_norm, seed=cfg.seed)
 
 
-def label_site(inputs: SiteInputs, cfg, explainer, chat: ChatModel | None, out, device) -> dict:
-    """Write out/{features,examples}.parquet and meta.json for one site; return label sources counted.
+def label_site(inputs: SiteInputs, cfg, explainer, chat: ChatModel | None, site_dir: Path, device) -> tuple[Path, dict]:
+    """Write site_dir/{features,examples}.parquet and meta.json; return where, and label sources counted.
 
-    cfg: the `label` config; explainer: the `explainer` config; chat: its model (None = heuristic)."""
-    out.mkdir(parents=True, exist_ok=True)
-    plan = mining_plan(cfg)
-    miner = FeatureMiner(inputs.store, inputs.site, inputs.sae, plan, device)
-    state = {k: v.cpu() if torch.is_tensor(v) else v for k, v in
-             miner.run(out / "mining.pt", cfg.checkpoint_seconds).items()}
-    n = miner.n_features
+    cfg: the `label` config; explainer: the `explainer` config; chat: its model (None = heuristic).
+    With `label.features=[start, stop)` the slice goes to site_dir/parts/<start>-<stop>/, and the
+    job that completes the cover of all features merges the parts into site_dir.
+    """
+    n = inputs.sae.cfg.d_sae
     lo, hi = (cfg.features or [0, n])[:2]
     if not 0 <= lo < hi <= n:
-        raise ValueError(f"label.features={list(cfg.features)} is not a range within [0, {n}] features of {inputs.site}")
+        raise ValueError(f"label.features={list(cfg.features)} is not a range [start, stop) within the {n} features "
+                         f"of {inputs.site}")
+    out = site_dir if (lo, hi) == (0, n) else site_dir / "parts" / f"{lo:07d}-{hi:07d}"
+    out.mkdir(parents=True, exist_ok=True)
+    plan = mining_plan(cfg)
+    miner = FeatureMiner(inputs.store, inputs.site, inputs.sae, plan, device, (lo, hi))
+    state = {k: v.cpu() if torch.is_tensor(v) else v for k, v in
+             miner.run(out / "mining.pt", cfg.checkpoint_seconds).items()}
 
     w_dec = inputs.sae.W_dec.detach()
     lens = logit_lens(w_dec[lo:hi], inputs.model, cfg.logit_tokens)
-    neighbour_cos, neighbours = nearest_features(w_dec, cfg.neighbours)
+    neighbour_cos, neighbours = nearest_features(w_dec, cfg.neighbours, rows=(lo, hi))
     token_ids = inputs.store.tokens(0, miner.n_blocks * plan.context_tokens)["tokens"]
-    fires = state["fires"][lo:hi]
-    use_llm = _llm_features(fires, lo, chat, explainer.max_features, cfg.seed)
+    use_llm = _llm_features(state["fires"], lo, chat, explainer.max_features, cfg.seed)
 
     eplan = ExamplePlan(cfg.quantiles, cfg.explain_top, cfg.explain_per_quantile, cfg.random_examples, cfg.seed)
     writer = ExampleWriter(out, plan.context_tokens)
@@ -71,7 +76,7 @@ def label_site(inputs: SiteInputs, cfg, explainer, chat: ChatModel | None, out, 
         promoted = {f: [inputs.vocab[i] for i in lens[1][f - lo].tolist()] if lens else [] for f in chunk}
 
         def describe(f):
-            return _describe(examples[f], promoted[f], bool(state["fires"][f] == 0), chat if f in use_llm else None,
+            return _describe(examples[f], promoted[f], bool(state["fires"][f - lo] == 0), chat if f in use_llm else None,
                              explainer.max_tokens, cfg)
 
         llm_chunk = [f for f in chunk if f in use_llm]
@@ -90,8 +95,10 @@ def label_site(inputs: SiteInputs, cfg, explainer, chat: ChatModel | None, out, 
         "scorer": "detection and fuzzing (balanced accuracy) on examples the explainer did not see",
         "model": inputs.sae.cfg.metadata.model_name, "sae": f"saes/{inputs.site}",
     })
+    if out != site_dir and merge_parts(site_dir):
+        print(f"label: {inputs.site}: every slice is done; merged {site_dir / 'parts'} into {site_dir}")
     sources = columns["label_source"]
-    return {src: sources.count(src) for src in sorted(set(sources))}
+    return out, {src: sources.count(src) for src in sorted(set(sources))}
 
 
 def _llm_features(fires: torch.Tensor, lo: int, chat, limit: int, seed: int) -> set:
@@ -128,7 +135,7 @@ def _describe(examples, promoted, dead: bool, chat, max_tokens: int, cfg) -> dic
 
 
 def _feature_columns(inputs, state, lo, hi, described, lens, neighbours, neighbour_cos) -> dict:
-    fires, tokens = state["fires"][lo:hi], max(int(state["tokens"]), 1)
+    fires, tokens = state["fires"], max(int(state["tokens"]), 1)
     rows = [described[f] for f in range(lo, hi)]
     scores = [[r[k] for k in ("detection", "fuzzing") if r[k] is not None] for r in rows]
     if lens:
@@ -138,11 +145,11 @@ def _feature_columns(inputs, state, lo, hi, described, lens, neighbours, neighbo
         pos_vals = pos = neg_vals = neg = [[] for _ in rows]
     return {
         "index": list(range(lo, hi)), "feature_id": [f"{inputs.site}/{f}" for f in range(lo, hi)],
-        "density": (fires.double() / tokens).tolist(), "max_act": state["top_keys"][lo:hi, 0].clamp(min=0).tolist(),
-        "mean_act": (state["act_sum"][lo:hi] / fires.clamp(min=1)).tolist(), "dead": (fires == 0).tolist(),
+        "density": (fires.double() / tokens).tolist(), "max_act": state["top_keys"][:, 0].clamp(min=0).tolist(),
+        "mean_act": (state["act_sum"] / fires.clamp(min=1)).tolist(), "dead": (fires == 0).tolist(),
         **{k: [r[k] for r in rows] for k in ("label", "label_source", "label_error", "detection", "fuzzing", "top_tokens")},
         "score": [sum(s) / len(s) if s else None for s in scores],
         "logit_pos": pos, "logit_pos_values": pos_vals, "logit_neg": neg, "logit_neg_values": neg_vals,
-        "neighbours": neighbours[lo:hi].tolist(), "neighbour_cos": neighbour_cos[lo:hi].tolist(),
-        "hist_counts": state["hist"][lo:hi].tolist(),
+        "neighbours": neighbours.tolist(), "neighbour_cos": neighbour_cos.tolist(),
+        "hist_counts": state["hist"].tolist(),
     }

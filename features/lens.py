@@ -33,14 +33,15 @@ def logit_lens(w_dec: torch.Tensor, model, n: int, chunk: int = 1024):
 
 
 @torch.no_grad()
-def nearest_features(w_dec: torch.Tensor, n: int, chunk: int = 1024):
-    """(cosines, indices) [features, n] of each feature's nearest other features."""
+def nearest_features(w_dec: torch.Tensor, n: int, rows: tuple[int, int] | None = None, chunk: int = 1024):
+    """(cosines, indices) [features, n] of the nearest other features of features rows[0]..rows[1]-1 (default all)."""
     unit = torch.nn.functional.normalize(w_dec.float(), dim=1)
     n = min(n, len(unit) - 1)
+    first, stop = rows or (0, len(unit))
     cos, idx = [], []
-    for lo in range(0, len(unit), chunk):
-        sims = unit[lo:lo + chunk] @ unit.T
-        rows = torch.arange(lo, min(lo + chunk, len(unit)), device=sims.device)
+    for lo in range(first, stop, chunk):
+        sims = unit[lo:min(lo + chunk, stop)] @ unit.T
+        rows = torch.arange(lo, min(lo + chunk, stop), device=sims.device)
         sims[rows - lo, rows] = -2.0  # not its own neighbour
         top = sims.topk(n, dim=1)
         cos.append(top.values.cpu())

@@ -48,9 +48,13 @@ class MiningPlan:
 class FeatureMiner:
     """Streaming per-feature statistics and examples of one SAE over one site of a store."""
 
-    def __init__(self, store: ActivationStore, site: str, sae, plan: MiningPlan, device: torch.device):
+    def __init__(self, store: ActivationStore, site: str, sae, plan: MiningPlan, device: torch.device,
+                 features: tuple[int, int] | None = None):
+        """features: mine only SAE features [start, stop) (a slice of a split job); default all.
+        State index i is then feature start + i."""
         self.store, self.site, self.sae, self.plan, self.device = store, site, sae, plan, device
-        self.n_features = sae.cfg.d_sae
+        self.features = features or (0, sae.cfg.d_sae)
+        self.n_features = self.features[1] - self.features[0]
         rows = store.n_tokens if not plan.max_tokens else min(plan.max_tokens, store.n_tokens)
         self.n_blocks = rows // plan.context_tokens
         if self.n_blocks < 2:
@@ -76,7 +80,7 @@ class FeatureMiner:
 
         return {
             # What the state is a pass of: a checkpoint of anything else is not resumed.
-            "identity": {"plan": asdict(p), "site": self.site, "rows": self.n_blocks * W, "d_sae": F,
+            "identity": {"plan": asdict(p), "site": self.site, "rows": self.n_blocks * W, "features": list(self.features),
                          "sae_sum": float(self.sae.W_enc.double().sum() + self.sae.W_dec.double().sum())},
             "next_batch": 0,
             "tokens": 0,
@@ -121,8 +125,10 @@ class FeatureMiner:
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature activations [rows, features]; outlier rows (attention sinks) fire nothing."""
+        """Activations [rows, features] of the mined features; outlier rows (attention sinks) fire nothing."""
+        lo, hi = self.features
         acts = self.sae.encode(x.to(self.sae.W_enc.dtype)).float()
+        acts = acts if hi - lo == acts.shape[1] else acts[:, lo:hi].contiguous()
         acts[x.norm(dim=1) > self.max_norm] = 0
         return acts
 
@@ -142,10 +148,12 @@ class FeatureMiner:
 
         peaks = acts.amax(dim=1).T.contiguous()  # [F, n]
         _merge(s, "top", peaks.masked_fill(peaks <= 0, -math.inf), peaks, first_block, acts)
-        # Random keys for a uniform reservoir over the blocks where each feature fires; the
-        # generator is seeded by the batch so a resumed pass draws the same keys.
+        # Random keys for a uniform reservoir over the blocks where each feature fires. Drawn for
+        # every SAE feature from a generator seeded by the batch, so a resumed pass and a slice
+        # of the features draw the same keys as one whole pass.
         gen = torch.Generator(device=acts.device).manual_seed(self.plan.seed * 1_000_003 + batch_index)
-        keys = torch.rand(peaks.shape, generator=gen, device=acts.device).masked_fill_(peaks <= 0, -math.inf)
+        keys = torch.rand((self.sae.cfg.d_sae, n), generator=gen, device=acts.device)[self.features[0]:self.features[1]]
+        keys.masked_fill_(peaks <= 0, -math.inf)
         _merge(s, "sample", keys, peaks, first_block, acts)
 
         in_batch = (s["pool"] >= first_block) & (s["pool"] < first_block + n)

@@ -56,13 +56,17 @@ class ExampleWriter:
 
 
 def write_features(out: Path, columns: dict) -> None:
-    tmp = out / "features.parquet.tmp"
-    pq.write_table(pa.table(columns, schema=FEATURE_SCHEMA), tmp)
+    write_features_table(out, pa.table(columns, schema=FEATURE_SCHEMA))
+
+
+def write_features_table(out: Path, table: pa.Table) -> None:
+    tmp = out / f"features.parquet.tmp{os.getpid()}"  # split jobs may merge the same site at once
+    pq.write_table(table, tmp)
     os.replace(tmp, out / "features.parquet")
 
 
 def write_meta(out: Path, meta: dict) -> None:
-    tmp = out / "meta.json.tmp"
+    tmp = out / f"meta.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, out / "meta.json")
 
@@ -70,3 +74,34 @@ def write_meta(out: Path, meta: dict) -> None:
 def read_features(out: Path):
     """The features table as a pyarrow Table."""
     return pq.read_table(out / "features.parquet")
+
+
+def merge_parts(site_dir: Path) -> bool:
+    """Merge site_dir/parts/<start>-<stop>/ into site_dir once the parts cover every feature.
+
+    Returns False (and changes nothing) while slices are missing. Two jobs finishing together
+    both merge the same parts into the same files, each file replaced atomically.
+    """
+    parts = []
+    for d in sorted((site_dir / "parts").glob("*-*")):
+        if (d / "meta.json").exists() and (d / "features.parquet").exists() and (d / "examples.parquet").exists():
+            parts.append((json.loads((d / "meta.json").read_text()), d))
+    parts.sort(key=lambda p: p[0]["features"][0])
+    covered = 0
+    for meta, _ in parts:
+        if meta["features"][0] != covered:
+            return False
+        covered = meta["features"][1]
+    if not parts or covered != parts[0][0]["n_features"]:
+        return False
+    write_features_table(site_dir, pa.concat_tables(pq.read_table(d / "features.parquet") for _, d in parts))
+    tmp = site_dir / f"examples.parquet.tmp{os.getpid()}"
+    with pq.ParquetWriter(tmp, EXAMPLE_SCHEMA) as writer:
+        for _, d in parts:
+            for batch in pq.ParquetFile(d / "examples.parquet").iter_batches():
+                writer.write_batch(batch)
+    os.replace(tmp, site_dir / "examples.parquet")
+    meta = {**parts[0][0], "features": [0, covered], "llm_features": sum(m["llm_features"] for m, _ in parts),
+            "parts": [m["features"] for m, _ in parts]}
+    write_meta(site_dir, meta)
+    return True

@@ -75,9 +75,9 @@ def label(cfg: DictConfig) -> dict:
             raise StoreError(f"the SAE at {run.saes(site)} reads width {sae.cfg.d_in} but the store's {site} has "
                              f"width {store.width(site)}: retrain it on this store")
         inputs = SiteInputs(site, sae, store, lens_model, vocab)
-        results[site] = label_site(inputs, cfg.label, cfg.explainer, chat, run.root / "features" / site, device)
-        print(f"label: {site}: " + ", ".join(f"{n} {src}" for src, n in results[site].items()))
-        show_best(run.root / "features" / site)
+        out, results[site] = label_site(inputs, cfg.label, cfg.explainer, chat, run.root / "features" / site, device)
+        print(f"label: {site}: " + ", ".join(f"{n} {src}" for src, n in results[site].items()) + f" in {out}")
+        show_best(out)
     return results
 
 

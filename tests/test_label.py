@@ -281,6 +281,23 @@ def test_label_stage_writes_the_tables(smol_run, tmp_path):
     assert len(first.tokens) == len(first.acts) == 16 and max(first.acts) == pytest.approx(first.max_act)
 
 
+@pytest.mark.slow
+def test_label_split_in_two_feature_ranges_equals_one_pass(smol_run, tmp_path):
+    whole = copy_run(smol_run, tmp_path / "whole")
+    split = copy_run(smol_run, tmp_path / "split")
+    run_stage("pipeline.label", f"run.runs_dir={whole}", *LABEL_SMALL)
+    first = run_stage("pipeline.label", f"run.runs_dir={split}", *LABEL_SMALL, "label.features=[600,1152]")
+    assert "merged" not in first.stdout and not (split / "demo/features" / SITE / "features.parquet").exists()
+    second = run_stage("pipeline.label", f"run.runs_dir={split}", *LABEL_SMALL, "label.features=[0,600]")
+    assert "merged" in second.stdout
+    for name in ("features.parquet", "examples.parquet"):
+        a = pq.read_table(whole / "demo/features" / SITE / name)
+        b = pq.read_table(split / "demo/features" / SITE / name)
+        assert a.equals(b), name
+    meta = json.loads((split / "demo/features" / SITE / "meta.json").read_text())
+    assert meta["features"] == [0, 1152] and meta["parts"] == [[0, 600], [600, 1152]]
+
+
 def test_label_refuses_a_run_without_saes(tmp_path):
     result = run_stage("pipeline.label", f"run.runs_dir={tmp_path}", check=False)
     assert result.returncode == 2
