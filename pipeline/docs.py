@@ -69,7 +69,8 @@ def group_choices() -> list[str]:
     for group in sorted(p for p in (ROOT / "conf").iterdir() if p.is_dir()):
         choices = []
         for yaml in sorted(group.glob("*.yaml")):
-            first = next((ln.lstrip("# ").strip() for ln in yaml.read_text().splitlines() if ln.startswith("#")), "")
+            first = next((ln.lstrip("# ").strip() for ln in yaml.read_text().splitlines()
+                          if ln.startswith("#") and not ln.startswith("# @")), "")  # not a `# @package` header
             choices.append(f"- `{group.name}={yaml.stem}`" + (f": {first}" if first else ""))
         lines += [f"### `{group.name}=`", "", *choices, ""]
     return lines

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import ModelConfig
+from pipeline.memory import check_memory
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
@@ -141,6 +142,7 @@ def _load_pretrained(path: str, cfg: ModelConfig, dtype: torch.dtype, max_layer:
         extra["attn_implementation"] = cfg.attn_implementation
     # A device_map (e.g. `auto`) spreads the weights over GPUs; without one they load straight onto `device`.
     device_map = cfg.device_map or resolve_device(cfg.device)
+    check_memory(cfg.name, config, dtype, cfg.device_map, resolve_device(cfg.device), cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=dtype, device_map=device_map, **hub_args, **extra
     )
@@ -161,6 +163,7 @@ def _build_random(cfg: ModelConfig, dtype: torch.dtype, max_layer: int | None):
     fields = OmegaConf.to_container(cfg.config) if OmegaConf.is_config(cfg.config) else dict(cfg.config)
     config = config_class(**fields)
     build_args = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    check_memory(cfg.name, config, torch.float32, "", resolve_device(cfg.device))
     # Draw the weights in float32 whatever the dtype (torch draws different numbers per dtype), so
     # that a seed names one model; from_config in `dtype` then keeps the modules that must stay float32.
     # The full model is built and the blocks past max_layer dropped afterwards: the kept blocks are

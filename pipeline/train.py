@@ -40,12 +40,22 @@ from sae.trainer import Member, Trainer, TrainingError, total_steps_for
 register_configs()
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); joins the torchrun process group when launched by torchrun."""
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device). Joins the process group when started by torchrun or as
+    the tasks of one Submitit job (launcher=slurm: a task per GPU); each rank of a node gets its own GPU."""
+    if os.environ.get("SUBMITIT_EXECUTOR") and "WORLD_SIZE" not in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":  # a node's GPUs are all visible to each task, unless Slurm bound one per task
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    return dist.get_rank(), world, device
 
 
 def open_store(run: RunDir, allow_partial: bool) -> ActivationStore:
@@ -251,7 +261,7 @@ def save_and_evaluate(cfg: DictConfig, run: RunDir, trainer: Trainer, heldout: H
 def train(cfg: DictConfig) -> dict:
     run = RunDir.from_config(cfg)
     device = resolve_device(cfg.train.device)
-    rank, world = init_distributed(device)
+    rank, world, device = init_distributed(device)
     store = open_store(run, cfg.train.allow_partial_store)
     sites = choose_sites(store, list(cfg.train.sites), rank, world, cfg.train.parallel)
     members = build_members(cfg, store, sites, device)

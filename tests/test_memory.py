@@ -1,0 +1,80 @@
+"""The start-up memory check: exact weight counts from the meta device, and a one-line refusal with the
+numbers when the devices are short (GPUs faked here; the counts and the stage's refusal are real)."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import DeepseekV4Config
+
+from conftest import compose_config, run_stage
+from pipeline.memory import MemoryShortError, check_memory, count_weights
+from pipeline.models import _truncate_config, load_model
+
+GB = 1e9
+
+
+def flash_config(max_layer=None):
+    """DeepSeek-V4-Flash's architecture: transformers' DeepseekV4Config defaults, checked against design.md."""
+    config = DeepseekV4Config()
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size, config.n_routed_experts,
+            config.num_experts_per_tok, config.n_shared_experts, config.moe_intermediate_size,
+            config.hc_mult) == (43, 4096, 129_280, 256, 6, 1, 2048, 4)
+    assert config.mlp_layer_types[:4] == ["hash_moe"] * 3 + ["moe"]
+    return _truncate_config(config, max_layer)
+
+
+def fake_gpus(monkeypatch, n: int, free: float):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free), int(143 * GB)))
+
+
+def test_meta_count_is_the_built_model():
+    cfg = compose_config("harvest", ["model=tiny_deepseek_v4"]).model
+    model, _ = load_model(cfg)
+    tensors = [*model.parameters(), *model.buffers()]
+    config = DeepseekV4Config(**OmegaConf.to_container(cfg.config))
+    assert count_weights(config, torch.float32) == (sum(t.numel() for t in tensors),
+                                                    sum(t.numel() * t.element_size() for t in tensors))
+
+
+def test_whole_flash_is_284b_parameters_570_gb_in_bf16():
+    params, weight_bytes = count_weights(flash_config(), torch.bfloat16)
+    assert 280e9 < params < 290e9 and 560 * GB < weight_bytes < 580 * GB
+
+
+def test_flash_to_layer_20_fits_a_node_of_8_h200_not_one(monkeypatch):
+    config = flash_config(max_layer=20)
+    fake_gpus(monkeypatch, 8, 141 * GB)
+    need = check_memory("deepseek_v4_flash", config, torch.bfloat16, "auto", torch.device("cuda"))
+    assert 135e9 < need.params < 145e9 and 280 * GB < need.total < 320 * GB  # 21 of 43 blocks, embeddings, lm_head
+
+    fake_gpus(monkeypatch, 1, 141 * GB)
+    with pytest.raises(MemoryShortError) as short:
+        check_memory("deepseek_v4_flash", config, torch.bfloat16, "auto", torch.device("cuda"))
+    assert str(short.value).startswith(
+        "deepseek_v4_flash up to layer 20 (21 of 43 blocks, 139B parameters) needs about 308 GB in bfloat16 "
+        "(279 GB of weights, 29 GB of headroom) but the 1 GPU here has 141 GB free: use more GPUs")
+
+    monkeypatch.setenv("DIALBOX_MEMORY_CHECK", "0")
+    check_memory("deepseek_v4_flash", config, torch.bfloat16, "auto", torch.device("cuda"))
+
+
+def test_load_model_refuses_before_allocating(monkeypatch):
+    class TinyRam:
+        available = 10_000
+
+    monkeypatch.setattr("pipeline.memory.psutil.virtual_memory", TinyRam)
+    with pytest.raises(MemoryShortError, match=r"tiny_deepseek_v4 \(.*this machine's RAM has 0 GB free"):
+        load_model(compose_config("harvest", ["model=tiny_deepseek_v4"]).model)
+
+
+@pytest.mark.slow
+def test_flash_harvest_on_this_machine_fails_early_in_one_line(tmp_path):
+    flash_config().save_pretrained(tmp_path / "flash")  # config.json only: no weights, no hub
+    result = run_stage("pipeline.harvest", f"run.runs_dir={tmp_path}", "model=deepseek_v4_flash",
+                       f"model.path={tmp_path / 'flash'}", "harvest.sites=[L20.ffn_out]", check=False)
+    assert result.returncode == 2
+    assert result.stderr.startswith("harvest: error: deepseek_v4_flash up to layer 20 (21 of 43 blocks, 139B "
+                                    "parameters) needs about 307 GB in bfloat16")
+    assert result.stderr.count("\n") == 1
