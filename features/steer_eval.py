@@ -73,7 +73,9 @@ def run_eval(cfg: DictConfig, steerer: Steerer) -> dict:
 
     def steer(name, prompt_set, iv_name=None, layer=None, scale=None, append=""):
         ivs = [] if iv_name is None else [{"vector": iv_name, "layers": [layer], "scale": scale, "positions": e.positions}]
-        return measure(steerer, e, prompt_set, name, ivs, layer, scale, append, feature)
+        outcome = measure(steerer, e, prompt_set, name, ivs, layer, scale, append, feature)
+        print(f"steer eval: {name} on {len(prompt_set)} prompts: mean length {np.mean(outcome.lengths):.1f}", flush=True)
+        return outcome
 
     dev_plain = steer("unsteered", dev)
     sweep = []

@@ -124,7 +124,9 @@ def _scale(value) -> float:
 def _layers(value) -> tuple | None:
     if value is None:
         return None
-    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    if isinstance(value, str):  # "12", "10,12" or "[10,12]" from a command line
+        value = value.strip("[]").split(",")
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
     try:
         return tuple(int(x) for x in items)
     except (TypeError, ValueError):

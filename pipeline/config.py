@@ -373,8 +373,8 @@ class SteerEvalConfig:
     concept: str = "length"
     keywords: list = field(default_factory=list)  # for concept=keywords (case-insensitive)
     concept_description: str = "a terse, brief answer"  # for the judge
-    layers: list = field(default_factory=lambda: [9, 15, 21])  # the sweep (ignored for a feature: its own layer)
-    scales: list = field(default_factory=lambda: [4.0, 8.0, 12.0])  # the sweep's scales (the vector's units)
+    layers: list = field(default_factory=lambda: [13, 15, 17])  # the sweep (ignored for a feature: its own layer)
+    scales: list = field(default_factory=lambda: [1.0, 2.0, 3.0])  # the sweep's scales (the vector's units)
     positions: str = "all"  # where the steering acts: all | prompt | generated
     # The prompting baseline: each prompt with this suffix, no steering (empty = contrast.suffix).
     baseline_suffix: str = ""

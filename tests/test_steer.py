@@ -91,7 +91,7 @@ def test_interventions_parse_from_strings_and_dicts():
     assert (a.target, a.op, a.scale, a.positions, a.is_feature) == ("L15.resid_post/1234", "clamp", -2.5, "generated", True)
     b = Intervention.parse({"vector": "terse", "scale": 3, "layers": [4, 6]})
     assert (b.target, b.op, b.scale, b.layers, b.is_feature) == ("terse", None, 3.0, (4, 6), False)
-    assert Intervention.parse("terse layers=4,6").layers == (4, 6)
+    assert Intervention.parse("terse layers=4,6").layers == Intervention.parse("terse layers=[4,6]").layers == (4, 6)
 
 
 @pytest.mark.parametrize("spec, words", [

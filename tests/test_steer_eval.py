@@ -9,10 +9,12 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import compose_config
-from features.steer_eval import Outcome, answer_logprobs, score
+from features.steer_eval import Outcome, answer_logprobs, make_judge, score
 from features.steering import encode_prompt
 from features.vectors import SteeringVector
+from pipeline.config import JudgeConfig
 from pipeline.steer import run_action
+from test_server import server  # noqa: F401 (fixture)
 from test_steer import smol, smol_run  # noqa: F401 (fixtures)
 
 
@@ -53,8 +55,8 @@ def test_tiny_evaluation_sweeps_on_dev_and_reports_on_test(smol_run, tmp_path):
     cfg = compose_config("steer", [f"run.runs_dir={smol_run.parent}", f"run.run_name={smol_run.name}",
                                    "contrast.name=terse-test", f"contrast.prompts={contrast}", "contrast.layers=[2,3]",
                                    "eval.target=terse-test", f"eval.prompts={prompts}", "eval.dev_prompts=2",
-                                   "eval.layers=[2,3]", "eval.scales=[4.0]", "eval.max_new_tokens=12",
-                                   "eval.batch_size=4", "eval.bootstrap=200"])
+                                   "eval.layers=[2,3]", "eval.scales=[4.0]", "eval.max_new_tokens=8",
+                                   "eval.batch_size=4", "eval.bootstrap=100"])
     results = run_action("eval", cfg)
     names = [c["condition"] for c in results["conditions"]]
     assert names[0] == "unsteered" and names[1].startswith("prompt baseline") and len(names) == 4
@@ -62,7 +64,7 @@ def test_tiny_evaluation_sweeps_on_dev_and_reports_on_test(smol_run, tmp_path):
     assert [s["setting"] for s in results["sweep"]] == ["L2 x4", "L3 x4"]
     for c in results["conditions"]:
         low, high = c["mean_length_ci95"]
-        assert low <= c["mean_length"] <= high <= 12
+        assert low <= c["mean_length"] <= high <= 8
         assert 0 <= c["relevance"] <= 1 and c["perplexity"] > 1
     assert results["conditions"][0]["reduction_vs_unsteered"] == 0
     assert set(results["verdict"]) >= {"reduction", "reduction_target_met", "control_excluded"}
@@ -75,3 +77,12 @@ def test_tiny_evaluation_sweeps_on_dev_and_reports_on_test(smol_run, tmp_path):
     saved = json.loads((smol_run / "steer_eval" / "results.json").read_text())
     assert saved["chosen"] == results["chosen"] and (smol_run / "steer_eval" / "report.md").exists()
     assert (smol_run / "config" / "steer-eval.yaml").exists()
+
+
+def test_an_llm_judge_rates_answers_through_the_openai_compatible_server(server, smol_run):
+    """The judge is the steering server itself (SmolLM2 over real HTTP): any such endpoint will do."""
+    base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    judge = make_judge(OmegaConf.structured(JudgeConfig(base_url=base_url, model="smollm2_135m")), server.steerer.run)
+    ratings = judge(["What is rain?", "Name a colour."], ["Water falling from clouds.", "Blue."], "a terse answer")
+    assert set(ratings) == {"concept", "relevance", "fluency"} and all(0 <= v <= 1 for v in ratings.values())
+    assert len((smol_run / "steer_eval" / "judge_cache.jsonl").read_text().splitlines()) == 6
