@@ -73,6 +73,8 @@ def rows_of(batch: list[Window], acts: dict) -> dict:
         "tokens": np.concatenate([w.tokens for w in batch])[keep].astype(np.int32),
         "doc_ids": np.concatenate([w.doc_ids for w in batch])[keep],
         "positions": np.tile(np.arange(length, dtype=np.int32), len(batch))[keep],
+        # The corpus window of each row: lets a merge of several writers' shards restore one writer's order.
+        "windows": np.repeat([w.index for w in batch], length)[keep],
     }
     for site, tensor in acts.items():
         flat = tensor.reshape(-1, tensor.shape[-1])

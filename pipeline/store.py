@@ -3,16 +3,24 @@
 Layout under the store root (`<run_dir>/activations/`):
 
     zarr.json                        root group; attrs = the store's identity and layout
-    shards/r00000-of-00002/          one group per writer: tokens, doc_ids, positions and
-                                     one [rows, width] array per site (e.g. "L15.resid_post")
+    shards/r00000-of-00002/          one group per writer: tokens, doc_ids, positions, windows
+                                     (the corpus window of each row, -1 if unknown) and one
+                                     [rows, width] array per site (e.g. "L15.resid_post")
     manifests/r00000-of-00002.json   that shard's commit record, replaced atomically
 
 A writer only ever writes whole chunks past its last commit, makes them durable, then
 replaces its manifest. The manifest is the only thing readers trust: rows past it do not
 exist, so a killed writer leaves nothing half-written behind and resumes from its manifest.
+Every chunk carries a crc32c checksum, so `python -m pipeline.store verify` finds flipped bits.
 
 zarr has no bfloat16, so bf16 rows are stored as their uint16 bit pattern (exact) with
 `logical_dtype: bfloat16` in the array attributes; readers always get float32.
+
+The root may be a local directory or an fsspec URL such as `s3://bucket/run/activations`
+(storage options from the caller, else JSON in $DIALBOX_STORAGE_OPTIONS). Locally a manifest
+is replaced with fsync and rename and a shard is flock-ed while open; on object storage a
+manifest is one PUT, which S3 makes atomic, chunks are durable once their PUT returns, and
+there is no lock: one writer per shard rests on every writer having its own harvest.rank.
 """
 
 from __future__ import annotations
@@ -21,22 +29,28 @@ import fcntl
 import json
 import os
 import queue
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.errors import ContainsGroupError
+from zarr.storage import FsspecStore
 
 from pipeline.sites import Site, SiteError
 
 FORMAT = "dialbox-activations"
 FORMAT_VERSION = 1
 DTYPES = ("bfloat16", "float32")
-TOKEN_COLUMNS = {"tokens": np.int32, "doc_ids": np.int64, "positions": np.int32}
+TOKEN_COLUMNS = {"tokens": np.int32, "doc_ids": np.int64, "positions": np.int32, "windows": np.int64}
+# Columns a writer may be given without: stores written before they existed read them as this.
+OPTIONAL_COLUMNS = {"windows": -1}
+STORAGE_OPTIONS_ENV = "DIALBOX_STORAGE_OPTIONS"
 
 
 class StoreError(RuntimeError):
@@ -121,18 +135,54 @@ def _decode(stored: np.ndarray) -> np.ndarray:
     return stored.astype(np.float32, copy=False)
 
 
-def _as_tensor(stored: np.ndarray) -> torch.Tensor:
+def as_tensor(stored: np.ndarray) -> torch.Tensor:
     """Stored rows as a tensor without a copy: uint16 bits become a bfloat16 view."""
     if stored.dtype == np.uint16:
         return torch.from_numpy(np.ascontiguousarray(stored).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(stored)
 
 
-def _read_manifest(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+def _read_manifest(root, name: str) -> dict | None:
+    key = f"manifests/{name}.json"
+    data = root.read(key)
+    if data is None:
         return None
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as err:
+        raise StoreError(f"{root}/{key} is not valid JSON ({err}): restore it, or delete it and rerun "
+                         "that writer to redo the shard") from None
+
+
+def _describe(settings: dict, keys) -> str:
+    def show(value):
+        return json.dumps(value, separators=(",", ":")) if isinstance(value, (dict, list)) else str(value)
+
+    return ", ".join(f"{k}={show(settings.get(k))}" for k in keys)
+
+
+def _check_same(root, stored: dict, wanted: dict) -> None:
+    """Refuse to mix rows of different models, sites or dtypes in one store."""
+    if stored.get("format") != FORMAT:
+        raise StoreError(f"{root} is a zarr group but not a Dialbox activation store: use another run_name")
+    if stored.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"store at {root} has format version {stored.get('format_version')}, this code writes "
+            f"{FORMAT_VERSION}: use another run_name"
+        )
+    layout = ("dtype", "sites", "world_size", "origin")
+    flat_stored = {**stored["identity"], **{k: stored.get(k) for k in layout}}
+    flat_wanted = {**wanted["identity"], **{k: wanted.get(k) for k in layout}}
+    differ = [k for k in {**flat_stored, **flat_wanted} if flat_stored.get(k) != flat_wanted.get(k)]
+    if differ:
+        raise StoreError(
+            f"store at {root} was harvested with {_describe(flat_stored, differ)}; "
+            f"this run has {_describe(flat_wanted, differ)}: use another run_name"
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# Where a store lives: a local directory or an fsspec URL, behind one small interface
 
 
 def _fsync(path: Path) -> None:
@@ -143,64 +193,148 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomically(path: Path, text: str, fsync: bool) -> None:
-    """Readers see the old file or the new one, never a torn one, even if the disk fills."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if fsync:
-        _fsync(path.parent)
+class _LocalRoot:
+    """A store in a local directory: manifests replaced by rename, fsync on request, flock."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def child(self, name: str) -> "_LocalRoot":
+        return _LocalRoot(self.path / name)
+
+    def zarr_store(self, read_only: bool):
+        return self.path  # zarr opens a LocalStore on it, creating directories as needed
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return (self.path / key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_atomically(self, key: str, data: bytes, fsync: bool) -> None:
+        """Readers see the old file or the new one, never a torn one, even if the disk fills."""
+        path = self.path / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                if fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if fsync:
+            _fsync(path.parent)
+
+    def lock(self, key: str, shard: str):
+        """An exclusive lock held while a writer has the shard open (the OS drops it if we die):
+        a second writer would throw away the first one's uncommitted rows."""
+        path = self.path / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StoreError(f"shard {shard} is being written by another process: wait for it, or give this "
+                             "writer another harvest.rank") from None
+        return handle
+
+    def sync(self, keys) -> None:
+        """fsync the files and every directory between them and the root: a new file survives a
+        power cut only once the directory naming it does."""
+        files = [self.path / k for k in keys]
+        dirs = set()
+        for f in files:
+            d = f.parent
+            while d != self.path:
+                dirs.add(d)
+                d = d.parent
+        for path in [*files, *sorted(dirs), self.path]:
+            _fsync(path)
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Bytes of every file under `prefix`, by key."""
+        out = {}
+        for folder, _, names in os.walk(self.path / prefix):
+            for name in names:
+                path = Path(folder) / name
+                out[path.relative_to(self.path).as_posix()] = path.stat().st_size
+        return out
 
 
-def _describe(settings: dict, keys) -> str:
-    def show(value):
-        return json.dumps(value, separators=(",", ":")) if isinstance(value, (dict, list)) else str(value)
-
-    return ", ".join(f"{k}={show(settings.get(k))}" for k in keys)
+class _NoLock:
+    def close(self) -> None:
+        pass
 
 
-def _check_same(root: Path, stored: dict, wanted: dict) -> None:
-    """Refuse to mix rows of different models, sites or dtypes in one store."""
-    if stored.get("format") != FORMAT:
-        raise StoreError(f"{root} is a zarr group but not a Dialbox activation store: use another run_name")
-    if stored.get("format_version") != FORMAT_VERSION:
-        raise StoreError(
-            f"store at {root} has format version {stored.get('format_version')}, this code writes "
-            f"{FORMAT_VERSION}: use another run_name"
-        )
-    flat_stored = {**stored["identity"], **{k: stored[k] for k in ("dtype", "sites", "world_size")}}
-    flat_wanted = {**wanted["identity"], **{k: wanted[k] for k in ("dtype", "sites", "world_size")}}
-    differ = [k for k in {**flat_stored, **flat_wanted} if flat_stored.get(k) != flat_wanted.get(k)]
-    if differ:
-        raise StoreError(
-            f"store at {root} was harvested with {_describe(flat_stored, differ)}; "
-            f"this run has {_describe(flat_wanted, differ)}: use another run_name"
-        )
+class _RemoteRoot:
+    """A store behind an fsspec URL (s3://, gs://, memory://, ...): every object is written by
+    one PUT, which is atomic and durable once it returns, so there is nothing to fsync."""
+
+    def __init__(self, url: str, storage_options: dict):
+        self.url = url.rstrip("/")
+        self.options = storage_options
+        try:
+            self.fs, self.path = fsspec.core.url_to_fs(self.url, **storage_options)
+        except (ImportError, ValueError) as err:
+            raise StoreError(f"cannot open {self.url}: {err}") from None
+
+    def __str__(self) -> str:
+        return self.url
+
+    def child(self, name: str) -> "_RemoteRoot":
+        return _RemoteRoot(f"{self.url}/{name}", self.options)
+
+    def zarr_store(self, read_only: bool):
+        return FsspecStore.from_url(self.url, storage_options=self.options, read_only=read_only)
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(f"{self.path}/{key}")
+        except FileNotFoundError:
+            return None
+
+    def write_atomically(self, key: str, data: bytes, fsync: bool) -> None:
+        self.fs.pipe_file(f"{self.path}/{key}", data)
+
+    def lock(self, key: str, shard: str) -> _NoLock:
+        return _NoLock()  # object stores have no locks; harvest.rank keeps writers apart
+
+    def sync(self, keys) -> None:
+        pass
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        self.fs.invalidate_cache()  # a listing cached earlier would miss new chunks
+        found = self.fs.find(f"{self.path}/{prefix}".rstrip("/"), detail=True)
+        return {key[len(self.path) + 1 :]: info["size"] for key, info in found.items()}
+
+
+def store_root(path, storage_options: dict | None = None):
+    """Where a store lives: a local path, or a URL with fsspec storage options (by default the
+    JSON object in $DIALBOX_STORAGE_OPTIONS; s3fs also reads the usual AWS_* variables)."""
+    if isinstance(path, (_LocalRoot, _RemoteRoot)):
+        return path
+    text = str(path)
+    if fsspec.utils.get_protocol(text) in ("file", "local"):
+        return _LocalRoot(text.removeprefix("file://"))
+    if storage_options is None:
+        try:
+            storage_options = json.loads(os.environ.get(STORAGE_OPTIONS_ENV) or "{}")
+        except json.JSONDecodeError as err:
+            raise StoreError(f"${STORAGE_OPTIONS_ENV} is not JSON ({err}): give an object such as "
+                             '{"endpoint_url": "http://host:9000"}') from None
+    return _RemoteRoot(text, storage_options)
 
 
 # ----------------------------------------------------------------------------------------
 # Writer
-
-
-def _lock_shard(path: Path, name: str):
-    """An exclusive lock held while a writer has the shard open (the OS drops it if we die):
-    a second writer would throw away the first one's uncommitted rows."""
-    handle = open(path, "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise StoreError(f"shard {name} is being written by another process: wait for it, or give this "
-                         "writer another harvest.rank") from None
-    return handle
 
 
 class ShardWriter:
@@ -209,6 +343,8 @@ class ShardWriter:
     `consumed` is the number of input rows (dropped non-finite rows included) behind the
     committed rows: a resumed harvest skips that many input rows and appends the rest.
     One writer per shard at a time; opening a shard throws away its uncommitted rows.
+    `root` is a local path or an fsspec URL (see store_root); `origin`, recorded in the root's
+    attributes, says where a store that was not harvested (a merge) came from.
     """
 
     def __init__(
@@ -224,6 +360,8 @@ class ShardWriter:
         fsync: bool = True,
         background: bool = True,
         queue_size: int = 4,
+        storage_options: dict | None = None,
+        origin: dict | None = None,
     ):
         if not 0 <= rank < world_size:
             raise StoreError(f"rank {rank} out of range for world_size {world_size}: use 0 <= rank < world_size")
@@ -240,7 +378,7 @@ class ShardWriter:
         except SiteError as err:
             raise StoreError(str(err)) from None
 
-        self.root = Path(root)
+        self.root = store_root(root, storage_options)
         self.name = shard_name(rank, world_size)
         self.sites = {s: int(sites[s]) for s in ordered}
         self.dtype = dtype
@@ -253,14 +391,12 @@ class ShardWriter:
             "chunk_rows": chunk_rows,
             "sites": self.sites,
             "world_size": world_size,
-        }
+        } | ({"origin": json.loads(json.dumps(origin))} if origin else {})
         group = self._open_root(settings)
         # The layout is fixed by whoever created the store, so all shards chunk alike.
         self.chunk_rows = group.attrs["chunk_rows"]
         self._arrays = self._open_arrays(group.require_group(f"shards/{self.name}"), compression)
-        self._manifest_path = self.root / "manifests" / f"{self.name}.json"
-        self._manifest_path.parent.mkdir(exist_ok=True)
-        self._lock = _lock_shard(self._manifest_path.with_suffix(".lock"), self.name)
+        self._lock = self.root.lock(f"manifests/{self.name}.lock", self.name)
         self._resume()
 
         self._buffer: list[dict] = []  # kept rows waiting for a whole chunk
@@ -279,9 +415,9 @@ class ShardWriter:
 
     def _open_root(self, settings: dict) -> zarr.Group:
         try:
-            group = zarr.open_group(self.root, mode="a", attributes=settings)
+            group = zarr.open_group(self.root.zarr_store(read_only=False), mode="a", attributes=settings)
         except ContainsGroupError:  # another shard's writer created it a moment ago
-            group = zarr.open_group(self.root, mode="r+")
+            group = zarr.open_group(self.root.zarr_store(read_only=False), mode="r+")
         _check_same(self.root, dict(group.attrs), settings)
         return group
 
@@ -290,6 +426,8 @@ class ShardWriter:
         stored = np.uint16 if self.dtype == "bfloat16" else np.float32
         columns |= {site: ((width,), np.dtype(stored)) for site, width in self.sites.items()}
         existing = set(shard.array_keys())
+        # The checksum lets verify tell a damaged chunk from data; zstd goes before it.
+        codecs = [ZstdCodec(level=3), Crc32cCodec()] if compression == "zstd" else [Crc32cCodec()]
         arrays = {}
         for name, (tail, dt) in columns.items():
             if name in existing:
@@ -300,8 +438,9 @@ class ShardWriter:
                     shape=(0, *tail),
                     chunks=(self.chunk_rows, *tail),
                     dtype=dt,
-                    fill_value=0,
-                    compressors=[ZstdCodec(level=3)] if compression == "zstd" else None,
+                    # A shard from before an optional column existed reads it as unknown.
+                    fill_value=OPTIONAL_COLUMNS.get(name, 0),
+                    compressors=codecs,
                     attributes={"logical_dtype": self.dtype} if tail else {},
                 )
             # Write every chunk as a file even if all zeros, so fsync finds what it expects.
@@ -309,7 +448,7 @@ class ShardWriter:
         return arrays
 
     def _resume(self) -> None:
-        manifest = _read_manifest(self._manifest_path) or {"rows": 0, "consumed": 0, "done": False, "stats": {}}
+        manifest = _read_manifest(self.root, self.name) or {"rows": 0, "consumed": 0, "done": False, "stats": {}}
         self._committed = manifest["rows"]
         self._consumed = manifest["consumed"]
         self._done = manifest["done"]
@@ -340,7 +479,9 @@ class ShardWriter:
         return self._stats[site].summary()
 
     def append(self, rows: dict) -> None:
-        """Queue rows: tokens/doc_ids/positions [n] and one [n, width] float tensor per site."""
+        """Queue rows: tokens/doc_ids/positions [n], optionally windows [n] (the corpus window of
+        each row, which lets a merge restore a single writer's order), and one [n, width] float
+        tensor per site."""
         self._raise_if_failed()
         if self._done:
             raise StoreError(f"shard {self.name} already finished: use another run_name to harvest more")
@@ -353,15 +494,16 @@ class ShardWriter:
             self._guard(self._ingest, rows)
             self._raise_if_failed()
 
-    def finish(self) -> None:
-        """Write the partial last chunk and mark the shard done."""
+    def finish(self, stats: dict[str, SiteStats] | None = None) -> None:
+        """Write the partial last chunk and mark the shard done. `stats` replaces the shard's
+        statistics (a merge carries its source's over, dropped-row counts included)."""
         self._stop_worker()
         self._raise_if_failed()
         if self._done:
             return
         if self._closed:
             raise StoreError(f"writer of shard {self.name} is closed: open a new ShardWriter to resume")
-        self._guard(self._write_and_commit, self._buffered_rows, True)
+        self._guard(self._write_and_commit, self._buffered_rows, True, stats)
         self._raise_if_failed()
 
     def close(self) -> None:
@@ -386,13 +528,14 @@ class ShardWriter:
 
     def _to_cpu(self, rows: dict) -> dict:
         """Check rows and copy them to CPU now, so the caller may reuse its tensors."""
-        missing = [k for k in [*TOKEN_COLUMNS, *self.sites] if k not in rows]
+        missing = [k for k in [*TOKEN_COLUMNS, *self.sites] if k not in rows and k not in OPTIONAL_COLUMNS]
         extra = [k for k in rows if k not in TOKEN_COLUMNS and k not in self.sites]
         if missing or extra:
             raise StoreError(
                 f"rows for shard {self.name}: missing {missing}, unexpected {extra}; the store's sites are {list(self.sites)}"
             )
         n = len(rows["tokens"])
+        rows = {name: np.full(n, fill) for name, fill in OPTIONAL_COLUMNS.items()} | rows
         out = {}
         for name, dt in TOKEN_COLUMNS.items():
             x = rows[name]
@@ -465,7 +608,7 @@ class ShardWriter:
         self._buffered_rows -= n
         return head
 
-    def _write_and_commit(self, n: int, done: bool = False) -> None:
+    def _write_and_commit(self, n: int, done: bool = False, replace_stats: dict | None = None) -> None:
         """Write the first n buffered rows after the committed ones, make them durable, commit.
 
         n is a whole number of chunks, except at finish(), so a committed chunk is never
@@ -487,9 +630,10 @@ class ShardWriter:
             dropped = self._dropped[site]
             new.nonfinite_rows = int((dropped < consumed).sum())
             stats[site] = old + new
+        stats = replace_stats or stats
         stats_json = {s: v.to_json() for s, v in stats.items()}
         manifest = {"rows": stop, "consumed": consumed, "done": done, "stats": stats_json}
-        _write_atomically(self._manifest_path, json.dumps(manifest), self.fsync)
+        self.root.write_atomically(f"manifests/{self.name}.json", json.dumps(manifest).encode(), self.fsync)
 
         self._committed, self._consumed, self._done, self._stats = stop, consumed, done, stats
         self._dropped = {s: d[d >= consumed] for s, d in self._dropped.items()}
@@ -497,21 +641,18 @@ class ShardWriter:
     def _fsync_chunks(self, start: int, stop: int) -> None:
         """Make the new chunks, and the metadata that sizes their arrays, durable before the
         manifest names them (a manifest that outlives its rows after a power cut is the bug)."""
-        shard_dir = self.root / "shards" / self.name
-        files = [self.root / "zarr.json", self.root / "shards" / "zarr.json", shard_dir / "zarr.json"]
+        shard = f"shards/{self.name}"
+        keys = ["zarr.json", "shards/zarr.json", f"{shard}/zarr.json"]
         for name, array in self._arrays.items():
-            files.append(shard_dir / name / "zarr.json")
-            for i in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
-                key = array.metadata.encode_chunk_key((i,) + (0,) * (array.ndim - 1))
-                files.append(shard_dir / name / key)
-        dirs = set()
-        for f in files:
-            d = f.parent
-            while d != self.root:
-                dirs.add(d)
-                d = d.parent
-        for path in [*files, *sorted(dirs), self.root]:
-            _fsync(path)
+            keys.append(f"{shard}/{name}/zarr.json")
+            keys += [f"{shard}/{name}/{key}" for key in chunk_keys(array, start, stop)]
+        self.root.sync(keys)
+
+
+def chunk_keys(array: zarr.Array, start: int, stop: int) -> list[str]:
+    """Keys (relative to the array) of the chunks that hold rows [start, stop)."""
+    rows, tail = array.chunks[0], (0,) * (array.ndim - 1)
+    return [array.metadata.encode_chunk_key((i, *tail)) for i in range(start // rows, -(-stop // rows))]
 
 
 # ----------------------------------------------------------------------------------------
@@ -519,7 +660,9 @@ class ShardWriter:
 
 
 @dataclass
-class _Shard:
+class ShardRecord:
+    """A shard as its manifest describes it."""
+
     name: str
     rows: int
     consumed: int
@@ -532,14 +675,16 @@ class ActivationStore:
     """Read-only view of the committed rows of every shard, in rank order.
 
     The view is a snapshot of the manifests when opened; open a new one to see later commits.
+    `path` is a run directory or a store root, local or an fsspec URL (see store_root).
     """
 
-    def __init__(self, path):
-        path = Path(path)
-        self.root = path / "activations" if (path / "activations" / "zarr.json").exists() else path
-        if not (self.root / "zarr.json").exists():
+    def __init__(self, path, storage_options: dict | None = None):
+        given = store_root(path, storage_options)
+        inner = given.child("activations")
+        self.root = inner if inner.read("zarr.json") is not None else given
+        if self.root.read("zarr.json") is None:
             raise StoreError(f"no activation store at {path}: run `make harvest` first")
-        self._group = zarr.open_group(self.root, mode="r")
+        self._group = zarr.open_group(self.root.zarr_store(read_only=True), mode="r")
         attrs = dict(self._group.attrs)
         if attrs.get("format") != FORMAT:
             raise StoreError(f"{self.root} is a zarr group but not a Dialbox activation store: run `make harvest`")
@@ -548,17 +693,18 @@ class ActivationStore:
         self.chunk_rows: int = attrs["chunk_rows"]
         self.world_size: int = attrs["world_size"]
         self._widths: dict = attrs["sites"]
+        self.origin: dict | None = attrs.get("origin")  # set on a merged store
         self._arrays = {}
         self._shards = []
         offset = 0
         for rank in range(self.world_size):
             name = shard_name(rank, self.world_size)
-            m = _read_manifest(self.root / "manifests" / f"{name}.json")
+            m = _read_manifest(self.root, name)
             if m is None:
-                self._shards.append(_Shard(name, 0, 0, False, offset))
+                self._shards.append(ShardRecord(name, 0, 0, False, offset))
                 continue
             stats = {s: SiteStats.from_json(d) for s, d in m["stats"].items()}
-            self._shards.append(_Shard(name, m["rows"], m["consumed"], m["done"], offset, stats))
+            self._shards.append(ShardRecord(name, m["rows"], m["consumed"], m["done"], offset, stats))
             offset += m["rows"]
         self.n_tokens: int = offset
 
@@ -581,16 +727,28 @@ class ActivationStore:
         return [(s.name, s.rows, s.consumed, s.done) for s in self._shards]
 
     @property
+    def shard_records(self) -> list[ShardRecord]:
+        return list(self._shards)
+
+    def shard_groups(self) -> list[str]:
+        """Names of the shard groups on storage, whichever writers made them."""
+        return sorted(self._group["shards"].group_keys()) if "shards" in self._group else []
+
+    @property
     def complete(self) -> bool:
         return all(s.done for s in self._shards)
 
     def stats(self, site: str) -> dict:
         """Statistics of the committed rows of a site over all shards (see SiteStats.summary)."""
+        return self.site_stats(site).summary()
+
+    def site_stats(self, site: str) -> SiteStats:
+        """The running sums behind stats(), over all shards."""
         total = SiteStats.zeros(self.width(site))
         for s in self._shards:
             if site in s.stats:
                 total = total + s.stats[site]
-        return total.summary()
+        return total
 
     # -- random access ---------------------------------------------------------------------
 
@@ -600,7 +758,16 @@ class ActivationStore:
         return _decode(self._read(site, start, stop))
 
     def tokens(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Per-row columns: tokens, doc_ids, positions and windows (-1 where not recorded)."""
         return {name: self._read(name, start, stop) for name in TOKEN_COLUMNS}
+
+    def read_shard(self, shard: str, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one shard's column or site as stored (bf16 as uint16 bits),
+        committed or not: for tools that walk the shards themselves."""
+        array = self.shard_array(shard, name)
+        if array is None:
+            return np.full(stop - start, OPTIONAL_COLUMNS[name], TOKEN_COLUMNS[name])
+        return array[start:stop]
 
     def context(self, index: int, before: int = 16, after: int = 8) -> tuple[np.ndarray, int]:
         """Token ids around row `index`, within its document: (ids, offset of index in ids)."""
@@ -623,17 +790,24 @@ class ActivationStore:
         for s in self._shards:
             lo, hi = max(start, s.offset), min(stop, s.offset + s.rows)
             if lo < hi:
-                pieces.append(self._array(s.name, name)[lo - s.offset : hi - s.offset])
+                pieces.append(self.read_shard(s.name, name, lo - s.offset, hi - s.offset))
         if pieces:
             return np.concatenate(pieces)
         if name in TOKEN_COLUMNS:
             return np.zeros(0, TOKEN_COLUMNS[name])
         return np.zeros((0, self._widths[name]), np.uint16 if self.dtype == "bfloat16" else np.float32)
 
-    def _array(self, shard: str, name: str) -> zarr.Array:
+    def shard_array(self, shard: str, name: str) -> zarr.Array | None:
+        """One shard's zarr array; None for an optional column the store predates."""
         key = f"shards/{shard}/{name}"
         if key not in self._arrays:
-            self._arrays[key] = self._group[key]
+            try:
+                self._arrays[key] = self._group[key]
+            except KeyError:
+                if name not in OPTIONAL_COLUMNS:
+                    raise StoreError(f"{self.root}/{key} is missing: the store is damaged; run "
+                                     "`python -m pipeline.store verify` on it") from None
+                self._arrays[key] = None
         return self._arrays[key]
 
     def _check_site(self, site: str) -> None:
@@ -690,17 +864,17 @@ class ActivationStore:
             skip = 0
             rows = {}
             for site in sites:
-                whole = np.concatenate([self._array(shard, site)[start:stop] for shard, start, stop in window])
+                whole = np.concatenate([self.read_shard(shard, site, start, stop) for shard, start, stop in window])
                 rows[site] = whole[perm]
                 if carry is not None:
                     rows[site] = np.concatenate([carry[site], rows[site]])
             m = len(rows[sites[0]])
             full = m - m % batch_size
             for i in range(0, full, batch_size):
-                yield {site: _as_tensor(rows[site][i : i + batch_size]) for site in sites}
+                yield {site: as_tensor(rows[site][i : i + batch_size]) for site in sites}
             carry = {site: rows[site][full:] for site in sites}
         if carry is not None and len(carry[sites[0]]) and not drop_last:
-            yield {site: _as_tensor(carry[site]) for site in sites}
+            yield {site: as_tensor(carry[site]) for site in sites}
 
 
 def _prefetch(items, depth: int):
@@ -737,3 +911,9 @@ def _prefetch(items, depth: int):
             yield item
     finally:
         stop.set()
+
+
+if __name__ == "__main__":  # python -m pipeline.store info|verify|merge ...
+    from pipeline.storetool import main
+
+    sys.exit(main())
