@@ -129,7 +129,8 @@ class FeatureMiner:
         lo, hi = self.features
         acts = self.sae.encode(x.to(self.sae.W_enc.dtype)).float()
         acts = acts if hi - lo == acts.shape[1] else acts[:, lo:hi].contiguous()
-        acts[x.norm(dim=1) > self.max_norm] = 0
+        if self.max_norm < math.inf:
+            acts[x.norm(dim=1) > self.max_norm] = 0
         return acts
 
     @torch.no_grad()
