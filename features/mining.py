@@ -81,7 +81,7 @@ class FeatureMiner:
         return {
             # What the state is a pass of: a checkpoint of anything else is not resumed.
             "identity": {"plan": asdict(p), "site": self.site, "rows": self.n_blocks * W, "features": list(self.features),
-                         "sae_sum": float(self.sae.W_enc.double().sum() + self.sae.W_dec.double().sum())},
+                         "sae_sum": float(self.sae.W_enc.detach().double().sum() + self.sae.W_dec.detach().double().sum())},
             "next_batch": 0,
             "tokens": 0,
             "fires": torch.zeros(F, dtype=torch.long, device=dev),

@@ -38,7 +38,7 @@ from pipeline.config import ModelConfig
 from pipeline.models import load_model
 from pipeline.rundir import RunDir
 from pipeline.sites import FeatureId, Site, SiteError
-from pipeline.store import ActivationStore, StoreError
+from pipeline.store import StoreError
 
 OPS = ("add", "clamp", "project")
 POSITIONS = ("all", "prompt", "generated")
@@ -197,7 +197,7 @@ def max_activations(run: RunDir, site: str, sae, rows: int = 16384) -> tuple[tor
         maxes[torch.tensor(columns["index"], dtype=torch.long)] = torch.tensor(columns["max_act"], dtype=torch.float32)
         return maxes, f"{table}"
     try:
-        store = ActivationStore(run.root)
+        store = run.open_store()
         n = min(rows, store.n_tokens)
         x = torch.from_numpy(store.read(site, 0, n))
     except StoreError as e:
@@ -395,11 +395,9 @@ def left_pad(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, 
 
 def run_model(run: RunDir, model_cfg=None) -> DictConfig:
     """The model to steer: the run's harvested model, or the one given (which must then agree with it)."""
-    from pipeline.train import harvest_config
-
     harvested = None
     try:
-        harvested = harvest_config(run).model
+        harvested = run.harvest_config().model
     except StoreError:
         pass
     if model_cfg is None:

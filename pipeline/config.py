@@ -77,6 +77,12 @@ class StoreConfig:
     compression: Optional[str] = None
     # fsync chunk files before a commit names them (durability across power loss).
     fsync: bool = True
+    # The store on object storage, as an fsspec URL (e.g. s3://bucket/run/activations); empty = <run dir>/activations.
+    # Later stages of the run find it through the run's saved harvest config.
+    url: str = ""
+    # fsspec options for `url` that are not secrets (e.g. endpoint_url); empty = the JSON in $DIALBOX_STORAGE_OPTIONS.
+    # Credentials come from the environment (AWS_* for s3fs): this dict is saved with the run's config.
+    storage_options: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -82,21 +82,23 @@ def rows_of(batch: list[Window], acts: dict) -> dict:
     return rows
 
 
-def check_same_model(run: RunDir, model_name: str) -> None:
+def check_same_model(cfg: DictConfig) -> None:
     """Fail before loading a large model when the run already holds another model's store."""
-    if not (run.activations / "zarr.json").exists():
+    try:
+        store = ActivationStore(*RunDir.from_config(cfg).store_location(cfg.store))
+    except StoreError:  # no store yet
         return
-    stored = ActivationStore(run.activations).identity.get("model")
-    if stored != model_name:
+    stored = store.identity.get("model")
+    if stored != cfg.model.name:
         raise StoreError(
-            f"{run.activations} holds activations of model={stored}, not {model_name}: use another run.run_name"
+            f"{store.root} holds activations of model={stored}, not {cfg.model.name}: use another run.run_name"
         )
 
 
 def harvest(cfg: DictConfig) -> ActivationStore:
     """Load the model (only the blocks the sites need) and harvest."""
     sites = parse_sites(cfg.harvest.sites)
-    check_same_model(RunDir.from_config(cfg), cfg.model.name)
+    check_same_model(cfg)
     model, tokenizer = load_model(cfg.model, max_layer=max(s.layer for s in sites))
     store, _ = harvest_with(cfg, model, tokenizer)
     return store
@@ -120,15 +122,17 @@ def harvest_with(cfg: DictConfig, model, tokenizer) -> tuple[ActivationStore, fl
     widths = {str(s): adapter.width(s) for s in sites}
     identity = {**adapter.describe(), "model": cfg.model.name, "data": fingerprint(cfg.data, tokenizer),
                 "context_length": cfg.data.context_length}
+    location, storage_options = run.store_location(cfg.store)
     writer = ShardWriter(
-        run.activations, h.rank, h.world_size, widths, identity, dtype=cfg.store.dtype,
+        location, h.rank, h.world_size, widths, identity, dtype=cfg.store.dtype,
         chunk_rows=chunk_rows_for(list(widths.values()), cfg.store.dtype, cfg.store.chunk_rows, cfg.store.chunk_mib),
         compression=cfg.store.compression, fsync=cfg.store.fsync, queue_size=h.queue_batches,
+        storage_options=storage_options,
     )
     if writer.done:
         writer.close()
         print(f"harvest: shard {h.rank} of {h.world_size} is already complete ({writer.committed_rows} tokens)")
-        return ActivationStore(run.activations), 0.0
+        return ActivationStore(location, storage_options), 0.0
 
     expected = max_windows // h.world_size * cfg.data.context_length if max_windows else None
     device = next(model.parameters()).device
@@ -142,13 +146,13 @@ def harvest_with(cfg: DictConfig, model, tokenizer) -> tuple[ActivationStore, fl
             bar.update(len(rows["tokens"]))
         writer.finish()
     elapsed = time.perf_counter() - started
-    store = ActivationStore(run.activations)
+    store = ActivationStore(location, storage_options)
     report(store, run, elapsed)
     return store, elapsed
 
 
 def report(store: ActivationStore, run: RunDir, elapsed: float) -> None:
-    print(f"harvest: {store.n_tokens} tokens committed in {run.activations} ({elapsed:.1f} s this run)")
+    print(f"harvest: {store.n_tokens} tokens committed in {store.root} ({elapsed:.1f} s this run)")
     for site in store.sites:
         s = store.stats(site)
         print(f"  {site}: mean norm {s['mean_norm']:.3g}, max norm {s['max_norm']:.3g}, "

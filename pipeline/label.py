@@ -21,7 +21,7 @@ from pipeline.corpus import CorpusError
 from pipeline.models import load_model, load_tokenizer, resolve_device
 from pipeline.rundir import RunDir, one_line_errors
 from pipeline.sites import SiteError
-from pipeline.store import ActivationStore, StoreError
+from pipeline.store import StoreError
 from pipeline.train import harvested_model
 
 register_configs()
@@ -57,7 +57,7 @@ def make_chat(explainer: DictConfig, run: RunDir, model_cfg: DictConfig):
 
 def label(cfg: DictConfig) -> dict:
     run = RunDir.from_config(cfg)
-    store = ActivationStore(run.root)
+    store = run.open_store()
     sites = trained_sites(run, list(cfg.label.sites))
     model_cfg = harvested_model(run)
     device = resolve_device(cfg.label.device)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.store import ActivationStore, StoreError
+
 
 class RunDir:
     def __init__(self, runs_dir: str, run_name: str):
@@ -26,6 +28,25 @@ class RunDir:
 
     def saes(self, site: str = "") -> Path:
         return self.root / "saes" / site if site else self.root / "saes"
+
+    def harvest_config(self) -> DictConfig:
+        """The resolved config the run's store was harvested with (rank 0's, for a split harvest)."""
+        for name in ("harvest.yaml", "harvest.r0.yaml"):
+            if (self.root / "config" / name).exists():
+                return OmegaConf.load(self.root / "config" / name)
+        raise StoreError(f"no harvest config in {self.root / 'config'}: the store was not made by `make harvest`")
+
+    def store_location(self, store_cfg: DictConfig | None = None) -> tuple:
+        """(where, fsspec options or None) of the run's activation store: `store.url` of the given
+        store config, else of the run's harvest config, else <run>/activations."""
+        if store_cfg is None:
+            has_config = any((self.root / "config" / n).exists() for n in ("harvest.yaml", "harvest.r0.yaml"))
+            store_cfg = self.harvest_config().store if has_config else {}
+        url = store_cfg.get("url") or ""
+        return (url or self.activations), (dict(store_cfg.get("storage_options") or {}) or None)
+
+    def open_store(self) -> ActivationStore:
+        return ActivationStore(*self.store_location())
 
     def save_config(self, cfg: DictConfig, stage: str) -> Path:
         """Write the resolved config next to what it produced (atomically: a reader never sees half)."""

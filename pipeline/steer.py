@@ -26,7 +26,7 @@ from features.vectors import EXPORTS, SteeringVector, contrast_vector, feature_v
 from pipeline.config import register_configs
 from pipeline.rundir import RunDir, one_line_errors
 from pipeline.sites import FeatureId, Site
-from pipeline.store import ActivationStore, StoreError
+from pipeline.store import StoreError
 
 register_configs()
 
@@ -196,7 +196,7 @@ def save_feature_vector(run: RunDir, feature_text: str, operation: str) -> Steer
         max_act = float(max_activations(run, str(feature.site), sae)[0][feature.index])
         if max_act <= 0:
             raise SteeringError(f"feature {feature} never fired: there is no max activation to scale it by")
-    model = {k: v for k, v in ActivationStore(run.root).identity.items() if k not in ("data", "context_length")}
+    model = {k: v for k, v in run.open_store().identity.items() if k not in ("data", "context_length")}
     vector = feature_vector(f"{feature.site}-{feature.index}", str(feature), sae.W_dec[feature.index].detach(),
                             max_act, operation, model)
     vector.save(run.root / "vectors")

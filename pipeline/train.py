@@ -59,14 +59,14 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
 
 def open_store(run: RunDir, allow_partial: bool) -> ActivationStore:
-    store = ActivationStore(run.activations)
+    store = run.open_store()
     if not store.complete and not allow_partial:
         raise StoreError(
-            f"the store in {run.activations} is still being written ({store.n_tokens} committed tokens): "
+            f"the store in {store.root} is still being written ({store.n_tokens} committed tokens): "
             "wait for the harvest, or set train.allow_partial_store=true to train on the committed rows"
         )
     if store.n_tokens == 0:
-        raise StoreError(f"the store in {run.activations} has no committed tokens: run `make harvest` first")
+        raise StoreError(f"the store in {store.root} has no committed tokens: run `make harvest` first")
     return store
 
 
@@ -178,14 +178,7 @@ def log_step(wb, trainer: Trainer, histogram_tokens: int) -> int:
 
 def harvested_model(run: RunDir) -> DictConfig:
     """The model config the store was harvested with, every field filled in."""
-    return OmegaConf.merge(OmegaConf.structured(ModelConfig), harvest_config(run).model)
-
-
-def harvest_config(run: RunDir) -> DictConfig:
-    for name in ("harvest.yaml", "harvest.r0.yaml"):
-        if (run.root / "config" / name).exists():
-            return OmegaConf.load(run.root / "config" / name)
-    raise StoreError(f"no harvest config in {run.root / 'config'}: the store was not made by `make harvest`")
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), run.harvest_config().model)
 
 
 @dataclass
@@ -199,7 +192,7 @@ def plan_heldout(run: RunDir, cfg: DictConfig, store: ActivationStore) -> Heldou
     """Held-out windows: from `eval.paths` when given, else the ones right after the harvested
     windows; when the harvest took the whole corpus, its last windows, whose rows (the store's
     last rows) training then leaves out."""
-    harvested = harvest_config(run)
+    harvested = run.harvest_config()
     data = harvested.data
     tokenizer = load_tokenizer(harvested_model(run))
     wanted = max(1, math.ceil(cfg.eval.tokens / data.context_length))

@@ -105,3 +105,23 @@ def test_a_writer_resumes_from_the_remote_manifest(remote, tmp_path):
     resumed.finish()
     resumed.close()
     assert_same_rows(all_rows(ActivationStore(url, options)), all_rows(write_store(tmp_path / "clean", windows, 1)))
+
+
+def test_harvest_and_train_a_run_whose_store_is_on_s3(s3, tmp_path):
+    """store.url puts the activations in a bucket; train finds them through the run's harvest config."""
+    from conftest import compose_config
+    from pipeline.harvest import harvest
+    from pipeline.train import train
+
+    base, options = s3
+    endpoint = options["endpoint_url"]  # the credentials come from the AWS_* variables the fixture set
+    runs = tmp_path / "runs"
+    harvest(compose_config("harvest", [f"run.runs_dir={runs}", "model=tiny_deepseek_v4", "data.context_length=64",
+                                       "harvest.sites=[L1.ffn_out]", "harvest.max_tokens=2048", "store.chunk_rows=256",
+                                       f"store.url={base}/run/activations", f"+store.storage_options.endpoint_url={endpoint}"]))
+    assert not (runs / "demo" / "activations").exists()
+    assert ActivationStore(f"{base}/run", {"endpoint_url": endpoint}).n_tokens > 1500
+    results = train(compose_config("train", [f"run.runs_dir={runs}", "sae.expansion_factor=2", "sae.k=4",
+                                             "train.batch_size=256", "eval.ce=false", "eval.tokens=128"]))
+    assert results["L1.ffn_out/base"]["fvu"] < 1.5
+    assert (runs / "demo" / "saes" / "L1.ffn_out" / "cfg.json").exists()
