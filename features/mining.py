@@ -93,10 +93,6 @@ class FeatureMiner:
             "pool_fires": torch.zeros(len(pool), F, dtype=torch.bool, device=dev),
         }
 
-    @property
-    def done(self) -> bool:
-        return self.state["next_batch"] >= self.n_batches
-
     def run(self, checkpoint: Path | None = None, checkpoint_seconds: float = 180.0) -> dict:
         """Mine every remaining batch (resuming from `checkpoint` when it exists) and return the state."""
         if checkpoint is not None and checkpoint.exists():
