@@ -267,9 +267,10 @@ def test_a_batch_generates_what_each_prompt_generates_alone(smol):
 def test_steer_cli_prints_both_columns_and_refuses_bad_input_in_one_line(smol_run):
     f = live_feature(Steerer(smol_run), SMOL_SITE)
     common = [f"run.runs_dir={smol_run.parent}", f"run.run_name={smol_run.name}", "steer.max_new_tokens=8"]
-    out = run_stage("pipeline.steer", *common, f"steer.interventions=[{SMOL_SITE}/{f} scale=4]").stdout
+    out = run_stage("pipeline.steer", *common, f'steer.interventions=["{SMOL_SITE}/{f} scale=4"]').stdout
     assert "unsteered" in out and f"steered: {SMOL_SITE}/{f} scale=4" in out and " | " in out
     assert (smol_run / "config" / "steer-generate.yaml").exists()
     bad = run_stage("pipeline.steer", *common, f"steer.interventions=[{SMOL_SITE}/5000000]", check=False)
     assert bad.returncode == 2
-    assert bad.stderr.strip().count("\n") == 0 and "unknown feature" in bad.stderr
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("steer generate: error:")]
+    assert len(errors) == 1 and "unknown feature" in errors[0] and "Traceback" not in bad.stderr

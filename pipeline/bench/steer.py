@@ -10,6 +10,7 @@ rounds with the order rotated; medians reported. Target: steered / unsteered >= 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -67,7 +68,9 @@ def main(argv=None) -> None:
     per_round = "; ".join(f"{way}: " + ", ".join(f"{x:,.1f}" for x in v) for way, v in rates.items())
     notes = (f"\nModel {args.model}, {len(prompts)} held-out prompts in one left-padded batch, {args.tokens} new tokens "
              f"each (greedy, end of turn suppressed so every way generates the same tokens count), KV cache on. "
-             f"{args.rounds} rounds, order rotated each round, medians reported. Tokens/s per round: {per_round}.\n")
+             f"{args.rounds} rounds, order rotated each round, medians reported. Tokens/s per round: {per_round}. "
+             f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (above the CPU count, other "
+             "jobs shared the machine and the ratios are noise: rerun on a quiet machine).\n")
     command = "make bench-steer" + (f" ARGS='{' '.join(argv or sys.argv[1:])}'" if (argv or sys.argv[1:]) else "")
     write_section("bench-steer", command, table(["measure", "values", "ratio", "target"], rows) + "\n" + notes)
 
