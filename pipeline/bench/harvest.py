@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.adapters import make_adapter
-from pipeline.bench import table, write_section
+from pipeline.bench import make_command, table, write_section
 from pipeline.config import compose
 from pipeline.corpus import iter_windows, windows_for_tokens
 from pipeline.harvest import batches, harvest_with
@@ -91,8 +91,7 @@ def main(argv=None) -> None:
              f"{len(batch_ids)} batches of {cfg.harvest.batch_size} x {cfg.data.context_length}. "
              f"Bare forward measured before and after the harvest ({bare_before:,.0f} and {bare_after:,.0f} tok/s) "
              "and averaged. The harvest rate counts every token run through the model.\n")
-    command = "make bench-harvest" + (f" ARGS='{' '.join(argv or sys.argv[1:])}'" if (argv or sys.argv[1:]) else "")
-    write_section("bench-harvest", command, table(["measure", "values", "ratio", "target"], rows) + "\n" + notes)
+    write_section("bench-harvest", make_command("bench-harvest", argv or sys.argv[1:]), table(["measure", "values", "ratio", "target"], rows) + "\n" + notes)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 
 from features.steering import Steerer
 from features.vectors import SteeringVector
-from pipeline.bench import table, write_section
+from pipeline.bench import make_command, table, write_section
 from pipeline.config import compose
 from pipeline.sites import Site
 from pipeline.steer import read_prompts
@@ -69,10 +69,10 @@ def main(argv=None) -> None:
     notes = (f"\nModel {args.model}, {len(prompts)} held-out prompts in one left-padded batch, {args.tokens} new tokens "
              f"each (greedy, end of turn suppressed so every way generates the same tokens count), KV cache on. "
              f"{args.rounds} rounds, order rotated each round, medians reported. Tokens/s per round: {per_round}. "
-             f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (above the CPU count, other "
-             "jobs shared the machine and the ratios are noise: rerun on a quiet machine).\n")
-    command = "make bench-steer" + (f" ARGS='{' '.join(argv or sys.argv[1:])}'" if (argv or sys.argv[1:]) else "")
-    write_section("bench-steer", command, table(["measure", "values", "ratio", "target"], rows) + "\n" + notes)
+             f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+             + (" (above the CPU count: other jobs shared the machine and the ratios are noise)" if os.getloadavg()[0] > os.cpu_count() else "")
+             + ".\n")
+    write_section("bench-steer", make_command("bench-steer", argv or sys.argv[1:]), table(["measure", "values", "ratio", "target"], rows) + "\n" + notes)
 
 
 if __name__ == "__main__":
