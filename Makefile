@@ -79,7 +79,7 @@ bench-label: setup
 quality: setup
 	$(PY) -m pipeline.bench.quality $(ARGS)
 
-# Steering (design.md section 6): `make steer ARGS='steer.interventions=["L15.resid_post/1234 scale=4"]'`,
+# Steering: `make steer ARGS='steer.interventions=["L15.resid_post/1234 scale=4"]'`,
 # `make export ARGS='export.vector=terse export.format=gguf'`, `make serve` (OpenAI-compatible, 127.0.0.1:8000).
 steer: setup
 	$(PY) -m pipeline.steer run.run_name=$(RUN) $(ARGS)

@@ -1,3 +1,4 @@
-"""Feature mining, labelling, reports, steering vectors and the steering runner (issues 4 and 5).
+"""Feature discovery: mining the store through each SAE, examples, explanations and scores,
+the logit lens, the feature tables and the static report.
 
-May import from `sae` and `pipeline`; neither imports from here."""
+Imports from `activations` and `sae`; never from `steering` or `pipeline`."""

@@ -1,4 +1,5 @@
-"""Labelling one site: mine, then per feature examples -> label -> scores, then the tables.
+"""Labelling: a run's trained SAEs, site by site (`label`); one site is mined, then per feature
+examples -> label -> scores, then the tables (`label_site`).
 
 Features are handled in chunks, so the examples of 65,536 features never sit in memory at once.
 A feature the LLM could not label (endpoint down, garbage replies) is written as `unlabelled`
@@ -14,10 +15,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from omegaconf import DictConfig, OmegaConf
+
+from activations.config import ModelConfig
+from activations.errors import ConfigError
+from activations.models import load_model, load_tokenizer, resolve_device
+from activations.rundir import RunDir
+from activations.sites import SiteError
+from activations.store import StoreError
 from features import explain, score
 from features.examples import ExamplePlan, attach_tokens, feature_examples
 from features.lens import logit_lens, nearest_features
-from features.llm import ChatModel, LLMError, map_with_progress
+from features.llm import ChatModel, LLMError, LocalChat, OpenAIChat, ResponseCache, map_with_progress
 from features.mining import HIST_EDGES, FeatureMiner, MiningPlan
 from features.tables import ExampleWriter, merge_parts, write_features, write_meta
 
@@ -50,7 +59,7 @@ def label_site(inputs: SiteInputs, cfg, explainer, chat: ChatModel | None, site_
     n = inputs.sae.cfg.d_sae
     lo, hi = (cfg.features or [0, n])[:2]
     if not 0 <= lo < hi <= n:
-        raise ValueError(f"label.features={list(cfg.features)} is not a range [start, stop) within the {n} features "
+        raise ConfigError(f"label.features={list(cfg.features)} is not a range [start, stop) within the {n} features "
                          f"of {inputs.site}")
     out = site_dir if (lo, hi) == (0, n) else site_dir / "parts" / f"{lo:07d}-{hi:07d}"
     out.mkdir(parents=True, exist_ok=True)
@@ -153,3 +162,57 @@ def _feature_columns(inputs, state, lo, hi, described, lens, neighbours, neighbo
         "neighbours": neighbours.tolist(), "neighbour_cos": neighbour_cos.tolist(),
         "hist_counts": state["hist"].tolist(),
     }
+
+
+# --- a whole run -----------------------------------------------------------------------------
+
+
+def trained_sites(run: RunDir, wanted: list) -> list[str]:
+    found = run.trained_sites()
+    if not found:
+        raise StoreError(f"no trained SAEs in {run.saes()}: run `make train` first")
+    missing = [s for s in wanted if s not in found]
+    if missing:
+        raise SiteError(f"no trained SAE for {', '.join(missing)} in {run.saes()}: it has {', '.join(found)}")
+    return list(wanted) or found
+
+
+def make_chat(explainer: DictConfig, run: RunDir, model_cfg: DictConfig):
+    """The explainer's chat model (None for heuristic labels); replies cached in the run directory."""
+    cache = ResponseCache(run.llm_cache)
+    if explainer.kind == "heuristic":
+        return None
+    if explainer.kind == "openai":
+        return OpenAIChat(explainer.base_url, explainer.model, explainer.api_key_env, cache, explainer.concurrency,
+                          explainer.retries, explainer.backoff_s, explainer.timeout_s)
+    cfg = model_cfg  # explainer.kind is local
+    if explainer.local_path:
+        cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": explainer.local_path, "source": "hub",
+                                                                   "path": explainer.local_path, "device": model_cfg.device})
+    model, tokenizer = load_model(cfg)
+    return LocalChat(model, tokenizer, cfg.name, cache, retries=0)  # greedy: a retry would repeat the reply
+
+
+def label(cfg: DictConfig) -> dict:
+    run = RunDir.from_config(cfg)
+    store = run.open_store()
+    sites = trained_sites(run, list(cfg.label.sites))
+    model_cfg = run.model_config()
+    device = resolve_device(cfg.label.device)
+    chat = make_chat(cfg.explainer, run, model_cfg)
+    # The logit lens needs the final norm and the unembedding only: load the first block alone,
+    # unless the local explainer has already loaded the whole model.
+    lens_model = chat.model if isinstance(chat, LocalChat) and not cfg.explainer.local_path else load_model(model_cfg, max_layer=0)[0]
+    tokenizer = load_tokenizer(model_cfg)
+    vocab = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    run.save_config(cfg, "label")
+    results = {}
+    for site in sites:
+        sae = run.load_sae(site, device)
+        if sae.cfg.d_in != store.width(site):
+            raise StoreError(f"the SAE at {run.saes(site)} reads width {sae.cfg.d_in} but the store's {site} has "
+                             f"width {store.width(site)}: retrain it on this store")
+        inputs = SiteInputs(site, sae, store, lens_model, vocab)
+        out, results[site] = label_site(inputs, cfg.label, cfg.explainer, chat, run.features(site), device)
+        print(f"label: {site}: " + ", ".join(f"{n} {src}" for src, n in results[site].items()) + f" in {out}")
+    return results

@@ -26,9 +26,11 @@ from typing import Callable
 
 import torch
 from tqdm import tqdm
+from activations.errors import DialboxError
+from activations.errors import ConfigError
 
 
-class LLMError(RuntimeError):
+class LLMError(DialboxError, RuntimeError):
     """A request that failed after every retry; the message is the reason a feature is unlabelled."""
 
 
@@ -106,7 +108,7 @@ class OpenAIChat(ChatModel):
                  retries: int = 3, backoff_s: float = 1.0, timeout_s: float = 60.0):
         super().__init__(cache, retries, backoff_s)
         if not model:
-            raise ValueError("explainer=openai needs explainer.model, the model name the endpoint serves")
+            raise ConfigError("explainer=openai needs explainer.model, the model name the endpoint serves")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.name, self.concurrency, self.timeout_s = model, concurrency, timeout_s
         # The key is read from the environment and kept out of every config, log and cache.

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.store import ActivationStore
+from activations.store import ActivationStore
+from activations.errors import ConfigError
 
 # Histogram bins: 8 per decade from 1e-3 to 1e5 covers SAE activations of every model we know,
 # including the massive-activation sites of DeepSeek-V4, with no per-feature first pass.
@@ -58,7 +59,7 @@ class FeatureMiner:
         rows = store.n_tokens if not plan.max_tokens else min(plan.max_tokens, store.n_tokens)
         self.n_blocks = rows // plan.context_tokens
         if self.n_blocks < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"the store has {store.n_tokens} rows at {site}: too few for blocks of {plan.context_tokens} "
                 f"tokens; harvest more or lower label.context_tokens"
             )

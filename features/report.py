@@ -27,13 +27,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.sites import Site
+from activations.sites import Site
+from activations.errors import DialboxError
 
 STATIC = Path(__file__).parent / "static"
 KINDS = ("top", "quantile", "random")
 
 
-class ReportError(ValueError):
+class ReportError(DialboxError, ValueError):
     """Feature tables that are missing, incomplete or inconsistent."""
 
 

@@ -71,11 +71,6 @@ def write_meta(out: Path, meta: dict) -> None:
     os.replace(tmp, out / "meta.json")
 
 
-def read_features(out: Path):
-    """The features table as a pyarrow Table."""
-    return pq.read_table(out / "features.parquet")
-
-
 def merge_parts(site_dir: Path) -> bool:
     """Merge site_dir/parts/<start>-<stop>/ into site_dir once the parts cover every feature.
 

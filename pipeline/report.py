@@ -14,16 +14,17 @@ from omegaconf import DictConfig
 
 from features.report import ReportError, build_report
 from pipeline.config import register_configs
-from pipeline.rundir import RunDir, one_line_errors
-from pipeline.sites import SiteError
+from activations.rundir import RunDir
+from pipeline.cli import one_line_errors
+from activations.sites import SiteError
 
 register_configs()
 
 
 def report(cfg: DictConfig) -> None:
     run = RunDir.from_config(cfg)
-    out = run.root / "report"
-    sites = build_report(run.root / "features", out, list(cfg.report.sites), cfg.report.chunk_size,
+    out = run.report
+    sites = build_report(run.features(), out, list(cfg.report.sites), cfg.report.chunk_size,
                          cfg.report.index_top_tokens)
     run.save_config(cfg, "report")
     for s in sites:
@@ -34,7 +35,7 @@ def report(cfg: DictConfig) -> None:
 
 @hydra.main(config_path="../conf", config_name="report", version_base=None)
 def main(cfg: DictConfig) -> None:
-    with one_line_errors("report", ReportError, SiteError):
+    with one_line_errors("report"):
         report(cfg)
 
 

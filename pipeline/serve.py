@@ -12,11 +12,12 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from features.server import SteeringServer
-from features.steering import BAD_INPUT, Steerer
+from steering.server import SteeringServer
+from steering.steerer import BAD_INPUT, Steerer
 from pipeline.config import register_configs
-from pipeline.rundir import RunDir, one_line_errors
-from pipeline.store import StoreError
+from activations.rundir import RunDir
+from pipeline.cli import one_line_errors
+from activations.store import StoreError
 
 register_configs()
 
@@ -31,7 +32,7 @@ def build_server(cfg: DictConfig) -> SteeringServer:
 
 @hydra.main(config_path="../conf", config_name="serve", version_base=None)
 def main(cfg: DictConfig) -> None:
-    with one_line_errors("serve", *BAD_INPUT, StoreError, OSError):
+    with one_line_errors("serve"):
         server = build_server(cfg)
     host, port = server.server_address[:2]
     print(f"serve: {server.model_name} at http://{host}:{port}/v1 (steering per request: the `steering` field)",

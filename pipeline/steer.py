@@ -1,4 +1,4 @@
-"""`make steer` and friends: steering by feature ID or named vector (design.md section 6).
+"""`make steer` and friends: steering by feature ID or named vector.
 
     python -m pipeline.steer steer.prompt='Tell me a story.' 'steer.interventions=["L15.resid_post/1234 scale=4"]'
     python -m pipeline.steer contrast contrast.name=terse contrast.suffix='Respond tersely.'
@@ -13,6 +13,7 @@ own section of conf/steer.yaml and saves the resolved config as runs/<run>/confi
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -21,12 +22,18 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from features.steering import BAD_INPUT, Steerer, SteeringError, encode_prompt, max_activations
-from features.vectors import EXPORTS, SteeringVector, contrast_vector, feature_vector, nearest_features
+from activations.rundir import RunDir
+from activations.sites import FeatureId, Site
+from pipeline.bench import make_command, write_section
+from pipeline.cli import one_line_errors
 from pipeline.config import register_configs
-from pipeline.rundir import RunDir, one_line_errors
-from pipeline.sites import FeatureId, Site
-from pipeline.store import StoreError
+from steering.contrast import build_contrast
+from steering.evaluation import run_eval
+from steering.exports import EXPORTS
+from steering.feature_vectors import save_feature_vector
+from steering.interventions import SteeringError
+from steering.steerer import Steerer
+from steering.vectors import SteeringVector, nearest_features
 
 register_configs()
 
@@ -62,54 +69,16 @@ def side_by_side(left: tuple[str, str], right: tuple[str, str], width: int) -> s
     return "\n".join(f"{a:<{width}} | {b}".rstrip() for a, b in rows)
 
 
-def contrast_prompts(c: DictConfig) -> tuple[list[str], list[str]]:
-    """(positive, negative) prompts: two files, or one file with and without the suffix."""
-    if c.positive_file or c.negative_file:
-        if not (c.positive_file and c.negative_file):
-            raise SteeringError("give both contrast.positive_file and contrast.negative_file, or neither")
-        return read_prompts(c.positive_file), read_prompts(c.negative_file)
-    if not c.suffix:
-        raise SteeringError("contrast.suffix is empty: give the instruction to contrast, e.g. 'Respond tersely.'")
-    prompts = read_prompts(c.prompts)
-    return [f"{p} {c.suffix}" for p in prompts], prompts
-
-
-def read_prompts(path: str) -> list[str]:
-    """One prompt a line; blank lines and lines starting with # are skipped."""
-    file = Path(path)
-    if not file.is_file():
-        raise SteeringError(f"no prompt file {path}: give a text file with one prompt a line")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not prompts:
-        raise SteeringError(f"{path} holds no prompts")
-    return prompts
-
-
-def build_contrast(cfg: DictConfig, steerer: Steerer) -> SteeringVector:
-    c = cfg.contrast
-    positives, negatives = contrast_prompts(c)
-    chat = steerer.chat_default if c.chat is None else c.chat
-    encode = [[encode_prompt(steerer.tokenizer, p, chat) for p in group] for group in (positives, negatives)]
-    layers = list(c.layers) or list(range(steerer.adapter.n_layers))
-    source = {"suffix": c.suffix if not c.positive_file else "", "prompts": c.positive_file or c.prompts,
-              "negative_prompts": c.negative_file or c.prompts}
-    with torch.inference_mode():
-        vector = contrast_vector(c.name, steerer.adapter, *encode, c.site_kind, layers, c.where, c.orthogonalize,
-                                 c.operation, source)
-    vector.save(steerer.run.root / "vectors")
-    return vector
-
-
 def contrast(cfg: DictConfig) -> SteeringVector:
     steerer = steerer_for(cfg)
-    vector = build_contrast(cfg, steerer)
+    vector = build_contrast(cfg.contrast, steerer)
     norms = ", ".join(f"L{l} {float(v.norm()):.3g}" for l, v in vector.directions.items())
     print(f"contrast: vector {vector.name} ({vector.operation} at {vector.kind}) saved in "
-          f"{steerer.run.root / 'vectors'}; norms: {norms}")
+          f"{steerer.run.vectors}; norms: {norms}")
     if cfg.contrast.top_features:
         for layer in vector.layers:
             site = vector.site(layer)
-            if (steerer.run.saes(str(site)) / "cfg.json").exists():
+            if str(site) in steerer.run.trained_sites():
                 print(describe_nearest(steerer.run, site, vector.directions[layer], cfg.contrast.top_features,
                                        f"{vector.name} at L{layer}"))
     return vector
@@ -117,7 +86,7 @@ def contrast(cfg: DictConfig) -> SteeringVector:
 
 def describe_nearest(run: RunDir, sae_site: Site, direction: torch.Tensor, top: int, what: str) -> str:
     """The SAE features nearest a direction, one a line, with labels when the label stage has run."""
-    sae = load_sae(run, sae_site)
+    sae = run.load_sae(sae_site)
     labels = feature_labels(run, str(sae_site))
     lines = [f"features of the SAE at {sae_site} nearest {what} (decoder cosine):"]
     for index, cosine in nearest_features(direction, sae.W_dec.detach(), top):
@@ -126,25 +95,10 @@ def describe_nearest(run: RunDir, sae_site: Site, direction: torch.Tensor, top: 
 
 
 def feature_labels(run: RunDir, site: str) -> dict[int, str]:
-    table = run.root / "features" / site / "features.parquet"
-    if not table.exists():
+    columns = run.feature_table(site, ["index", "label"])
+    if not columns or "label" not in columns:
         return {}
-    import pyarrow.parquet as pq
-
-    schema = pq.read_schema(table)
-    if "label" not in schema.names:
-        return {}
-    columns = pq.read_table(table, columns=["index", "label"]).to_pydict()
     return {int(i): str(label or "") for i, label in zip(columns["index"], columns["label"])}
-
-
-def load_sae(run: RunDir, site: Site):
-    from sae_lens import SAE
-
-    path = run.saes(str(site))
-    if not (path / "cfg.json").exists():
-        raise SteeringError(f"no SAE at {path}: train one (make train ARGS='train.sites=[{site}]')")
-    return SAE.load_from_disk(str(path))
 
 
 def project(cfg: DictConfig) -> list[str]:
@@ -153,10 +107,10 @@ def project(cfg: DictConfig) -> list[str]:
         raise SteeringError("project.target is empty: give a vector name or a feature ID")
     if "/" in p.target:
         feature = FeatureId.parse(p.target)
-        directions = {feature.site.layer: load_sae(run, feature.site).W_dec[feature.index].detach()}
+        directions = {feature.site.layer: run.load_sae(feature.site).W_dec[feature.index].detach()}
         kind = feature.site.kind
     else:
-        vector = SteeringVector.load(run.root / "vectors", p.target)
+        vector = SteeringVector.load(run.vectors, p.target)
         directions, kind = vector.directions, vector.kind
     if p.layer is not None:
         if p.layer not in directions:
@@ -172,41 +126,27 @@ def project(cfg: DictConfig) -> list[str]:
 
 def export(cfg: DictConfig) -> list[Path]:
     e, run = cfg.export, RunDir.from_config(cfg)
-    if e.format not in EXPORTS:
-        raise SteeringError(f"export.format={e.format!r}: use one of {', '.join(EXPORTS)}")
     if bool(e.vector) == bool(e.feature):
         raise SteeringError("give exactly one of export.vector (a vector name) or export.feature (a feature ID)")
-    vectors_dir = run.root / "vectors"
-    vector = SteeringVector.load(vectors_dir, e.vector) if e.vector else save_feature_vector(run, e.feature, e.operation)
-    out_dir = Path(e.out_dir) if e.out_dir else vectors_dir / "exports"
+    vector = SteeringVector.load(run.vectors, e.vector) if e.vector else save_feature_vector(run, e.feature, e.operation)
+    out_dir = Path(e.out_dir) if e.out_dir else run.exports
     paths = EXPORTS[e.format](vector, out_dir)
     print(f"export: {vector.name} ({vector.operation} at {vector.kind}, layers {vector.layers}) -> "
           + ", ".join(map(str, paths)))
     return paths
 
 
-def save_feature_vector(run: RunDir, feature_text: str, operation: str) -> SteeringVector:
-    """A feature's decoder row as a named vector (`<site>-<index>`), without loading the model."""
-    feature = FeatureId.parse(feature_text)
-    sae = load_sae(run, feature.site)
-    if not 0 <= feature.index < sae.cfg.d_sae:
-        raise SteeringError(f"unknown feature {feature}: the SAE at {feature.site} has features 0..{sae.cfg.d_sae - 1}")
-    max_act = 1.0
-    if operation == "add":
-        max_act = float(max_activations(run, str(feature.site), sae)[0][feature.index])
-        if max_act <= 0:
-            raise SteeringError(f"feature {feature} never fired: there is no max activation to scale it by")
-    model = {k: v for k, v in run.open_store().identity.items() if k not in ("data", "context_length")}
-    vector = feature_vector(f"{feature.site}-{feature.index}", str(feature), sae.W_dec[feature.index].detach(),
-                            max_act, operation, model)
-    vector.save(run.root / "vectors")
-    return vector
-
-
 def evaluate(cfg: DictConfig):
-    from features.steer_eval import run_eval
-
-    return run_eval(cfg, steerer_for(cfg))
+    steerer = steerer_for(cfg)
+    results = run_eval(cfg.eval, cfg.contrast, steerer)
+    out = steerer.run.steer_eval
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "report.md").write_text(results["report"] + "\n")
+    print(results["report"])
+    if cfg.eval.write_benchmarks:
+        write_section("steer-eval", make_command("steer-eval", sys.argv[1:]), results["report"])
+    return results
 
 
 ACTIONS = {"generate": generate, "contrast": contrast, "project": project, "export": export, "eval": evaluate}
@@ -222,7 +162,7 @@ def main() -> None:
 
     @hydra.main(config_path="../conf", config_name="steer", version_base=None)
     def app(cfg: DictConfig) -> None:
-        with one_line_errors(f"steer {action}", *BAD_INPUT, StoreError):
+        with one_line_errors(f"steer {action}"):
             run_action(action, cfg)
 
     app()

@@ -1,4 +1,5 @@
 """SAE architectures: sae-lens's training classes, built from a Dialbox SAEConfig.
+from activations.errors import ConfigError
 
 sae-lens owns the parameters, the losses and the file format; Dialbox only chooses the
 class and its settings here (and, for TopK, runs a faster step in sae/step.py).
@@ -37,7 +38,7 @@ def _architecture_fields(cfg, d_sae: int) -> dict:
         if arch == "matryoshka":
             widths = list(cfg.matryoshka_widths) or [d_sae // 8, d_sae // 4, d_sae // 2, d_sae]
             if widths[-1] != d_sae or sorted(widths) != widths:
-                raise ValueError(f"sae.matryoshka_widths={widths} must increase and end at d_sae={d_sae}")
+                raise ConfigError(f"sae.matryoshka_widths={widths} must increase and end at d_sae={d_sae}")
             fields["matryoshka_widths"] = widths
         return fields
     if arch == "jumprelu":
@@ -49,10 +50,10 @@ def _architecture_fields(cfg, d_sae: int) -> dict:
 def build_sae(cfg, d_in: int, metadata: dict, device: str = "cpu") -> TrainingSAE:
     """A freshly initialised sae-lens training SAE for `cfg` on `d_in`-wide activations."""
     if cfg.architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown sae.architecture {cfg.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
+        raise ConfigError(f"unknown sae.architecture {cfg.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
     d_sae = sae_width(cfg, d_in)
     if cfg.architecture in ("topk", "batchtopk", "matryoshka") and not 0 < cfg.k <= d_sae:
-        raise ValueError(f"sae.k={cfg.k} must be between 1 and d_sae={d_sae}")
+        raise ConfigError(f"sae.k={cfg.k} must be between 1 and d_sae={d_sae}")
     sae_class, config_class = sae_lens.registry.get_sae_training_class(ARCHITECTURES[cfg.architecture])
     config = config_class(
         d_in=d_in, d_sae=d_sae, dtype="float32", device=device, decoder_init_norm=float(cfg.decoder_init_norm),

@@ -1,4 +1,4 @@
-"""How good an SAE is (design.md section 4).
+"""How good an SAE is: the metrics of metrics.json.
 
 - fvu: squared reconstruction error over the total variance around the mean;
 - l0: active latents per token; dense_frac: latents active on more than 10% of tokens;

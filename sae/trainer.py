@@ -17,9 +17,10 @@ import torch.distributed as dist
 from sae_lens.saes.sae import TrainingSAE
 
 from sae.step import training_step
+from activations.errors import DialboxError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(DialboxError, RuntimeError):
     """Training cannot go on (a NaN loss, a checkpoint that does not fit)."""
 
 

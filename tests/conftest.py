@@ -1,15 +1,39 @@
+"""The test suite's fixtures: named builders for the small runs, each built once per test run.
+
+Shared runs are read-only: a test that writes into one copies it first (copy_run). Steering
+tests get their own copy (smol_run, tiny_run), since steering saves vectors into its run.
+
+  smol_runs     runs dir: SmolLM2 harvested at L3.resid_post (8,192 tokens), a small TopK SAE
+  smol_run      run dir: a copy of smol_runs/demo for steering; `smol` is its Steerer
+  tiny_harvest  runs dir: the tiny random DeepSeek-V4 harvested at L1.resid_post and L2.ffn_out
+  tiny_run      run dir: a copy of tiny_harvest/demo with SAEs trained; `tiny` is its Steerer
+  server        the steering server over `smol`, on 127.0.0.1
+  windows/split synthetic stores as harvests lay them out (tests/store_fixtures.py)
+"""
+
 import os
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 from pipeline.config import compose as compose_config  # noqa: E402  (re-exported for the tests)
+from store_fixtures import corpus, write_store  # noqa: E402
+
+SMOL_SITE, TINY_SITES = "L3.resid_post", ("L1.resid_post", "L2.ffn_out")
+SMOL_RUN = ["data.context_length=64", "harvest.batch_size=8", f"harvest.sites=[{SMOL_SITE}]", "store.chunk_rows=512"]
+SMOL_SAE = ["sae.expansion_factor=2", "sae.k=8", "train.batch_size=256", "eval.ce=false", "eval.tokens=256"]
+TINY = ["model=tiny_deepseek_v4", "data.context_length=64", "harvest.batch_size=8"]
+TINY_SAE = ["sae.expansion_factor=2", "sae.k=16", "train.batch_size=256", "eval.ce=false", "eval.tokens=256",
+            "eval.batch_size=4"]
 
 
 def run_stage(module: str, *overrides: str, check: bool = True, timeout: float = 600, **kwargs):
@@ -28,28 +52,109 @@ def runs_dir(tmp_path) -> Path:
     return tmp_path / "runs"
 
 
-SMOL_RUN = ["data.context_length=64", "harvest.batch_size=8", "harvest.sites=[L3.resid_post]", "store.chunk_rows=512"]
-SMOL_SAE = ["sae.expansion_factor=2", "sae.k=8", "train.batch_size=256", "eval.ce=false", "eval.tokens=256"]
-
-
 def make_trained_run(runs: Path, tokens: int = 8192, data: tuple = ()) -> Path:
-    """A SmolLM2 run (L3.resid_post, `tokens` harvested) with a small trained TopK SAE; returns runs."""
-    from pipeline.harvest import harvest
-    from pipeline.train import train
+    """A SmolLM2 run `demo` (L3.resid_post, `tokens` harvested) with a small trained TopK SAE; returns runs."""
+    from activations.harvesting import harvest
+    from sae.training import train
 
     harvest(compose_config("harvest", [f"run.runs_dir={runs}", *SMOL_RUN, f"harvest.max_tokens={tokens}", *data]))
     train(compose_config("train", [f"run.runs_dir={runs}", *SMOL_SAE]))
     return runs
 
 
+def copy_run(runs: Path, dest: Path) -> Path:
+    shutil.copytree(runs, dest, ignore=shutil.ignore_patterns("wandb"))
+    return dest
+
+
 @pytest.fixture(scope="session")
-def smol_run(tmp_path_factory) -> Path:
-    """A shared trained run; tests that write into it must copy it first (see copy_run)."""
+def smol_runs(tmp_path_factory) -> Path:
     return make_trained_run(tmp_path_factory.mktemp("smol_runs"))
 
 
-def copy_run(runs: Path, dest: Path) -> Path:
-    import shutil
+@pytest.fixture(scope="session")
+def smol_run(smol_runs, tmp_path_factory) -> Path:
+    return copy_run(smol_runs, tmp_path_factory.mktemp("smol_steer") / "runs") / "demo"
 
-    shutil.copytree(runs, dest, ignore=shutil.ignore_patterns("wandb"))
-    return dest
+
+@pytest.fixture(scope="session")
+def tiny_harvest(tmp_path_factory) -> Path:
+    """A finished tiny DeepSeek-V4 harvest at a hyper-connection site and an FFN output."""
+    from activations.harvesting import harvest
+
+    runs = tmp_path_factory.mktemp("tiny_runs")
+    harvest(compose_config("harvest", [f"run.runs_dir={runs}", *TINY, f"harvest.sites=[{','.join(TINY_SITES)}]",
+                                       "harvest.max_tokens=8192", "store.chunk_rows=256"]))
+    return runs
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_harvest, tmp_path_factory) -> Path:
+    from sae.training import train
+
+    runs = copy_run(tiny_harvest, tmp_path_factory.mktemp("tiny_steer") / "runs")
+    train(compose_config("train", [f"run.runs_dir={runs}", *TINY_SAE]))
+    return runs / "demo"
+
+
+@pytest.fixture(scope="session")
+def smol(smol_run):
+    from steering.steerer import Steerer
+
+    return Steerer(smol_run)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_run):
+    from steering.steerer import Steerer
+
+    return Steerer(tiny_run)
+
+
+def live_feature(steerer, site: str) -> int:
+    """The feature with the largest max activation in the store (so max-activation units mean something)."""
+    from activations.sites import Site
+    from steering.feature_vectors import max_activations
+
+    maxes, _ = max_activations(steerer.run, site, steerer.sae(Site.parse(site)))
+    return int(maxes.argmax())
+
+
+def random_vector(steerer, name: str, kind: str, layers, norm: float, seed: int = 0, op: str = "add"):
+    """A random vector of the given norm per layer, saved in the steerer's run."""
+    from activations.sites import Site
+    from steering.vectors import SteeringVector
+
+    generator = torch.Generator().manual_seed(seed)
+    directions = {}
+    for layer in layers:
+        width = steerer.adapter.site(Site(layer, kind)).width
+        v = torch.randn(width, generator=generator)
+        directions[layer] = v * norm / v.norm()
+    vector = SteeringVector(name, kind, op, "fraction" if op == "project" else "raw", directions, steerer.identity)
+    vector.save(steerer.run.vectors)
+    return vector
+
+
+@pytest.fixture(scope="session")
+def server(smol):
+    from steering.server import SteeringServer
+
+    random_vector(smol, "served", "resid_post", [2], 40.0)
+    server = SteeringServer(smol, "127.0.0.1", 0, max_tokens=16)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return corpus()
+
+
+@pytest.fixture
+def split(tmp_path, windows):
+    """A finished two-writer store."""
+    return write_store(tmp_path / "split" / "activations", windows, 2)

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from conftest import ROOT, compose_config, run_stage
-from pipeline.adapters import make_adapter
-from pipeline.corpus import CorpusError, iter_windows
-from pipeline.harvest import harvest
-from pipeline.models import load_model
-from pipeline.sites import Site, SiteError
-from pipeline.store import ActivationStore, StoreError
+from activations.adapters import make_adapter
+from activations.corpus import CorpusError, iter_windows
+from activations.harvesting import harvest
+from activations.models import load_model
+from activations.sites import Site, SiteError
+from activations.store import ActivationStore, StoreError
 
 TINY = ["model=tiny_deepseek_v4", "data.context_length=32", "harvest.batch_size=4"]
 

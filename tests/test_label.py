@@ -19,7 +19,7 @@ from features.explain import heuristic_label, parse_label
 from features.llm import LLMError, OpenAIChat, ResponseCache
 from features.mining import HIST_EDGES, FeatureMiner, MiningPlan, save_state, slot_acts
 from features.score import TokenJudge, detection, fuzzing
-from pipeline.store import ActivationStore
+from activations.store import ActivationStore
 
 SITE = "L3.resid_post"
 PLAN = MiningPlan(context_tokens=16, top_examples=5, sampled_examples=6, pool_blocks=40, batch_blocks=8)
@@ -39,8 +39,8 @@ def brute_force(store, sae, plan):
     return miner, acts.view(miner.n_blocks, plan.context_tokens, -1)
 
 
-def test_mining_agrees_with_a_dense_pass(smol_run):
-    store, sae = open_run(smol_run)
+def test_mining_agrees_with_a_dense_pass(smol_runs):
+    store, sae = open_run(smol_runs)
     miner, acts = brute_force(store, sae, PLAN)
     state = miner.run()
     flat = acts.flatten(0, 1)
@@ -73,8 +73,8 @@ def test_mining_agrees_with_a_dense_pass(smol_run):
     assert np.array_equal(state["hist"][f].numpy(), expected)
 
 
-def test_a_killed_mining_pass_resumes_to_the_same_state(smol_run, tmp_path):
-    store, sae = open_run(smol_run)
+def test_a_killed_mining_pass_resumes_to_the_same_state(smol_runs, tmp_path):
+    store, sae = open_run(smol_runs)
     full = FeatureMiner(store, SITE, sae, PLAN, torch.device("cpu")).run()
     partial = FeatureMiner(store, SITE, sae, PLAN, torch.device("cpu"))
     W = PLAN.context_tokens
@@ -90,8 +90,8 @@ def test_a_killed_mining_pass_resumes_to_the_same_state(smol_run, tmp_path):
             assert value == resumed[key], key
 
 
-def test_explainer_and_scorer_examples_are_disjoint(smol_run):
-    store, sae = open_run(smol_run)
+def test_explainer_and_scorer_examples_are_disjoint(smol_runs):
+    store, sae = open_run(smol_runs)
     state = FeatureMiner(store, SITE, sae, PLAN, torch.device("cpu")).run()
     plan = ExamplePlan(quantiles=3, explain_top=2, explain_per_quantile=1, random_examples=5)
     checked = 0
@@ -224,8 +224,8 @@ LABEL_SMALL = ["label.context_tokens=16", "label.top_examples=10", "label.sample
 
 
 @pytest.mark.slow
-def test_label_stage_with_an_openai_endpoint_end_to_end(smol_run, tmp_path, endpoint):
-    runs = copy_run(smol_run, tmp_path / "runs")
+def test_label_stage_with_an_openai_endpoint_end_to_end(smol_runs, tmp_path, endpoint):
+    runs = copy_run(smol_runs, tmp_path / "runs")
     secret = "sk-test-must-not-leak-4242"
     env = {**os.environ, "DIALBOX_TEST_KEY": secret}
     args = [f"run.runs_dir={runs}", *LABEL_SMALL, "explainer=openai", f"explainer.base_url={endpoint.url}",
@@ -260,8 +260,8 @@ def test_label_stage_with_an_openai_endpoint_end_to_end(smol_run, tmp_path, endp
 
 
 @pytest.mark.slow
-def test_label_stage_writes_the_tables(smol_run, tmp_path):
-    runs = copy_run(smol_run, tmp_path / "runs")
+def test_label_stage_writes_the_tables(smol_runs, tmp_path):
+    runs = copy_run(smol_runs, tmp_path / "runs")
     result = run_stage("pipeline.label", f"run.runs_dir={runs}", *LABEL_SMALL)
     assert "heuristic" in result.stdout
     out = runs / "demo" / "features" / SITE
@@ -283,9 +283,9 @@ def test_label_stage_writes_the_tables(smol_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_label_split_in_two_feature_ranges_equals_one_pass(smol_run, tmp_path):
-    whole = copy_run(smol_run, tmp_path / "whole")
-    split = copy_run(smol_run, tmp_path / "split")
+def test_label_split_in_two_feature_ranges_equals_one_pass(smol_runs, tmp_path):
+    whole = copy_run(smol_runs, tmp_path / "whole")
+    split = copy_run(smol_runs, tmp_path / "split")
     run_stage("pipeline.label", f"run.runs_dir={whole}", *LABEL_SMALL)
     first = run_stage("pipeline.label", f"run.runs_dir={split}", *LABEL_SMALL, "label.features=[600,1152]")
     assert "merged" not in first.stdout and not (split / "demo/features" / SITE / "features.parquet").exists()

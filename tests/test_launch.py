@@ -9,9 +9,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conftest import ROOT, compose_config, run_stage
 from pipeline.config import register_configs
-from pipeline.harvest import harvest
-from pipeline.store import ActivationStore
-from pipeline.storetool import merge
+from activations.harvesting import harvest
+from activations.store import ActivationStore
+from activations.store import merge
 
 TINY = ["model=tiny_deepseek_v4", "data.context_length=64", "harvest.batch_size=8", "harvest.max_tokens=2048",
         "harvest.sites=[L1.resid_post,L2.ffn_out]", "store.chunk_rows=256"]

@@ -7,14 +7,14 @@ from omegaconf import OmegaConf
 from transformers import DeepseekV4Config
 
 from conftest import compose_config, run_stage
-from pipeline.memory import MemoryShortError, check_memory, count_weights
-from pipeline.models import _truncate_config, load_model
+from activations.memory import MemoryShortError, check_memory, count_weights
+from activations.models import _truncate_config, load_model
 
 GB = 1e9
 
 
 def flash_config(max_layer=None):
-    """DeepSeek-V4-Flash's architecture: transformers' DeepseekV4Config defaults, checked against design.md."""
+    """DeepSeek-V4-Flash's architecture: transformers' DeepseekV4Config defaults, checked against the published config."""
     config = DeepseekV4Config()
     assert (config.num_hidden_layers, config.hidden_size, config.vocab_size, config.n_routed_experts,
             config.num_experts_per_tok, config.n_shared_experts, config.moe_intermediate_size,
@@ -64,7 +64,7 @@ def test_load_model_refuses_before_allocating(monkeypatch):
     class TinyRam:
         available = 10_000
 
-    monkeypatch.setattr("pipeline.memory.psutil.virtual_memory", TinyRam)
+    monkeypatch.setattr("activations.memory.psutil.virtual_memory", TinyRam)
     with pytest.raises(MemoryShortError, match=r"tiny_deepseek_v4 \(.*this machine's RAM has 0 GB free"):
         load_model(compose_config("harvest", ["model=tiny_deepseek_v4"]).model)
 

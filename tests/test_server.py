@@ -10,22 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from features.server import SteeringServer
+from steering.server import SteeringServer
 from pipeline.config import ServeConfig
-from test_steer import SMOL_SITE, live_feature, random_vector, smol, smol_run  # noqa: F401 (fixtures)
+from conftest import SMOL_SITE, live_feature, random_vector
 
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
-
-
-@pytest.fixture(scope="module")
-def server(smol):
-    random_vector(smol, "served", "resid_post", [2], 40.0)
-    server = SteeringServer(smol, "127.0.0.1", 0, max_tokens=16)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture(scope="module")

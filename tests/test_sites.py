@@ -1,4 +1,4 @@
-"""Every site reads the tensor design.md section 2 says it does, on real models.
+"""Every site reads the tensor the guide says it does, on real models.
 
 Each site's rows are checked against a computation done here from the model's own modules
 (not through the adapter), on SmolLM2-135M (llama family, the embedded model, converted once
@@ -13,10 +13,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.adapters import make_adapter
-from pipeline.config import ModelConfig
-from pipeline.models import load_model
-from pipeline.sites import SITE_KINDS, Site, SiteError
+from activations.adapters import make_adapter
+from activations.config import ModelConfig
+from activations.models import load_model
+from activations.sites import SITE_KINDS, Site, SiteError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 CLOSE = dict(rtol=1e-4, atol=1e-4)

@@ -11,52 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import compose_config, run_stage
-from features.steering import Intervention, Steerer, SteeringError, max_activations
-from features.vectors import SteeringVector, VectorError
-from pipeline.harvest import harvest
-from pipeline.sites import SITE_KINDS, Site
-from pipeline.store import ActivationStore
-from pipeline.train import train
-
-SMOL_SITE, TINY_SITES = "L3.resid_post", ("L1.resid_post", "L2.ffn_out")
-
-
-def small_run(runs, name: str, model: str, sites) -> Steerer:
-    """Harvest a few thousand tokens at `sites` and train a small TopK SAE on each."""
-    common = [f"run.runs_dir={runs}", f"run.run_name={name}"]
-    harvest(compose_config("harvest", [*common, f"model={model}", f"harvest.sites=[{','.join(sites)}]",
-                                       "harvest.max_tokens=4096", "data.context_length=64", "store.chunk_rows=256"]))
-    train(compose_config("train", [*common, "sae.expansion_factor=2", "sae.k=16", "train.batch_size=256",
-                                   "eval.ce=false", "eval.tokens=256", "eval.batch_size=4"]))
-    return runs / name
-
-
-@pytest.fixture(scope="session")
-def smol_run(tmp_path_factory):
-    return small_run(tmp_path_factory.mktemp("steer"), "smol", "smollm2_135m", [SMOL_SITE])
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    return small_run(tmp_path_factory.mktemp("steer"), "tiny", "tiny_deepseek_v4", TINY_SITES)
-
-
-@pytest.fixture(scope="session")
-def smol(smol_run):
-    return Steerer(smol_run)
-
-
-@pytest.fixture(scope="session")
-def tiny(tiny_run):
-    return Steerer(tiny_run)
-
-
-def live_feature(steerer: Steerer, site: str) -> int:
-    """The feature with the largest max activation in the store (so max-activation units mean something)."""
-    maxes, _ = max_activations(steerer.run, site, steerer.sae(Site.parse(site)))
-    return int(maxes.argmax())
-
+from conftest import SMOL_SITE, TINY_SITES, compose_config, live_feature, random_vector, run_stage
+from steering.feature_vectors import max_activations
+from steering.interventions import Intervention, SteeringError
+from steering.steerer import Steerer
+from steering.vectors import SteeringVector, VectorError
+from activations.sites import SITE_KINDS, Site
+from activations.store import ActivationStore
 
 def no_hooks(model) -> bool:
     return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
@@ -66,18 +27,6 @@ def logits(steerer: Steerer) -> torch.Tensor:
     ids = torch.arange(5, 25)[None]
     with torch.inference_mode():
         return steerer.model(input_ids=ids, use_cache=False).logits
-
-
-def random_vector(steerer: Steerer, name: str, kind: str, layers, norm: float, seed: int = 0, op: str = "add"):
-    generator = torch.Generator().manual_seed(seed)
-    directions = {}
-    for layer in layers:
-        width = steerer.adapter.site(Site(layer, kind)).width
-        v = torch.randn(width, generator=generator)
-        directions[layer] = v * norm / v.norm()
-    vector = SteeringVector(name, kind, op, "fraction" if op == "project" else "raw", directions, steerer.identity)
-    vector.save(steerer.run.root / "vectors")
-    return vector
 
 
 GREEDY = dict(max_new_tokens=8, temperature=0.0)

@@ -9,13 +9,11 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import compose_config
-from features.steer_eval import Outcome, answer_logprobs, make_judge, score
-from features.steering import encode_prompt
-from features.vectors import SteeringVector
+from steering.evaluation import Outcome, answer_logprobs, make_judge, score
+from steering.steerer import encode_prompt
+from steering.vectors import SteeringVector
 from pipeline.config import JudgeConfig
 from pipeline.steer import run_action
-from test_server import server  # noqa: F401 (fixture)
-from test_steer import smol, smol_run  # noqa: F401 (fixtures)
 
 
 def test_answer_logprobs_in_padded_batches_match_one_sequence_at_a_time(smol):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import zarr
 
-from pipeline.store import ActivationStore, ShardWriter, StoreError
+from activations.store import ActivationStore, ShardWriter, StoreError
 
 SITES = {"L1.resid_post": 8, "L2.ffn_out": 4}
 IDENTITY = {"model": "tiny", "d_model": 8}

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import zarr
 
-from test_store_tool import IDENTITY, SITES, all_rows, assert_same_rows, concat, corpus, run_main, write_shard, write_store
-from pipeline.store import STORAGE_OPTIONS_ENV, ActivationStore, ShardWriter
-from pipeline.storetool import merge, verify
+from store_fixtures import IDENTITY, SITES, all_rows, assert_same_rows, concat, corpus, run_main, write_shard, write_store
+from activations.store import STORAGE_OPTIONS_ENV, ActivationStore, ShardWriter
+from activations.store import merge, verify
 
 A = next(iter(SITES))
 
@@ -110,8 +110,8 @@ def test_a_writer_resumes_from_the_remote_manifest(remote, tmp_path):
 def test_harvest_and_train_a_run_whose_store_is_on_s3(s3, tmp_path):
     """store.url puts the activations in a bucket; train finds them through the run's harvest config."""
     from conftest import compose_config
-    from pipeline.harvest import harvest
-    from pipeline.train import train
+    from activations.harvesting import harvest
+    from sae.training import train
 
     base, options = s3
     endpoint = options["endpoint_url"]  # the credentials come from the AWS_* variables the fixture set

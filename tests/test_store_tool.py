@@ -11,97 +11,8 @@ import torch
 import zarr
 
 from conftest import ROOT
-from pipeline import storetool
-from pipeline.store import ActivationStore, ShardWriter
-from pipeline.storetool import main, merge, verify
-
-SITES = {"L1.resid_post": 8, "L2.ffn_out": 4}
-A, B = SITES
-CONTEXT = 12
-IDENTITY = {"model": "tiny", "d_model": 8, "hc_reduce": "mean", "data": "f00d", "context_length": CONTEXT}
-
-
-def corpus(n_windows=23, seed=0) -> list[dict]:
-    """The rows of each window as a harvest cuts them: documents run across windows, the BOS at
-    position 0 and scattered special tokens are left out, the last window is shorter, and each
-    row's activations depend only on its window and position, as a model's would."""
-    rng = np.random.default_rng(seed)
-    doc_starts = rng.random(n_windows * CONTEXT) < 0.08
-    windows = []
-    for w in range(n_windows):
-        length = CONTEXT if w < n_windows - 1 else CONTEXT // 2
-        positions = np.arange(1, length)
-        positions = positions[rng.random(len(positions)) > 0.15]
-        stream = w * CONTEXT + positions
-        g = torch.Generator().manual_seed(w)
-        windows.append({
-            "tokens": rng.integers(0, 5000, len(positions)),
-            "doc_ids": np.cumsum(doc_starts)[stream],
-            "positions": positions,
-            "windows": np.full(len(positions), w),
-            **{site: torch.randn(len(positions), width, generator=g) * 3 for site, width in SITES.items()},
-        })
-    return windows
-
-
-def concat(windows: list[dict]) -> dict:
-    return {k: torch.cat([w[k] for w in windows]) if torch.is_tensor(windows[0][k]) else
-            np.concatenate([w[k] for w in windows]) for k in windows[0]}
-
-
-def write_shard(root, windows, rank, world_size, finish=True, chunk_rows=8, **kw):
-    """One harvest writer: its windows (w % world_size == rank), three per append."""
-    mine = [win for w, win in enumerate(windows) if w % world_size == rank]
-    kw = {"fsync": False} | kw  # durability has its own tests in test_store.py; here it only costs time
-    writer = ShardWriter(root, rank, world_size, SITES, IDENTITY, chunk_rows=chunk_rows, background=False, **kw)
-    for i in range(0, len(mine), 3):
-        writer.append(concat(mine[i : i + 3]))
-    if finish:
-        writer.finish()
-        writer.close()
-    return writer
-
-
-def write_store(root, windows, world_size, **kw):
-    for rank in range(world_size):
-        write_shard(root, windows, rank, world_size, **kw)
-    return ActivationStore(root, kw.get("storage_options"))
-
-
-def all_rows(store: ActivationStore) -> dict:
-    n = store.n_tokens
-    return store.tokens(0, n) | {site: store.read(site, 0, n) for site in store.sites}
-
-
-def assert_same_rows(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys()
-    for key in want:
-        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-
-
-@pytest.fixture(scope="module")
-def windows():
-    return corpus()
-
-
-@pytest.fixture
-def split(tmp_path, windows):
-    """A finished two-writer store."""
-    return write_store(tmp_path / "split" / "activations", windows, 2)
-
-
-def run_main(capsys, *argv) -> tuple[int, list[str], str]:
-    try:
-        code = main(["--no-progress", *map(str, argv)])
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out.strip().splitlines(), err.strip()
-
-
-# ----------------------------------------------------------------------------------------
-# info
-
+from activations.store import ActivationStore, ShardWriter, blocks, info, merge, verify
+from store_fixtures import A, B, CONTEXT, IDENTITY, SITES, all_rows, assert_same_rows, concat, corpus, run_main, write_shard, write_store
 
 def test_info_tells_committed_from_still_being_written(tmp_path, windows, capsys):
     root = tmp_path / "run" / "activations"
@@ -245,12 +156,12 @@ def test_merge_in_window_order_equals_a_one_writer_harvest(tmp_path, windows, wo
 def test_merge_keeps_float32_and_compression(tmp_path, windows):
     write_store(tmp_path / "src", windows, 2, dtype="float32", compression="zstd")
     merged = merge(tmp_path / "src", tmp_path / "merged", order="windows", progress=False, fsync=False)
-    assert merged.dtype == "float32" and storetool.describe(merged)["codecs"] == ["bytes", "zstd", "crc32c"]
+    assert merged.dtype == "float32" and info.describe(merged)["codecs"] == ["bytes", "zstd", "crc32c"]
     assert_same_rows(all_rows(merged), all_rows(write_store(tmp_path / "single", windows, 1, dtype="float32")))
 
 
 def test_a_killed_merge_resumes(tmp_path, windows, split, monkeypatch):
-    monkeypatch.setattr(storetool, "BLOCK_BYTES", 1)  # one chunk per append, so the kill lands mid-merge
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 1)  # one chunk per append, so the kill lands mid-merge
     clean = merge(split.root, tmp_path / "clean", order="windows", progress=False, fsync=False)
     appends = 0
 
@@ -316,7 +227,7 @@ def test_the_command_line_entry_point(split):
 
 def test_a_two_writer_harvest_merged_in_window_order_is_the_one_writer_harvest(tmp_path):
     from conftest import compose_config
-    from pipeline.harvest import harvest
+    from activations.harvesting import harvest
 
     common = [f"run.runs_dir={tmp_path}", "model=tiny_deepseek_v4", "data.context_length=32", "harvest.batch_size=4",
               "harvest.sites=[L1.ffn_out]", "harvest.max_tokens=640", "store.chunk_rows=64", "store.fsync=false"]

@@ -8,48 +8,40 @@ import sys
 import time
 
 import pytest
+from hydra.errors import ConfigCompositionException
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from sae_lens import SAE
 from sae_lens.saes.sae import TrainStepInput
 
-from conftest import ROOT, compose_config, run_stage
-from pipeline.adapters import make_adapter
-from pipeline.config import ModelConfig, SAEConfig, TrainConfig
-from pipeline.corpus import iter_windows
-from pipeline.harvest import harvest
-from pipeline.models import load_model
-from pipeline.sites import Site, SiteError
-from pipeline.store import ActivationStore, StoreError
-from pipeline.train import train
+from conftest import ROOT, TINY, compose_config, run_stage
+from activations.adapters import make_adapter
+from activations.config import ModelConfig
+from pipeline.config import SAEConfig, TrainConfig
+from activations.corpus import iter_windows
+from activations.harvesting import harvest
+from activations.models import load_model
+from activations.sites import Site, SiteError
+from activations.store import ActivationStore, StoreError
+from sae.training import train
 from sae.architectures import ARCHITECTURES, build_sae
 from sae.metrics import spliced_metrics
 from sae.step import topk_step
 from sae.trainer import Member, Trainer, TrainingError
 
-TINY = ["model=tiny_deepseek_v4", "data.context_length=64", "harvest.batch_size=8"]
 SMALL_SAE = ["sae.expansion_factor=4", "sae.k=8", "train.batch_size=256", "eval.tokens=512", "eval.batch_size=4"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A finished tiny DeepSeek-V4 harvest at a hyper-connection site and an FFN output."""
-    runs = tmp_path_factory.mktemp("runs")
-    harvest(compose_config("harvest", [f"run.runs_dir={runs}", *TINY, "harvest.sites=[L1.resid_post,L2.ffn_out]",
-                                       "harvest.max_tokens=8192", "store.chunk_rows=256"]))
-    return runs
 
 
 def train_config(runs, *overrides):
     return compose_config("train", [f"run.runs_dir={runs}", *SMALL_SAE, *overrides])
 
 
-def fresh_run(tiny_run, tmp_path, name="copy"):
+def fresh_run(tiny_harvest, tmp_path, name="copy"):
     """A private copy of the harvested run, so tests do not share checkpoints."""
     import shutil
 
-    shutil.copytree(tiny_run / "demo", tmp_path / name / "demo")
+    shutil.copytree(tiny_harvest / "demo", tmp_path / name / "demo")
     return tmp_path / name
 
 
@@ -93,8 +85,8 @@ def test_every_architecture_trains_and_loads_in_sae_lens(architecture):
     assert loaded.decode(loaded.encode(data[0])).shape == data[0].shape
 
 
-def test_train_stage_writes_sae_lens_directories_and_metrics(tiny_run, tmp_path):
-    runs = fresh_run(tiny_run, tmp_path)
+def test_train_stage_writes_sae_lens_directories_and_metrics(tiny_harvest, tmp_path):
+    runs = fresh_run(tiny_harvest, tmp_path)
     results = train(train_config(runs, "train.sweep=[{k: 4}]", "train.checkpoint_every=10"))
     assert set(results) == {"L1.resid_post/base", "L1.resid_post/k4", "L2.ffn_out/base", "L2.ffn_out/k4"}
     for site in ("L1.resid_post", "L2.ffn_out"):
@@ -170,22 +162,22 @@ def test_synthetic_dictionary_is_recovered():
     assert (best >= 0.9).float().mean() >= 0.9
 
 
-def test_bad_inputs_get_one_line_errors(tiny_run, tmp_path):
-    runs = fresh_run(tiny_run, tmp_path)
+def test_bad_inputs_get_one_line_errors(tiny_harvest, tmp_path):
+    runs = fresh_run(tiny_harvest, tmp_path)
     with pytest.raises(SiteError, match="site L0.ffn_out is not in the store .*L1.resid_post, L2.ffn_out"):
         train(train_config(runs, "train.sites=[L0.ffn_out]"))
     with pytest.raises(StoreError, match="no activation store"):
         train(train_config(tmp_path / "nothing"))
-    with pytest.raises(ValueError, match="unknown sae.architecture 'gated'"):
-        train(train_config(runs, "sae.architecture=gated"))
+    with pytest.raises(ConfigCompositionException, match="sae.architecture=gated"):
+        train_config(runs, "sae.architecture=gated")  # a typed choice: refused when the config is composed
 
     train(train_config(runs, "train.sites=[L2.ffn_out]", "train.tokens=1024", "eval.ce=false"))
     with pytest.raises(TrainingError, match="d_in=64, d_sae=256; this run has d_in=64, d_sae=128"):
         train(train_config(runs, "train.sites=[L2.ffn_out]", "train.tokens=1024", "sae.expansion_factor=2"))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path):
-    runs = fresh_run(tiny_run, tmp_path)
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_harvest, tmp_path):
+    runs = fresh_run(tiny_harvest, tmp_path)
     common = ["train.sites=[L2.ffn_out]", "train.checkpoint_every=2", "eval.ce=false"]
     train(train_config(runs, *common, "train.tokens=1024"))  # a good checkpoint at step 4
     with pytest.raises(TrainingError, match=r"became nan at step \d+.*last good checkpoint \(step 4\)"):
@@ -193,8 +185,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path):
     assert torch.load(runs / "demo" / "saes" / "checkpoint.pt", weights_only=False)["step"] >= 4
 
 
-def test_partial_store_is_refused_unless_allowed(tiny_run, tmp_path):
-    runs = fresh_run(tiny_run, tmp_path)
+def test_partial_store_is_refused_unless_allowed(tiny_harvest, tmp_path):
+    runs = fresh_run(tiny_harvest, tmp_path)
     manifest = next((runs / "demo" / "activations" / "manifests").glob("*.json"))
     record = json.loads(manifest.read_text())
     record["done"] = False
@@ -206,9 +198,9 @@ def test_partial_store_is_refused_unless_allowed(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_data_parallel_equals_one_process(tiny_run, tmp_path):
-    one = fresh_run(tiny_run, tmp_path, "one")
-    two = fresh_run(tiny_run, tmp_path, "two")
+def test_torchrun_data_parallel_equals_one_process(tiny_harvest, tmp_path):
+    one = fresh_run(tiny_harvest, tmp_path, "one")
+    two = fresh_run(tiny_harvest, tmp_path, "two")
     common = ["train.sites=[L2.ffn_out]", "train.tokens=4096", "eval.ce=false", *SMALL_SAE, "train.bf16_encoder=false"]
     run_stage("pipeline.train", f"run.runs_dir={one}", *common)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
@@ -221,8 +213,8 @@ def test_torchrun_data_parallel_equals_one_process(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_site_parallel_trains_each_site_once(tiny_run, tmp_path):
-    runs = fresh_run(tiny_run, tmp_path)
+def test_torchrun_site_parallel_trains_each_site_once(tiny_harvest, tmp_path):
+    runs = fresh_run(tiny_harvest, tmp_path)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534",
                     "-m", "pipeline.train", f"run.runs_dir={runs}", "train.parallel=site", "train.tokens=1024",
                     "eval.ce=false", *SMALL_SAE], cwd=ROOT, check=True, capture_output=True, timeout=600)
@@ -232,9 +224,9 @@ def test_torchrun_site_parallel_trains_each_site_once(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_continues_with_the_same_data(tiny_run, tmp_path):
-    clean = fresh_run(tiny_run, tmp_path, "clean")
-    killed = fresh_run(tiny_run, tmp_path, "killed")
+def test_sigkill_then_resume_continues_with_the_same_data(tiny_harvest, tmp_path):
+    clean = fresh_run(tiny_harvest, tmp_path, "clean")
+    killed = fresh_run(tiny_harvest, tmp_path, "killed")
     common = ["train.sites=[L2.ffn_out]", "train.tokens=24576", "train.checkpoint_every=4", "eval.ce=false",
               *SMALL_SAE, "train.bf16_encoder=false"]
     run_stage("pipeline.train", f"run.runs_dir={clean}", *common)
@@ -279,7 +271,7 @@ def test_a_fully_harvested_corpus_holds_out_its_last_windows(tmp_path):
 
 
 def test_outlier_norm_tokens_are_left_out_of_every_site_of_the_batch():
-    from pipeline.train import local_share
+    from sae.training import local_share
 
     x = torch.ones(8, 4)
     x[3] *= 100  # a "massive activation" token
@@ -292,8 +284,8 @@ def test_outlier_norm_tokens_are_left_out_of_every_site_of_the_batch():
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_logs_metrics_and_no_secrets(tiny_run, tmp_path):
-    runs = fresh_run(tiny_run, tmp_path)
+def test_wandb_offline_run_logs_metrics_and_no_secrets(tiny_harvest, tmp_path):
+    runs = fresh_run(tiny_harvest, tmp_path)
     secret = "sk-dialbox-test-secret-0123456789"
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"} | {"OPENAI_API_KEY": secret}
     run_stage("pipeline.train", f"run.runs_dir={runs}", *SMALL_SAE, "train.sites=[L2.ffn_out]", "train.tokens=4096",
@@ -306,8 +298,8 @@ def test_wandb_offline_run_logs_metrics_and_no_secrets(tiny_run, tmp_path):
     assert secret.encode() not in logged
 
 
-def test_held_out_text_can_come_from_its_own_files(tiny_run, tmp_path):
-    runs = fresh_run(tiny_run, tmp_path)
+def test_held_out_text_can_come_from_its_own_files(tiny_harvest, tmp_path):
+    runs = fresh_run(tiny_harvest, tmp_path)
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("".join(json.dumps({"text": f"A held-out sentence, number {i}, about rivers."}) + "\n"
                                for i in range(100)))

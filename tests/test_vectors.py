@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_config
-from features.steering import encode_prompt
-from features.vectors import (SteeringVector, VectorError, contrast_vector, export_ds4, export_gguf, export_native,
-                              nearest_features)
-from pipeline.sites import Site
+from steering.steerer import encode_prompt
+from steering.contrast import contrast_vector
+from steering.exports import export_ds4, export_gguf, export_native
+from steering.vectors import SteeringVector, VectorError, nearest_features
+from activations.sites import Site
 from pipeline.steer import contrast, export, project
-from test_steer import SMOL_SITE, live_feature, random_vector, smol, smol_run, tiny, tiny_run  # noqa: F401 (fixtures)
+from conftest import SMOL_SITE, compose_config, live_feature, random_vector
 
 PROMPTS = ["Why is the sky blue?", "How do magnets work?", "What is rain?"]
 

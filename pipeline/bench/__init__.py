@@ -31,12 +31,6 @@ def write_section(name: str, command: str, body: str) -> None:
     print(section)
 
 
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def make_command(target: str, argv: list[str]) -> str:
     """The make command line that reproduces a benchmark run with these arguments."""
     return f"make {target}" + (f" ARGS='{' '.join(argv)}'" if argv else "")

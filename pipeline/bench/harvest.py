@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.adapters import make_adapter
-from pipeline.bench import make_command, table, write_section
+from activations.adapters import make_adapter
+from activations.markdown import table
+from pipeline.bench import make_command, write_section
 from pipeline.config import compose
-from pipeline.corpus import iter_windows, windows_for_tokens
-from pipeline.harvest import batches, harvest_with
-from pipeline.models import load_model
-from pipeline.sites import parse_sites
+from activations.corpus import iter_windows, windows_for_tokens
+from activations.harvesting import batches, harvest_with
+from activations.models import load_model
+from activations.sites import parse_sites
 
 
 def time_batches(fn, batch_ids: list[torch.Tensor]) -> float:

@@ -20,7 +20,8 @@ import torch
 from omegaconf import OmegaConf
 
 from features.mining import FeatureMiner, MiningPlan
-from pipeline.bench import table, write_section
+from activations.markdown import table
+from pipeline.bench import write_section
 from pipeline.bench.train import SITE, synthetic_activations, write_store
 from pipeline.config import SAEConfig
 from sae.architectures import build_sae

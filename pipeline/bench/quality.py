@@ -4,7 +4,7 @@
 
 Harvests SmolLM2-135M-Instruct `L15.resid_post` (resuming a harvest already under way),
 trains TopK k=32 at 16x expansion on every harvested token, evaluates on held-out text
-and writes the metrics against the targets of issue 3 (FVU <= 0.25, dead <= 10%,
+and writes the metrics against the targets (FVU <= 0.25, dead <= 10%,
 CE loss recovered >= 0.85) to BENCHMARKS.md. It takes about an hour on 2 CPU cores.
 """
 
@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.bench import table, write_section
+from activations.markdown import table
+from pipeline.bench import write_section
 from pipeline.config import compose
-from pipeline.harvest import harvest
-from pipeline.train import train
+from activations.harvesting import harvest
+from sae.training import train
 
 SITE = "L15.resid_post"
 

@@ -19,15 +19,13 @@ from pathlib import Path
 
 import torch
 
-from features.steering import Steerer
-from features.vectors import SteeringVector
-from pipeline.bench import make_command, table, write_section
+from steering.steerer import Steerer
+from steering.vectors import SteeringVector
+from activations.markdown import table
+from pipeline.bench import make_command, write_section
 from pipeline.config import compose
-from pipeline.sites import Site
-from pipeline.steer import read_prompts
-
-PROMPTS = Path(__file__).resolve().parents[2] / "features" / "prompts" / "heldout.txt"
-
+from activations.sites import Site
+from steering.contrast import read_prompts
 
 def tokens_per_s(steerer: Steerer, prompts: list[str], interventions: list, tokens: int) -> float:
     start = time.perf_counter()
@@ -53,8 +51,8 @@ def main(argv=None) -> None:
         direction = torch.randn(width, generator=torch.Generator().manual_seed(0))
         for op in ("add", "project"):
             SteeringVector(op, site.kind, op, "raw" if op == "add" else "fraction", {site.layer: direction},
-                           steerer.identity).save(steerer.run.root / "vectors")
-        prompts = read_prompts(str(PROMPTS))[: args.batch]
+                           steerer.identity).save(steerer.run.vectors)
+        prompts = read_prompts("heldout.txt")[: args.batch]
         ways = {"none": [], "add": ["add scale=1"], "project": ["project scale=0.5"]}
         tokens_per_s(steerer, prompts, [], 4)  # warm-up
         rates = {way: [] for way in ways}

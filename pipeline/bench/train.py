@@ -28,11 +28,13 @@ from omegaconf import OmegaConf
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
-from pipeline.bench import table, write_section
-from pipeline.config import SAEConfig, StoreConfig, TrainConfig
-from pipeline.harvest import chunk_rows_for
-from pipeline.store import ActivationStore, ShardWriter
-from pipeline.train import training_batches
+from activations.markdown import table
+from pipeline.bench import write_section
+from activations.config import StoreConfig
+from pipeline.config import SAEConfig, TrainConfig
+from activations.harvesting import chunk_rows_for
+from activations.store import ActivationStore, ShardWriter
+from sae.training import training_batches
 from sae.architectures import build_sae, learning_rate
 from sae.trainer import Member, Trainer
 

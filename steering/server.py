@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from transformers.generation.streamers import BaseStreamer
 
-from features.steering import BAD_INPUT, Steerer
+from steering.steerer import BAD_INPUT, Steerer
 
 
 class BadRequest(ValueError):

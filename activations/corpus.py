@@ -22,10 +22,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipeline.config import DataConfig
+from activations.config import DataConfig
+from activations.errors import DialboxError
 
 
-class CorpusError(ValueError):
+class CorpusError(DialboxError, ValueError):
     """The corpus is missing, empty or unreadable."""
 
 

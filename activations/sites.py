@@ -8,13 +8,26 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import StrEnum
+from activations.errors import DialboxError
 
-SITE_KINDS = ("resid_pre", "resid_post", "attn_in", "attn_out", "ffn_in", "ffn_out")
+
+
+class SiteKind(StrEnum):
+    resid_pre = "resid_pre"  # what enters block `layer`
+    resid_post = "resid_post"  # what leaves block `layer`
+    attn_in = "attn_in"  # what the attention sub-layer reads, before its norm
+    attn_out = "attn_out"  # the attention output, before it is added back
+    ffn_in = "ffn_in"  # what the FFN sub-layer reads, before its norm
+    ffn_out = "ffn_out"  # the FFN output, before it is added back
+
+
+SITE_KINDS = tuple(kind.value for kind in SiteKind)
 
 _SITE_RE = re.compile(r"^L(\d+)\.([a-z_]+)$")
 
 
-class SiteError(ValueError):
+class SiteError(DialboxError, ValueError):
     """A site or feature ID that does not parse or does not exist in the model."""
 
 

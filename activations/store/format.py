@@ -1,0 +1,83 @@
+"""The store's on-disk format: names, dtypes, manifests, and the identity check that keeps one
+model's rows out of another's store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from activations.errors import DialboxError
+
+
+FORMAT = "dialbox-activations"
+FORMAT_VERSION = 1
+DTYPES = ("bfloat16", "float32")
+TOKEN_COLUMNS = {"tokens": np.int32, "doc_ids": np.int64, "positions": np.int32, "windows": np.int64}
+# Columns a writer may be given without: stores written before they existed read them as this.
+OPTIONAL_COLUMNS = {"windows": -1}
+STORAGE_OPTIONS_ENV = "DIALBOX_STORAGE_OPTIONS"
+
+
+class StoreError(DialboxError, RuntimeError):
+    """A store that is missing, mismatched, incomplete or failed to write."""
+
+
+def shard_name(rank: int, world_size: int) -> str:
+    return f"r{rank:05d}-of-{world_size:05d}"
+
+
+
+
+def decode(stored: np.ndarray) -> np.ndarray:
+    """Stored rows to float32: uint16 holds bfloat16 bits, the high half of a float32."""
+    if stored.dtype == np.uint16:
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32, copy=False)
+
+
+def as_tensor(stored: np.ndarray) -> torch.Tensor:
+    """Stored rows as a tensor without a copy: uint16 bits become a bfloat16 view."""
+    if stored.dtype == np.uint16:
+        return torch.from_numpy(np.ascontiguousarray(stored).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(stored)
+
+
+def read_manifest(root, name: str) -> dict | None:
+    key = f"manifests/{name}.json"
+    data = root.read(key)
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as err:
+        raise StoreError(f"{root}/{key} is not valid JSON ({err}): restore it, or delete it and rerun "
+                         "that writer to redo the shard") from None
+
+
+def _describe(settings: dict, keys) -> str:
+    def show(value):
+        return json.dumps(value, separators=(",", ":")) if isinstance(value, (dict, list)) else str(value)
+
+    return ", ".join(f"{k}={show(settings.get(k))}" for k in keys)
+
+
+def check_same(root, stored: dict, wanted: dict) -> None:
+    """Refuse to mix rows of different models, sites or dtypes in one store."""
+    if stored.get("format") != FORMAT:
+        raise StoreError(f"{root} is a zarr group but not a Dialbox activation store: use another run_name")
+    if stored.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"store at {root} has format version {stored.get('format_version')}, this code writes "
+            f"{FORMAT_VERSION}: use another run_name"
+        )
+    layout = ("dtype", "sites", "world_size", "origin")
+    flat_stored = {**stored["identity"], **{k: stored.get(k) for k in layout}}
+    flat_wanted = {**wanted["identity"], **{k: wanted.get(k) for k in layout}}
+    differ = [k for k in {**flat_stored, **flat_wanted} if flat_stored.get(k) != flat_wanted.get(k)]
+    if differ:
+        raise StoreError(
+            f"store at {root} was harvested with {_describe(flat_stored, differ)}; "
+            f"this run has {_describe(flat_wanted, differ)}: use another run_name"
+        )

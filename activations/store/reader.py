@@ -1,0 +1,233 @@
+"""ActivationStore: the committed rows of every shard, read as one store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+
+from activations.store.format import (
+    FORMAT, OPTIONAL_COLUMNS, TOKEN_COLUMNS, StoreError, as_tensor, decode, read_manifest, shard_name,
+)
+from activations.store.prefetch import prefetch
+from activations.store.roots import store_root
+from activations.store.stats import SiteStats
+
+
+@dataclass
+class ShardRecord:
+    """A shard as its manifest describes it."""
+
+    name: str
+    rows: int
+    consumed: int
+    done: bool
+    offset: int  # global index of its first row
+    stats: dict = field(default_factory=dict)
+
+
+class ActivationStore:
+    """Read-only view of the committed rows of every shard, in rank order.
+
+    The view is a snapshot of the manifests when opened; open a new one to see later commits.
+    `path` is a run directory or a store root, local or an fsspec URL (see store_root).
+    """
+
+    def __init__(self, path, storage_options: dict | None = None):
+        given = store_root(path, storage_options)
+        inner = given.child("activations")
+        self.root = inner if inner.read("zarr.json") is not None else given
+        if self.root.read("zarr.json") is None:
+            raise StoreError(f"no activation store at {path}: run `make harvest` first")
+        self._group = zarr.open_group(self.root.zarr_store(read_only=True), mode="r")
+        attrs = dict(self._group.attrs)
+        if attrs.get("format") != FORMAT:
+            raise StoreError(f"{self.root} is a zarr group but not a Dialbox activation store: run `make harvest`")
+        self.identity: dict = attrs["identity"]
+        self.dtype: str = attrs["dtype"]
+        self.chunk_rows: int = attrs["chunk_rows"]
+        self.world_size: int = attrs["world_size"]
+        self._widths: dict = attrs["sites"]
+        self.origin: dict | None = attrs.get("origin")  # set on a merged store
+        self._arrays = {}
+        self._shards = []
+        offset = 0
+        for rank in range(self.world_size):
+            name = shard_name(rank, self.world_size)
+            m = read_manifest(self.root, name)
+            if m is None:
+                self._shards.append(ShardRecord(name, 0, 0, False, offset))
+                continue
+            stats = {s: SiteStats.from_json(d) for s, d in m["stats"].items()}
+            self._shards.append(ShardRecord(name, m["rows"], m["consumed"], m["done"], offset, stats))
+            offset += m["rows"]
+        self.n_tokens: int = offset
+
+    # -- description -----------------------------------------------------------------------
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self._widths)
+
+    def width(self, site: str) -> int:
+        self._check_site(site)
+        return self._widths[site]
+
+    def shape(self, site: str) -> tuple[int, int]:
+        return (self.n_tokens, self.width(site))
+
+    @property
+    def shards(self) -> list[tuple[str, int, int, bool]]:
+        """(name, committed rows, input rows consumed, done) of every shard, in rank order."""
+        return [(s.name, s.rows, s.consumed, s.done) for s in self._shards]
+
+    @property
+    def shard_records(self) -> list[ShardRecord]:
+        return list(self._shards)
+
+    def shard_groups(self) -> list[str]:
+        """Names of the shard groups on storage, whichever writers made them."""
+        return sorted(self._group["shards"].group_keys()) if "shards" in self._group else []
+
+    @property
+    def complete(self) -> bool:
+        return all(s.done for s in self._shards)
+
+    def stats(self, site: str) -> dict:
+        """Statistics of the committed rows of a site over all shards (see SiteStats.summary)."""
+        return self.site_stats(site).summary()
+
+    def site_stats(self, site: str) -> SiteStats:
+        """The running sums behind stats(), over all shards."""
+        total = SiteStats.zeros(self.width(site))
+        for s in self._shards:
+            if site in s.stats:
+                total = total + s.stats[site]
+        return total
+
+    # -- random access ---------------------------------------------------------------------
+
+    def read(self, site: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a site as float32 [stop - start, width]."""
+        self._check_site(site)
+        return decode(self._read(site, start, stop))
+
+    def tokens(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Per-row columns: tokens, doc_ids, positions and windows (-1 where not recorded)."""
+        return {name: self._read(name, start, stop) for name in TOKEN_COLUMNS}
+
+    def read_shard(self, shard: str, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one shard's column or site as stored (bf16 as uint16 bits),
+        committed or not: for tools that walk the shards themselves."""
+        array = self.shard_array(shard, name)
+        if array is None:
+            return np.full(stop - start, OPTIONAL_COLUMNS[name], TOKEN_COLUMNS[name])
+        return array[start:stop]
+
+    def context(self, index: int, before: int = 16, after: int = 8) -> tuple[np.ndarray, int]:
+        """Token ids around row `index`, within its document: (ids, offset of index in ids)."""
+        self._check_range(index, index + 1)
+        shard = next(s for s in reversed(self._shards) if s.offset <= index and s.rows)
+        lo = max(index - before, shard.offset)  # a document never spans two shards
+        hi = min(index + after + 1, shard.offset + shard.rows)
+        rows = self.tokens(lo, hi)
+        same_doc = rows["doc_ids"] == rows["doc_ids"][index - lo]
+        first = last = index - lo
+        while first > 0 and same_doc[first - 1]:
+            first -= 1
+        while last + 1 < len(same_doc) and same_doc[last + 1]:
+            last += 1
+        return rows["tokens"][first : last + 1], index - lo - first
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        self._check_range(start, stop)
+        pieces = []
+        for s in self._shards:
+            lo, hi = max(start, s.offset), min(stop, s.offset + s.rows)
+            if lo < hi:
+                pieces.append(self.read_shard(s.name, name, lo - s.offset, hi - s.offset))
+        if pieces:
+            return np.concatenate(pieces)
+        if name in TOKEN_COLUMNS:
+            return np.zeros(0, TOKEN_COLUMNS[name])
+        return np.zeros((0, self._widths[name]), np.uint16 if self.dtype == "bfloat16" else np.float32)
+
+    def shard_array(self, shard: str, name: str) -> zarr.Array | None:
+        """One shard's zarr array; None for an optional column the store predates."""
+        key = f"shards/{shard}/{name}"
+        if key not in self._arrays:
+            try:
+                self._arrays[key] = self._group[key]
+            except KeyError:
+                if name not in OPTIONAL_COLUMNS:
+                    raise StoreError(f"{self.root}/{key} is missing: the store is damaged; run "
+                                     "`python -m pipeline.store verify` on it") from None
+                self._arrays[key] = None
+        return self._arrays[key]
+
+    def _check_site(self, site: str) -> None:
+        if site not in self._widths:
+            raise StoreError(f"site {site} is not in the store at {self.root}: it has {', '.join(self._widths)}")
+
+    def _check_range(self, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise StoreError(
+                f"rows [{start}, {stop}) out of range: the store at {self.root} has {self.n_tokens} committed rows"
+            )
+
+    # -- training stream -------------------------------------------------------------------
+
+    def iter_batches(
+        self, sites, batch_size: int, seed: int = 0, start_batch: int = 0, shuffle_chunks: int = 8, drop_last: bool = True,
+        stop_row: int | None = None,
+    ):
+        """One epoch of shuffled batches: dicts site -> tensor [batch_size, width] in the store's
+        dtype (bfloat16 or float32; converting on the consumer's device halves the bytes moved).
+
+        Chunks are visited in a seeded random order, read whole, and their rows shuffled
+        within windows of `shuffle_chunks` chunks. The same seed gives the same batches;
+        `start_batch=k` gives the batches from the k-th on without reading the windows
+        before it. Use seed + epoch for a new order each epoch. `stop_row` leaves out the rows
+        from that global index on (a held-out tail).
+        """
+        sites = [sites] if isinstance(sites, str) else list(sites)
+        for site in sites:
+            self._check_site(site)
+        if batch_size < 1 or shuffle_chunks < 1 or start_batch < 0:
+            raise StoreError("iter_batches needs batch_size >= 1, shuffle_chunks >= 1 and start_batch >= 0")
+        batches = self._batches(sites, batch_size, seed, start_batch, shuffle_chunks, drop_last,
+                                self.n_tokens if stop_row is None else stop_row)
+        return prefetch(batches, depth=4)
+
+    def _batches(self, sites, batch_size, seed, start_batch, shuffle_chunks, drop_last, stop_row):
+        chunks = [
+            (s.name, start, min(start + self.chunk_rows, s.rows, stop_row - s.offset))
+            for s in self._shards
+            for start in range(0, min(s.rows, stop_row - s.offset), self.chunk_rows)
+        ]
+        order = np.random.default_rng(seed).permutation(len(chunks))
+        skip = start_batch * batch_size  # rows of the stream before the first batch wanted
+        carry = None  # rows left over from the previous window, fewer than a batch
+        for w in range(0, len(order), shuffle_chunks):
+            window = [chunks[i] for i in order[w : w + shuffle_chunks]]
+            n = sum(stop - start for _, start, stop in window)
+            if skip >= n:
+                skip -= n
+                continue
+            # Each window has its own generator, so skipping windows leaves later ones unchanged.
+            perm = np.random.default_rng([seed, w]).permutation(n)[skip:]
+            skip = 0
+            rows = {}
+            for site in sites:
+                whole = np.concatenate([self.read_shard(shard, site, start, stop) for shard, start, stop in window])
+                rows[site] = whole[perm]
+                if carry is not None:
+                    rows[site] = np.concatenate([carry[site], rows[site]])
+            m = len(rows[sites[0]])
+            full = m - m % batch_size
+            for i in range(0, full, batch_size):
+                yield {site: as_tensor(rows[site][i : i + batch_size]) for site in sites}
+            carry = {site: rows[site][full:] for site in sites}
+        if carry is not None and len(carry[sites[0]]) and not drop_last:
+            yield {site: as_tensor(carry[site]) for site in sites}

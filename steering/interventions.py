@@ -1,0 +1,162 @@
+"""Steering a model's generation by SAE feature ID or by named vector.
+
+    steerer = Steerer("runs/demo")
+    steerer.generate("Tell me about dogs.", ["L15.resid_post/1234 scale=4"])
+    steerer.generate("Tell me about dogs.", [{"vector": "terse", "scale": 2, "layers": [12]}])
+
+An intervention names its target (a feature `<site>/<index>` or a vector in runs/<run>/vectors/),
+an operation, a scale and the positions it acts on:
+
+  add      h += a * v                    a = scale * the feature's max activation (units=max_act,
+                                         the default for features) or scale itself (units=raw)
+  clamp    feature activation := a       uses the trained SAE: h += (a - f_i(h)) * W_dec[i]
+  project  h -= s * v (v . h)            ds4's directional steering, v a unit vector, s = scale
+                                         (1 removes the direction, negative amplifies it)
+
+positions: `prompt` (the prompt's rows), `generated` (the rows of generated tokens; the first new
+token is predicted from the last prompt row, so it is not yet affected), or `all`.
+
+Every intervention runs as a hook from `ModelAdapter.hooks`, so it works at every site kind
+(hyper-connection sites included), several compose in the order given, and the hooks are gone
+when `steering()` exits, whether generation finished or failed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from activations.errors import DialboxError
+from activations.sites import FeatureId
+
+OPS = ("add", "clamp", "project")
+POSITIONS = ("all", "prompt", "generated")
+UNITS = ("max_act", "raw", "fraction")
+FIELDS = ("feature", "vector", "op", "scale", "units", "positions", "layers")
+
+
+class SteeringError(DialboxError, ValueError):
+    """An intervention that cannot be applied; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Intervention:
+    target: str  # a feature ID `<site>/<index>` or a vector name
+    op: str | None = None  # None: add for features, the vector's own operation for vectors
+    scale: float = 1.0
+    units: str | None = None  # None: max_act for feature add/clamp, the vector's units otherwise
+    positions: str = "all"
+    layers: tuple | None = None  # vectors only: the layers to steer (None = all the vector has)
+
+    @property
+    def is_feature(self) -> bool:
+        return "/" in self.target
+
+    @classmethod
+    def parse(cls, spec) -> "Intervention":
+        """From a dict ({"feature": ..., "scale": 4}) or a string ("L15.resid_post/1234 op=clamp scale=4")."""
+        if isinstance(spec, Intervention):
+            return spec
+        fields = _fields_of(spec)
+        unknown = sorted(set(fields) - set(FIELDS))
+        if unknown:
+            raise SteeringError(f"unknown intervention field {unknown[0]!r} in {spec!r}: use {', '.join(FIELDS)}")
+        targets = [fields[k] for k in ("feature", "vector") if fields.get(k) not in (None, "")]
+        if len(targets) != 1:
+            raise SteeringError(f"intervention {spec!r} needs exactly one of feature (e.g. L15.resid_post/1234) "
+                                "or vector (a name from runs/<run>/vectors)")
+        target = str(targets[0])
+        if "feature" in fields and fields["feature"] not in (None, ""):
+            FeatureId.parse(target)  # a clear error for a malformed ID, before anything loads
+        return cls(target, _choice(fields, "op", OPS), _scale(fields.get("scale", 1.0)), _choice(fields, "units", UNITS),
+                   _choice(fields, "positions", POSITIONS) or "all", _layers(fields.get("layers")))
+
+
+def _fields_of(spec) -> dict:
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec)
+    if isinstance(spec, dict):
+        return dict(spec)
+    if isinstance(spec, str) and spec.strip():
+        target, *pairs = spec.split()
+        fields = {"feature" if "/" in target else "vector": target}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise SteeringError(f"bad intervention {spec!r}: after the target write key=value pairs, e.g. scale=4")
+            fields[key] = value
+        return fields
+    raise SteeringError(f"bad intervention {spec!r}: give a dict or a string such as 'L15.resid_post/1234 scale=4'")
+
+
+def _choice(fields: dict, key: str, allowed: tuple) -> str | None:
+    value = fields.get(key)
+    if value is not None and value not in allowed:
+        raise SteeringError(f"bad {key} {value!r}: use one of {', '.join(allowed)}")
+    return value
+
+
+def _scale(value) -> float:
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        scale = math.nan
+    if isinstance(value, bool) or not math.isfinite(scale):
+        raise SteeringError(f"bad scale {value!r}: give a finite number, e.g. scale=4 (negative steers away)")
+    return scale
+
+
+def _layers(value) -> tuple | None:
+    if value is None:
+        return None
+    if isinstance(value, str):  # "12", "10,12" or "[10,12]" from a command line
+        value = value.strip("[]").split(",")
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    try:
+        return tuple(int(x) for x in items)
+    except (TypeError, ValueError):
+        raise SteeringError(f"bad layers {value!r}: give layer numbers, e.g. layers=[10,12] or layers=10,12") from None
+
+
+@dataclass
+class Edit:
+    """One resolved intervention at one site."""
+
+    op: str
+    vector: torch.Tensor  # add/clamp: the direction as added; project: a unit vector
+    amount: float
+    positions: str
+    sae: object = None  # clamp only
+    index: int = -1  # clamp only
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op == "add":
+            return x + self.amount * self.vector
+        if self.op == "project":
+            return x - self.amount * (x @ self.vector)[..., None] * self.vector
+        # clamp: move the feature to its target and keep the SAE's error term, as the field does
+        active = self.sae.encode(x.reshape(-1, x.shape[-1]))[:, self.index].reshape(x.shape[:-1])
+        return x + (self.amount - active)[..., None] * self.vector
+
+
+def site_hook(edits: list[Edit]):
+    """The hook function for one site. With a KV cache, the first forward of a generation carries
+    the prompt and each later forward one generated token: that is how positions are told apart."""
+    calls = 0
+
+    def fn(rows: torch.Tensor):
+        nonlocal calls
+        phase = "prompt" if calls == 0 else "generated"
+        calls += 1
+        active = [e for e in edits if e.positions in ("all", phase)]
+        if not active:
+            return None
+        x = rows.float()
+        for edit in active:
+            x = edit.apply(x)
+        return x.to(rows.dtype)
+
+    return fn

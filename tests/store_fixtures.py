@@ -1,0 +1,83 @@
+"""Synthetic stores laid out as harvests lay them out, for the store tests (test_store_tool, test_store_remote)."""
+
+import numpy as np
+import torch
+
+from activations.store import ActivationStore, ShardWriter
+from pipeline.store import main
+
+SITES = {"L1.resid_post": 8, "L2.ffn_out": 4}
+A, B = SITES
+CONTEXT = 12
+IDENTITY = {"model": "tiny", "d_model": 8, "hc_reduce": "mean", "data": "f00d", "context_length": CONTEXT}
+
+
+def corpus(n_windows=23, seed=0) -> list[dict]:
+    """The rows of each window as a harvest cuts them: documents run across windows, the BOS at
+    position 0 and scattered special tokens are left out, the last window is shorter, and each
+    row's activations depend only on its window and position, as a model's would."""
+    rng = np.random.default_rng(seed)
+    doc_starts = rng.random(n_windows * CONTEXT) < 0.08
+    windows = []
+    for w in range(n_windows):
+        length = CONTEXT if w < n_windows - 1 else CONTEXT // 2
+        positions = np.arange(1, length)
+        positions = positions[rng.random(len(positions)) > 0.15]
+        stream = w * CONTEXT + positions
+        g = torch.Generator().manual_seed(w)
+        windows.append({
+            "tokens": rng.integers(0, 5000, len(positions)),
+            "doc_ids": np.cumsum(doc_starts)[stream],
+            "positions": positions,
+            "windows": np.full(len(positions), w),
+            **{site: torch.randn(len(positions), width, generator=g) * 3 for site, width in SITES.items()},
+        })
+    return windows
+
+
+def concat(windows: list[dict]) -> dict:
+    return {k: torch.cat([w[k] for w in windows]) if torch.is_tensor(windows[0][k]) else
+            np.concatenate([w[k] for w in windows]) for k in windows[0]}
+
+
+def write_shard(root, windows, rank, world_size, finish=True, chunk_rows=8, **kw):
+    """One harvest writer: its windows (w % world_size == rank), three per append."""
+    mine = [win for w, win in enumerate(windows) if w % world_size == rank]
+    kw = {"fsync": False} | kw  # durability has its own tests in test_store.py; here it only costs time
+    writer = ShardWriter(root, rank, world_size, SITES, IDENTITY, chunk_rows=chunk_rows, background=False, **kw)
+    for i in range(0, len(mine), 3):
+        writer.append(concat(mine[i : i + 3]))
+    if finish:
+        writer.finish()
+        writer.close()
+    return writer
+
+
+def write_store(root, windows, world_size, **kw):
+    for rank in range(world_size):
+        write_shard(root, windows, rank, world_size, **kw)
+    return ActivationStore(root, kw.get("storage_options"))
+
+
+def all_rows(store: ActivationStore) -> dict:
+    n = store.n_tokens
+    return store.tokens(0, n) | {site: store.read(site, 0, n) for site in store.sites}
+
+
+def assert_same_rows(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def run_main(capsys, *argv) -> tuple[int, list[str], str]:
+    try:
+        code = main(["--no-progress", *map(str, argv)])
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out.strip().splitlines(), err.strip()
+
+
+# ----------------------------------------------------------------------------------------
+# info
