@@ -3,7 +3,8 @@
     runs/<run_name>/
       config/<stage>.yaml     the resolved config of each stage
       activations/            the activation store (make harvest), unless store.url puts it elsewhere
-      saes/<site>/            an SAE that sae_lens.SAE.load_from_disk reads, plus metrics.json (make train)
+      saes/<site>/            an SAE that sae_lens.SAE.load_from_disk reads, plus metrics.json (make train);
+                              sweep members in saes/<site>/sweep/<tag>/, checkpoint.pt for resuming
       features/<site>/        features.parquet, examples.parquet, meta.json (make label)
       report/                 the static feature browser (make report)
       vectors/                steering vectors, and vectors/exports/ (steer, export)
@@ -52,6 +53,13 @@ class RunDir:
 
     def saes(self, site: str = "") -> Path:
         return self.root / "saes" / str(site) if site else self.root / "saes"
+
+    def sweep_sae(self, site: str, tag: str) -> Path:
+        return self.saes(site) / "sweep" / tag
+
+    def train_checkpoint(self, rank: int | None = None) -> Path:
+        """The training checkpoint: one per run, or one per rank when ranks train different sites."""
+        return self.saes() / ("checkpoint.pt" if rank is None else f"checkpoint-r{rank}.pt")
 
     def features(self, site: str = "") -> Path:
         return self.root / "features" / str(site) if site else self.root / "features"

@@ -4,7 +4,7 @@
     curl 127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}],
          "steering": [{"feature": "L15.resid_post/1234", "scale": 4}]}'
 
-It listens on 127.0.0.1 unless serve.host says otherwise; see features/server.py for the API.
+It listens on 127.0.0.1 unless serve.host says otherwise; see steering/server.py for the API.
 """
 
 from __future__ import annotations

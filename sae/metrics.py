@@ -5,7 +5,7 @@
 - ce_loss_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean) and kl_div(clean || sae),
   measured by splicing the reconstruction into the model's forward at the site.
 
-Splicing uses the adapter's hooks (pipeline/adapters.py) and touches only the rows the
+Splicing uses the adapter's hooks (activations/adapters.py) and touches only the rows the
 store would hold (special tokens such as BOS keep their own activations, as in training).
 """
 

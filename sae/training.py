@@ -111,8 +111,8 @@ def build_members(cfg: DictConfig, store: ActivationStore, sites: list[str], dev
 
 
 def checkpoint_path(run: RunDir, rank: int, world: int, parallel: str) -> Path:
-    name = f"checkpoint-r{rank}.pt" if parallel == "site" and world > 1 else "checkpoint.pt"
-    return run.saes() / name
+    """Site-parallel ranks train different SAEs, so each keeps its own checkpoint."""
+    return run.train_checkpoint(rank if parallel == "site" and world > 1 else None)
 
 
 def save_checkpoint(trainer: Trainer, path: Path) -> None:
@@ -209,7 +209,7 @@ def plan_heldout(run: RunDir, cfg: DictConfig, store: ActivationStore) -> Heldou
 
 
 def output_dir(run: RunDir, member: Member) -> Path:
-    return run.saes(member.site) if member.tag == "base" else run.saes(member.site) / "sweep" / member.tag
+    return run.saes(member.site) if member.tag == "base" else run.sweep_sae(member.site, member.tag)
 
 
 def save_and_evaluate(cfg: DictConfig, run: RunDir, trainer: Trainer, heldout: Heldout, store: ActivationStore,

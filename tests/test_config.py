@@ -29,3 +29,27 @@ def test_a_good_choice_composes_as_its_string():
 def test_the_command_line_refuses_a_typo_before_any_work():
     result = run_stage("pipeline.train", "sae.architecture=topkk", check=False)
     assert result.returncode != 0 and "expected one of [topk, batchtopk" in result.stderr
+
+
+def test_stages_print_their_own_errors_in_one_line_and_let_bugs_show_a_traceback(capsys):
+    from activations.store import StoreError
+    from pipeline.cli import one_line_errors
+
+    with pytest.raises(SystemExit) as exited:
+        with one_line_errors("train"):
+            raise StoreError("no activation store at runs/x: run `make harvest` first")
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "train: error: no activation store at runs/x: run `make harvest` first\n"
+    with pytest.raises(KeyError):  # not ours: a bug, whose traceback must reach the user
+        with one_line_errors("train"):
+            raise KeyError("mean_norm")
+
+
+def test_shipped_prompt_sets_are_found_from_any_directory(tmp_path, monkeypatch):
+    from steering.contrast import read_prompts
+
+    monkeypatch.chdir(tmp_path)
+    assert len(read_prompts("heldout.txt")) >= 48 and read_prompts("contrast.txt")
+    mine = tmp_path / "mine.txt"
+    mine.write_text("# a comment\nWhy?\n\nHow?\n")
+    assert read_prompts(str(mine)) == ["Why?", "How?"]

@@ -219,7 +219,7 @@ of `make train` (grad clipping, Adam, dead-latent counters, its logging step eve
 sae-lens runs the body of `SAETrainer.fit` (`maybe_reset_sparsity`, `step(next(data_provider))`) with its
 default config (constant lr, Adam, fp32, no TF32) and wandb, evals and checkpoints off; `step` is the seam
 `fit` itself calls. The store run writes the same rows with `ShardWriter` (bf16, default chunking) to a
-temporary directory and trains from `pipeline.train.training_batches` (`ActivationStore.iter_batches` on a
+temporary directory and trains from `sae.training.training_batches` (`ActivationStore.iter_batches` on a
 background thread); each timing starts a reader and covers whole shuffle windows ({store_steps} steps, the reads
 of their {train_cfg.train.shuffle_chunks} chunks each included), as a long run sees them. The rows were just
 written, so they come from the page cache.
