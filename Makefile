@@ -14,7 +14,7 @@ export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo harvest train label test test-fast bench bench-harvest bench-train bench-label quality report browse \
-	steer serve export steer-eval bench-steer
+	steer serve export steer-eval steer-features bench-steer
 
 setup: $(STAMP)
 
@@ -94,6 +94,12 @@ serve: setup
 # prompts against the prompt baseline and a random direction; the report goes into BENCHMARKS.md.
 steer-eval: setup
 	$(PY) -m pipeline.steer eval run.run_name=$(RUN) eval.write_benchmarks=true $(ARGS)
+
+# Which features steer, how and how strongly: a sample of labelled features swept on dev prompts and
+# reported on test prompts against a random feature and the prompt baseline; results go into
+# runs/$(RUN)/features/<site>/ (the report shows them) and BENCHMARKS.md.
+steer-features: setup
+	$(PY) -m pipeline.steer features run.run_name=$(RUN) steer_features.write_benchmarks=true $(ARGS)
 
 bench-steer: setup
 	$(PY) -m pipeline.bench.steer $(ARGS)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from activations.config import ModelConfig
 from activations.errors import ConfigError
+from activations.adapters import make_adapter
 from activations.models import load_model, load_tokenizer, resolve_device
 from activations.rundir import RunDir
 from activations.sites import SiteError
@@ -28,6 +29,7 @@ from features.examples import ExamplePlan, attach_tokens, feature_examples
 from features.lens import logit_lens, nearest_features
 from features.llm import ChatModel, LLMError, LocalChat, OpenAIChat, ResponseCache, map_with_progress
 from features.mining import HIST_EDGES, FeatureMiner, MiningPlan
+from features.output_score import output_scores
 from features.tables import ExampleWriter, merge_parts, write_features, write_meta
 
 CHUNK = 1024  # features per chunk of examples
@@ -40,6 +42,8 @@ class SiteInputs:
     store: object  # ActivationStore
     model: object  # for the logit lens (only its final norm and unembedding are used)
     vocab: list  # token id -> decoded string
+    adapter: object = None  # the whole model's adapter, for output scores (None: not scored)
+    contexts: torch.Tensor | None = None  # [c, T] token ids the output score is measured on
 
 
 def mining_plan(cfg) -> MiningPlan:
@@ -71,6 +75,10 @@ def label_site(inputs: SiteInputs, cfg, explainer, chat: ChatModel | None, site_
     w_dec = inputs.sae.W_dec.detach()
     lens = logit_lens(w_dec[lo:hi], inputs.model, cfg.logit_tokens)
     neighbour_cos, neighbours = nearest_features(w_dec, cfg.neighbours, rows=(lo, hi))
+    outputs = None
+    if inputs.adapter is not None and lens is not None:
+        outputs = output_scores(inputs.adapter, inputs.site, w_dec[lo:hi], lens[1], inputs.contexts,
+                                inputs.store.stats(inputs.site)["mean_norm"], state["fires"] > 0, cfg.output_strength)
     token_ids = inputs.store.tokens(0, miner.n_blocks * plan.context_tokens)["tokens"]
     use_llm = _llm_features(state["fires"], lo, chat, explainer.max_features, cfg.seed)
 
@@ -95,7 +103,7 @@ def label_site(inputs: SiteInputs, cfg, explainer, chat: ChatModel | None, site_
         writer.write(examples)
     writer.close()
 
-    columns = _feature_columns(inputs, state, lo, hi, described, lens, neighbours, neighbour_cos)
+    columns = _feature_columns(inputs, state, lo, hi, described, lens, neighbours, neighbour_cos, outputs)
     write_features(out, columns)
     write_meta(out, {
         "site": inputs.site, "n_features": n, "features": [lo, hi], "tokens_mined": int(state["tokens"]),
@@ -143,7 +151,7 @@ def _describe(examples, promoted, dead: bool, chat, max_tokens: int, cfg) -> dic
     return result
 
 
-def _feature_columns(inputs, state, lo, hi, described, lens, neighbours, neighbour_cos) -> dict:
+def _feature_columns(inputs, state, lo, hi, described, lens, neighbours, neighbour_cos, outputs) -> dict:
     fires, tokens = state["fires"], max(int(state["tokens"]), 1)
     rows = [described[f] for f in range(lo, hi)]
     scores = [[r[k] for k in ("detection", "fuzzing") if r[k] is not None] for r in rows]
@@ -161,6 +169,8 @@ def _feature_columns(inputs, state, lo, hi, described, lens, neighbours, neighbo
         "logit_pos": pos, "logit_pos_values": pos_vals, "logit_neg": neg, "logit_neg_values": neg_vals,
         "neighbours": neighbours.tolist(), "neighbour_cos": neighbour_cos.tolist(),
         "hist_counts": state["hist"].tolist(),
+        "output_score": [None if outputs is None or v != v else float(v) for v in
+                         (outputs.tolist() if outputs is not None else [None] * len(rows))],
     }
 
 
@@ -200,11 +210,14 @@ def label(cfg: DictConfig) -> dict:
     model_cfg = run.model_config()
     device = resolve_device(cfg.label.device)
     chat = make_chat(cfg.explainer, run, model_cfg)
-    # The logit lens needs the final norm and the unembedding only: load the first block alone,
-    # unless the local explainer has already loaded the whole model.
-    lens_model = chat.model if isinstance(chat, LocalChat) and not cfg.explainer.local_path else load_model(model_cfg, max_layer=0)[0]
+    # The logit lens needs the final norm and the unembedding only, so without output scores the first
+    # block alone is loaded, unless the local explainer has already loaded the whole model.
+    own = isinstance(chat, LocalChat) and not cfg.explainer.local_path
+    lens_model = chat.model if own else load_model(model_cfg, max_layer=None if cfg.label.output_score else 0)[0]
+    adapter = make_adapter(lens_model, model_cfg) if cfg.label.output_score else None
     tokenizer = load_tokenizer(model_cfg)
     vocab = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    contexts = output_contexts(store, tokenizer, cfg.label) if adapter else None
     run.save_config(cfg, "label")
     results = {}
     for site in sites:
@@ -212,7 +225,20 @@ def label(cfg: DictConfig) -> dict:
         if sae.cfg.d_in != store.width(site):
             raise StoreError(f"the SAE at {run.saes(site)} reads width {sae.cfg.d_in} but the store's {site} has "
                              f"width {store.width(site)}: retrain it on this store")
-        inputs = SiteInputs(site, sae, store, lens_model, vocab)
+        inputs = SiteInputs(site, sae, store, lens_model, vocab, adapter, contexts)
         out, results[site] = label_site(inputs, cfg.label, cfg.explainer, chat, run.features(site), device)
         print(f"label: {site}: " + ", ".join(f"{n} {src}" for src, n in results[site].items()) + f" in {out}")
     return results
+
+
+def output_contexts(store, tokenizer, cfg) -> torch.Tensor:
+    """[label.output_contexts, label.output_context_tokens] token ids: stretches of the stored corpus
+    spread over the store, each after a BOS as the harvest's windows were."""
+    n, length = cfg.output_contexts, cfg.output_context_tokens
+    stride = max(length, store.n_tokens // max(n, 1))
+    starts = [k * stride for k in range(n) if k * stride + length <= store.n_tokens]
+    if not starts:
+        raise StoreError(f"the store holds {store.n_tokens} tokens, too few for an output-score context of {length}: "
+                         "lower label.output_context_tokens or set label.output_score=false")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return torch.tensor([bos + store.tokens(s, s + length)["tokens"].tolist() for s in starts], dtype=torch.long)

@@ -80,7 +80,8 @@ def write_site(src: Path, dst: Path, chunk_size: int, index_top_tokens: int) -> 
     index = index_columns(features, labels, index_top_tokens)
     write_json(dst / "index.json", index)
     examples = example_rows(src / "examples.parquet")
-    for k, chunk in enumerate(feature_chunks(features, labels, examples, chunk_size)):
+    steering = steering_results(src)
+    for k, chunk in enumerate(feature_chunks(features, labels, examples, chunk_size, steering)):
         write_json(dst / f"chunk-{k}.json", chunk)
     n_dead, n_labelled = sum(index["dead"]), sum(label is not None for label in labels)
     return {**meta, "n_dead": n_dead, "n_labelled": n_labelled, "n_unlabelled": len(labels) - n_labelled - n_dead}
@@ -107,14 +108,36 @@ def index_columns(features: pa.Table, labels: list, top_n: int) -> dict:
         "max_act": [sig(x, 4) for x in column("max_act").to_pylist()],
         "score": [sig(x, 3) for x in column("score").to_pylist()],
         "top": [tokens[:top_n] for tokens in column("top_tokens").to_pylist()],
+        # Written by later stages (make label's output score, make steer-features): null when not run.
+        **{key: [sig(x, 3) for x in optional_column(features, name)] for key, name in
+           (("output", "output_score"), ("steer", "steer_score"))},
+        "steers": [None if x is None else int(x) for x in optional_column(features, "steers")],
     }
 
 
-def feature_chunks(features: pa.Table, labels: list, examples, chunk_size: int):
+def optional_column(features: pa.Table, name: str) -> list:
+    return features.column(name).to_pylist() if name in features.column_names else [None] * features.num_rows
+
+
+def steering_results(src: Path) -> dict[int, dict]:
+    """make steer-features' result per feature index (steering.jsonl), the last one kept."""
+    path = src / "steering.jsonl"
+    results = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a killed evaluation
+            continue
+        results[result["index"]] = result
+    return results
+
+
+def feature_chunks(features: pa.Table, labels: list, examples, chunk_size: int, steering: dict | None = None):
     """Yield lists of `chunk_size` feature records, each with its examples, reading examples once."""
     row = next(examples, None)
     for start in range(0, features.num_rows, chunk_size):
-        chunk = [feature_record(f, labels) for f in features.slice(start, chunk_size).to_pylist()]
+        chunk = [feature_record(f, labels, (steering or {}).get(f["index"]))
+                 for f in features.slice(start, chunk_size).to_pylist()]
         end = start + len(chunk)
         while row is not None and row["index"] < end:
             index = row.pop("index")
@@ -132,17 +155,35 @@ def feature_chunks(features: pa.Table, labels: list, examples, chunk_size: int):
                           f"beyond the {features.num_rows} features: run `make label` again")
 
 
-def feature_record(row: dict, labels: list) -> dict:
-    """One feature as the feature page reads it: value/token pairs zipped, neighbours with labels."""
+def feature_record(row: dict, labels: list, steering: dict | None = None) -> dict:
+    """One feature as the feature page reads it: value/token pairs zipped, neighbours with labels,
+    its steering evaluation when there is one."""
     for key, digits in (("density", 3), ("max_act", 4), ("mean_act", 4),
-                        ("detection", 3), ("fuzzing", 3), ("score", 3)):
-        row[key] = sig(row[key], digits)
+                        ("detection", 3), ("fuzzing", 3), ("score", 3), ("output_score", 3)):
+        row[key] = sig(row.get(key), digits)
+    row["steering"] = steering_record(steering) if steering else None
     row["id"] = row.pop("feature_id")
     for side in ("logit_pos", "logit_neg"):
         row[side] = [[tok, sig(v, 3)] for tok, v in zip(row[side], row.pop(f"{side}_values"))]
     row["neighbours"] = [[n, sig(c, 3), labels[n]] for n, c in zip(row["neighbours"], row.pop("neighbour_cos"))]
     row["examples"] = {kind: [] for kind in KINDS}
     return row
+
+
+def steering_record(r: dict) -> dict:
+    """What the page's Steering section shows; corpus and model text stays plain JSON strings."""
+    keep = ("op", "scale", "units", "concept", "fluency", "score", "steers", "prompts", "perplexity_ratio",
+            "repeats", "gain", "gain_ci95", "gain_over_control", "gain_over_control_ci95", "gain_over_baseline",
+            "gain_over_baseline_ci95", "control_feature", "baseline_instruction", "examples")
+    out = {k: r[k] for k in keep if k in r}
+    for k in ("concept", "fluency", "score", "perplexity_ratio", "repeats", "gain", "gain_over_control",
+              "gain_over_baseline"):
+        out[k] = sig(out.get(k), 3)
+    for k in ("gain_ci95", "gain_over_control_ci95", "gain_over_baseline_ci95"):
+        out[k] = [sig(x, 3) for x in out.get(k) or []]
+    out["baseline_concept"] = sig(r.get("baseline", {}).get("concept"), 3)
+    out["unsteered_concept"] = sig(r.get("unsteered", {}).get("concept"), 3)
+    return out
 
 
 def example_rows(path: Path, batch_rows: int = 4096):

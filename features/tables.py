@@ -25,6 +25,7 @@ FEATURE_SCHEMA = pa.schema([
     ("logit_pos_values", pa.list_(pa.float32())), ("logit_neg", pa.list_(pa.string())),
     ("logit_neg_values", pa.list_(pa.float32())), ("neighbours", pa.list_(pa.int32())),
     ("neighbour_cos", pa.list_(pa.float32())), ("hist_counts", pa.list_(pa.int64())),
+    ("output_score", pa.float32()),
 ])
 EXAMPLE_SCHEMA = pa.schema([
     ("index", pa.int32()), ("kind", pa.string()), ("rank", pa.int32()), ("quantile", pa.int32()),
@@ -63,6 +64,20 @@ def write_features_table(out: Path, table: pa.Table) -> None:
     tmp = out / f"features.parquet.tmp{os.getpid()}"  # split jobs may merge the same site at once
     pq.write_table(table, tmp)
     os.replace(tmp, out / "features.parquet")
+
+
+def set_feature_columns(site_dir: Path, columns: dict[str, dict[int, object]], types: dict[str, str]) -> None:
+    """Replace (or add) columns of a site's features.parquet, given as {name: {feature index: value}};
+    features not given get null. Later stages (steering's evaluation) add their results this way."""
+    table = pq.read_table(site_dir / "features.parquet")
+    index = table.column("index").to_pylist()
+    for name, values in columns.items():
+        array = pa.array([values.get(i) for i in index], type=pa.type_for_alias(types[name]))
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, array)
+        else:
+            table = table.append_column(name, array)
+    write_features_table(site_dir, table)
 
 
 def write_meta(out: Path, meta: dict) -> None:

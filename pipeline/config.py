@@ -222,6 +222,12 @@ class LabelConfig:
     neighbours: int = 8  # nearest features by decoder cosine
     seed: int = 0  # context sampling and the LLM's feature sample
     checkpoint_seconds: float = 180.0  # mining state saved this often (a killed pass resumes)
+    # Score every live feature's output effect: adding its direction, how much more likely are the
+    # tokens it promotes (features/output_score.py)? Needs the whole model: off for a huge one if memory is short.
+    output_score: bool = True
+    output_contexts: int = 2  # stretches of the stored corpus the output score is measured on
+    output_context_tokens: int = 16  # tokens per stretch (after a BOS)
+    output_strength: float = 0.5  # the push, in units of the site's mean row norm
 
 
 @dataclass
@@ -375,6 +381,30 @@ class SteerEvalConfig:
 
 
 @dataclass
+class SteerFeaturesConfig:
+    """`python -m pipeline.steer features` (make steer-features): which features steer, how and how strongly."""
+
+    site: str = ""  # the SAE's site; empty = the first labelled one
+    n: int = 64  # live labelled features sampled (seeded) ...
+    features: list = field(default_factory=list)  # ... plus these (feature IDs or indices at the site)
+    prompts: str = "neutral.txt"  # neutral prompts, one a line: a file, or a name in steering/prompts/
+    dev_prompts: int = 16  # the first ones after a seeded shuffle choose the setting ...
+    test_prompts: int = 32  # ... and the next ones report it
+    # The sweep: add in units of the site's mean row norm (the Eiffel study's best sat near 0.5), clamp in
+    # units of the feature's max activation.
+    add_scales: list = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    clamp_scales: list = field(default_factory=lambda: [4.0, 8.0])
+    max_new_tokens: int = 32  # per answer, greedy
+    batch_size: int = 16  # prompts per generate and per scoring forward
+    max_ppl_ratio: float = 2.0  # a feature steers only if its perplexity is at most this times unsteered
+    bootstrap: int = 1000  # resamples for the 95% intervals
+    seed: int = 0  # the feature sample, the dev/test split, the random controls and the bootstrap
+    # An OpenAI-compatible endpoint that also rates the test answers (AxBench's 0-2 concept, relevance, fluency).
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    write_benchmarks: bool = False  # put the summary in BENCHMARKS.md (make steer-features does)
+
+
+@dataclass
 class SteerJob:
     run: RunConfig = field(default_factory=RunConfig)
     # None: the model the run was harvested with.
@@ -384,6 +414,7 @@ class SteerJob:
     export: ExportConfig = field(default_factory=ExportConfig)
     project: ProjectConfig = field(default_factory=ProjectConfig)
     eval: SteerEvalConfig = field(default_factory=SteerEvalConfig)
+    steer_features: SteerFeaturesConfig = field(default_factory=SteerFeaturesConfig)
 
 
 @dataclass

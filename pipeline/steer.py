@@ -5,6 +5,7 @@
     python -m pipeline.steer project project.target=terse project.layer=15
     python -m pipeline.steer export export.vector=terse export.format=gguf     # or ds4, native
     python -m pipeline.steer eval                                                # make steer-eval
+    python -m pipeline.steer features steer_features.n=64                        # make steer-features
 
 The first argument picks the action (`generate` when it is an override); each action reads its
 own section of conf/steer.yaml and saves the resolved config as runs/<run>/config/steer-<action>.yaml.
@@ -22,6 +23,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from activations.markdown import table
 from activations.rundir import RunDir
 from activations.sites import FeatureId, Site
 from pipeline.bench import make_command, write_section
@@ -29,6 +31,7 @@ from pipeline.cli import one_line_errors
 from pipeline.config import register_configs
 from steering.contrast import build_contrast
 from steering.evaluation import run_eval
+from steering.feature_eval import evaluate_features, summary
 from steering.exports import EXPORTS
 from steering.feature_vectors import save_feature_vector
 from steering.interventions import SteeringError
@@ -149,7 +152,50 @@ def evaluate(cfg: DictConfig):
     return results
 
 
-ACTIONS = {"generate": generate, "contrast": contrast, "project": project, "export": export, "eval": evaluate}
+def features(cfg: DictConfig) -> dict:
+    """Evaluate the steering of features (make steer-features) and print what steers."""
+    f = cfg.steer_features
+    outcome = evaluate_features(steerer_for(cfg), f)
+    run, site = RunDir.from_config(cfg), outcome["site"]
+    outputs = run.feature_table(site, ["index", "output_score"]) or {}
+    scores = dict(zip(outputs.get("index", []), outputs.get("output_score", [])))
+    report = steer_features_report(outcome["results"], summary(outcome["results"], scores), f)
+    print(report)
+    if f.write_benchmarks:
+        write_section("steer-features", make_command("steer-features", sys.argv[1:]), report)
+    return outcome
+
+
+def steer_features_report(results: list[dict], s: dict, f: DictConfig) -> str:
+    """A markdown summary: the headline numbers, then one row per feature."""
+    rows = [[r["feature"], (r["label"] or "")[:40].replace("|", "/"), f"{r['op']} {r['scale']:g} {r['units']}",
+             f"{r['gain']:+.3f} [{r['gain_ci95'][0]:+.3f}, {r['gain_ci95'][1]:+.3f}]",
+             f"{r['gain_over_control']:+.3f} [{r['gain_over_control_ci95'][0]:+.3f}, {r['gain_over_control_ci95'][1]:+.3f}]",
+             f"{r['gain_over_baseline']:+.3f}", f"{r['perplexity_ratio']:.2f}", f"{r['repeats']:.2f}",
+             "yes" if r["steers"] else "no"] for r in sorted(results, key=lambda r: -r["score"])]
+    auroc = s.get("output_score_auroc")
+    lines = [
+        f"{s['features']} features at their site, {f.dev_prompts} dev / {f.test_prompts} test neutral prompts, greedy, "
+        f"{f.max_new_tokens} new tokens; sweep add {list(f.add_scales)} (x mean row norm), clamp "
+        f"{list(f.clamp_scales)} (x max activation). Concept = share of answer tokens on which the feature fires.", "",
+        f"- **steer: {s['steer_share']:.0%}** of the features (gain over a random live feature at the same setting "
+        f"excludes 0, perplexity <= {f.max_ppl_ratio:g}x unsteered)",
+        f"- chosen op: add {s['by_op']['add']['chosen']} (steer {s['by_op']['add']['steer']}), clamp "
+        f"{s['by_op']['clamp']['chosen']} (steer {s['by_op']['clamp']['steer']})",
+        f"- mean concept gain over unsteered {s['mean_gain']:+.3f}; over the prompt baseline "
+        f"{s['mean_gain_over_baseline']:+.3f}; top decile by steering score matching or beating the prompt "
+        f"baseline within the perplexity limit: {s['top_decile_beats_baseline']} of {s['top_decile']}",
+        f"- median perplexity ratio (fluency cost) {s['median_perplexity_ratio']:.2f}",
+        f"- output score (make label) as a predictor of `steers`: AUROC "
+        + (f"{auroc:.2f}" if auroc is not None else "n/a (one class only)"), "",
+        table(["feature", "label", "chosen (dev)", "concept gain [95% CI]", "gain over random feature [95% CI]",
+               "gain over prompt baseline", "ppl ratio", "repeated 4-grams", "steers"], rows),
+    ]
+    return "\n".join(lines)
+
+
+ACTIONS = {"generate": generate, "contrast": contrast, "project": project, "export": export, "eval": evaluate,
+           "features": features}
 
 
 def run_action(action: str, cfg: DictConfig):

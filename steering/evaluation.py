@@ -147,8 +147,14 @@ def measure(steerer: Steerer, e: DictConfig, prompts: list[str], name: str, inte
 
 
 def answer_logprobs(steerer: Steerer, contexts: list, answers: list, batch_size: int) -> list[float]:
-    """Sum of log p(answer token | context, earlier answer tokens) per pair, right-padded batches."""
-    sums = []
+    """Sum of log p(answer token | context, earlier answer tokens) per pair."""
+    return [logprob for logprob, _ in read_answers(steerer, contexts, answers, batch_size)]
+
+
+def read_answers(steerer: Steerer, contexts: list, answers: list, batch_size: int, site=None) -> list[tuple]:
+    """(sum of the answer's token log-probabilities, the site's rows at the answer's tokens or None)
+    per (context, answer) pair, under the unsteered model, in right-padded batches."""
+    out = []
     for i in range(0, len(answers), batch_size):
         pairs = list(zip(contexts[i: i + batch_size], answers[i: i + batch_size]))
         longest = max(len(c) + len(a) for c, a in pairs)
@@ -156,13 +162,20 @@ def answer_logprobs(steerer: Steerer, contexts: list, answers: list, batch_size:
         mask = torch.zeros_like(ids)
         for row, (c, a) in enumerate(pairs):
             ids[row, : len(c) + len(a)], mask[row, : len(c) + len(a)] = torch.cat([c, a]), 1
-        with torch.inference_mode():
+        captured = {}
+
+        def keep(rows):  # reads only: returns None, so the forward goes on unchanged
+            captured["rows"] = rows.float().cpu()
+
+        with torch.inference_mode(), steerer.adapter.hooks({site: keep} if site else {}):
             logits = steerer.model(input_ids=ids.to(steerer.device), attention_mask=mask.to(steerer.device),
                                    use_cache=False).logits.float().log_softmax(-1).cpu()
         for row, (c, a) in enumerate(pairs):
             positions = torch.arange(len(c) - 1, len(c) + len(a) - 1)
-            sums.append(float(logits[row, positions, a].sum()) if len(a) else 0.0)
-    return sums
+            logprob = float(logits[row, positions, a].sum()) if len(a) else 0.0
+            rows = captured["rows"][row, len(c): len(c) + len(a)] if site else None
+            out.append((logprob, rows))
+    return out
 
 
 def feature_presence(steerer: Steerer, feature: str, contexts: list, answers: list) -> list[float]:

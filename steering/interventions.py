@@ -7,8 +7,9 @@
 An intervention names its target (a feature `<site>/<index>` or a vector in runs/<run>/vectors/),
 an operation, a scale and the positions it acts on:
 
-  add      h += a * v                    a = scale * the feature's max activation (units=max_act,
-                                         the default for features) or scale itself (units=raw)
+  add      h += a * v                    a = scale * the feature's max activation (units=max_act),
+                                         scale * the site's mean norm / |v| (units=norm: the edit's
+                                         norm is that share of a typical row) or scale itself (raw)
   clamp    feature activation := a       uses the trained SAE: h += (a - f_i(h)) * W_dec[i]
   project  h -= s * v (v . h)            ds4's directional steering, v a unit vector, s = scale
                                          (1 removes the direction, negative amplifies it)
@@ -34,7 +35,7 @@ from activations.sites import FeatureId
 
 OPS = ("add", "clamp", "project")
 POSITIONS = ("all", "prompt", "generated")
-UNITS = ("max_act", "raw", "fraction")
+UNITS = ("max_act", "norm", "raw", "fraction")
 FIELDS = ("feature", "vector", "op", "scale", "units", "positions", "layers")
 
 
@@ -46,7 +47,7 @@ class SteeringError(DialboxError, ValueError):
 class Intervention:
     target: str  # a feature ID `<site>/<index>` or a vector name
     op: str | None = None  # None: add for features, the vector's own operation for vectors
-    scale: float = 1.0
+    scale: float | None = None  # None: a feature's calibrated setting (or the default); 1 for vectors
     units: str | None = None  # None: max_act for feature add/clamp, the vector's units otherwise
     positions: str = "all"
     layers: tuple | None = None  # vectors only: the layers to steer (None = all the vector has)
@@ -71,7 +72,7 @@ class Intervention:
         target = str(targets[0])
         if "feature" in fields and fields["feature"] not in (None, ""):
             FeatureId.parse(target)  # a clear error for a malformed ID, before anything loads
-        return cls(target, _choice(fields, "op", OPS), _scale(fields.get("scale", 1.0)), _choice(fields, "units", UNITS),
+        return cls(target, _choice(fields, "op", OPS), _scale(fields.get("scale")), _choice(fields, "units", UNITS),
                    _choice(fields, "positions", POSITIONS) or "all", _layers(fields.get("layers")))
 
 
@@ -99,7 +100,9 @@ def _choice(fields: dict, key: str, allowed: tuple) -> str | None:
     return value
 
 
-def _scale(value) -> float:
+def _scale(value) -> float | None:
+    if value is None:
+        return None
     try:
         scale = float(value)
     except (TypeError, ValueError):

@@ -27,6 +27,11 @@ from steering.vectors import SteeringVector, check_fits, unit_rows
 # Every kind of bad input a request can carry: the CLI prints it in one line, the server answers 400.
 BAD_INPUT = (DialboxError,)
 
+# A feature intervention without a scale, when the feature has no calibrated setting: (scale, units).
+# add: a push of half a typical row's norm, where the best strength sat in Hugging Face's study of
+# steering Llama (docs/guide.md, "Steering"); clamp: the feature held at 4x its max activation.
+DEFAULT_SETTING = {"add": (0.5, "norm"), "clamp": (4.0, "max_act"), "project": (1.0, None)}
+
 
 def encode_prompt(tokenizer, prompt, chat: bool) -> torch.Tensor:
     """Token ids [seq] of a prompt (a string, or chat messages), through the chat template when chat."""
@@ -66,6 +71,8 @@ class Steerer:
         self.lock = threading.Lock()
         self._saes: dict[str, object] = {}
         self._max_acts: dict[str, torch.Tensor] = {}
+        self._mean_norms: dict[str, float] = {}
+        self._calibrations: dict[str, dict] = {}
 
     @property
     def device(self) -> torch.device:
@@ -89,6 +96,51 @@ class Steerer:
             raise SteeringError(f"feature {site}/{index} never fired (max activation 0), so units=max_act has no "
                                 "meaning for it: pass units=raw or pick another feature")
         return value
+
+    def mean_norm(self, site: Site) -> float:
+        """The typical norm of a row at the site (the store's mean), the yardstick of units=norm."""
+        key = str(site)
+        if key not in self._mean_norms:
+            try:
+                self._mean_norms[key] = float(self.run.open_store().stats(key)["mean_norm"])
+            except StoreError as e:
+                raise SteeringError(f"units=norm needs the run's stored activations at {key} ({e}): "
+                                    "pass units=max_act or raw") from None
+        return self._mean_norms[key]
+
+    def unit(self, feature: FeatureId, units: str, row: torch.Tensor) -> float:
+        """What scale 1 means for a feature's add or clamp: its max activation, the activation that
+        moves a row by the site's mean norm, or 1."""
+        if units == "max_act":
+            return self.max_act(feature.site, feature.index)
+        if units == "norm":
+            return self.mean_norm(feature.site) / float(row.norm().clamp_min(1e-12))
+        return 1.0
+
+    def setting(self, feature: FeatureId, iv: Intervention) -> tuple[str, float, str | None]:
+        """(op, scale, units) of a feature intervention. Without a scale: the setting the feature's
+        steering evaluation chose (features.parquet), else the default for the op."""
+        if iv.scale is not None:
+            op = iv.op or "add"
+            return op, iv.scale, iv.units or (None if op == "project" else "max_act")
+        calibrated = self.calibrated(feature)
+        if calibrated and iv.op in (None, calibrated[0]) and iv.units in (None, calibrated[2]):
+            self.notes.append(f"{feature}: the calibrated setting op={calibrated[0]} scale={calibrated[1]:g} "
+                              f"units={calibrated[2]} (make steer-features)")
+            return calibrated
+        op = iv.op or "add"
+        scale, units = DEFAULT_SETTING[op]
+        return op, scale, iv.units or units
+
+    def calibrated(self, feature: FeatureId) -> tuple[str, float, str] | None:
+        key = str(feature.site)
+        if key not in self._calibrations:
+            columns = self.run.feature_table(key, ["index", "steer_op", "steer_scale", "steer_units"]) or {}
+            self._calibrations[key] = {
+                i: (op, float(scale), units) for i, op, scale, units in
+                zip(columns.get("index", []), columns.get("steer_op", []), columns.get("steer_scale", []),
+                    columns.get("steer_units", [])) if op and scale is not None and units}
+        return self._calibrations[key].get(feature.index)
 
     def vector(self, name: str) -> SteeringVector:
         vector = SteeringVector.load(self.run.vectors, name)
@@ -115,18 +167,17 @@ class Steerer:
             raise SteeringError(f"unknown feature {feature}: the SAE at {feature.site} has features 0..{sae.cfg.d_sae - 1}")
         if iv.layers is not None:
             raise SteeringError(f"layers is for vectors; feature {feature} is at layer {feature.site.layer} already")
-        op = iv.op or "add"
+        op, scale, units = self.setting(feature, iv)
         row = sae.W_dec[feature.index].detach().float()
         if op == "project":
-            if iv.units not in (None, "fraction"):
+            if units not in (None, "fraction"):
                 raise SteeringError(f"project's scale is ds4's s (a fraction of the component along v), "
-                                    f"not units={iv.units}: drop units")
-            edit = Edit("project", unit_rows(row), iv.scale, iv.positions)
+                                    f"not units={units}: drop units")
+            edit = Edit("project", unit_rows(row), scale, iv.positions)
         else:
-            units = iv.units or "max_act"
             if units == "fraction":
-                raise SteeringError(f"units=fraction is for project; {op} takes units=max_act or raw")
-            amount = iv.scale * (self.max_act(feature.site, feature.index) if units == "max_act" else 1.0)
+                raise SteeringError(f"units=fraction is for project; {op} takes units=max_act, norm or raw")
+            amount = scale * self.unit(feature, units, row)
             edit = Edit(op, row, amount, iv.positions, sae if op == "clamp" else None, feature.index)
         return [(feature.site, edit)]
 
@@ -151,7 +202,8 @@ class Steerer:
             direction = vector.directions[layer].to(self.device)
             if vector.operation == "project":
                 direction = unit_rows(direction)
-            edits.append((site, Edit(vector.operation, direction, iv.scale, iv.positions)))
+            scale = 1.0 if iv.scale is None else iv.scale
+            edits.append((site, Edit(vector.operation, direction, scale, iv.positions)))
         return edits
 
     # -- generation ---------------------------------------------------------------------------

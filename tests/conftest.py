@@ -7,6 +7,7 @@ tests get their own copy (smol_run, tiny_run), since steering saves vectors into
   smol_run      run dir: a copy of smol_runs/demo for steering; `smol` is its Steerer
   tiny_harvest  runs dir: the tiny random DeepSeek-V4 harvested at L1.resid_post and L2.ffn_out
   tiny_run      run dir: a copy of tiny_harvest/demo with SAEs trained; `tiny` is its Steerer
+  smol_labelled runs dir: a copy of smol_runs with every feature labelled (heuristic labels)
   server        the steering server over `smol`, on 127.0.0.1
   windows/split synthetic stores as harvests lay them out (tests/store_fixtures.py)
 """
@@ -75,6 +76,15 @@ def smol_runs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smol_run(smol_runs, tmp_path_factory) -> Path:
     return copy_run(smol_runs, tmp_path_factory.mktemp("smol_steer") / "runs") / "demo"
+
+
+@pytest.fixture(scope="session")
+def smol_labelled(smol_runs, tmp_path_factory) -> Path:
+    from features.label import label
+
+    runs = copy_run(smol_runs, tmp_path_factory.mktemp("smol_labelled") / "runs")
+    label(compose_config("label", [f"run.runs_dir={runs}"]))
+    return runs
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@
 "use strict";
 
 const PAGE_SIZE = 100;
-const SORTABLE = { index: "Feature", density: "Density", max_act: "Max act", score: "Score" };
+const SORTABLE = { index: "Feature", density: "Density", max_act: "Max act", score: "Score", output: "Output",
+  steer: "Steering" };
 const SHOW = ["all", "labelled", "unlabelled", "dead"];
 const json = new Map(); // url -> promise of its parsed JSON: each file is fetched once
 let routing = 0; // the latest navigation; an older one that finishes late draws nothing
@@ -206,7 +207,9 @@ async function siteView(site, params) {
     return el("tr", { class: data.dead[i] ? "dead" : "" },
       el("td", {}, featureLink(site.site, i, String(i))), el("td", { class: "label" }, label),
       el("td", {}, tokenChips(data.top[i])), el("td", { class: "num" }, percent(data.density[i])),
-      el("td", { class: "num" }, num(data.max_act[i])), el("td", { class: "num" }, num(data.score[i])));
+      el("td", { class: "num" }, num(data.max_act[i])), el("td", { class: "num" }, num(data.score[i])),
+      el("td", { class: "num" }, num((data.output || [])[i] ?? null)),
+      el("td", { class: "num" }, steerCell((data.steer || [])[i] ?? null, (data.steers || [])[i] ?? null)));
   }
 
   function render() {
@@ -214,7 +217,8 @@ async function siteView(site, params) {
     const pages = Math.max(1, Math.ceil(rows.length / PAGE_SIZE));
     state.page = Math.min(state.page, pages - 1);
     headers.replaceChildren(header("index", SORTABLE.index), el("th", {}, "Label"), el("th", {}, "Top tokens"),
-      header("density", SORTABLE.density), header("max_act", SORTABLE.max_act), header("score", SORTABLE.score));
+      header("density", SORTABLE.density), header("max_act", SORTABLE.max_act), header("score", SORTABLE.score),
+      header("output", SORTABLE.output), header("steer", SORTABLE.steer));
     body.replaceChildren(...rows.slice(state.page * PAGE_SIZE, (state.page + 1) * PAGE_SIZE).map(row));
     pager.replaceChildren(pageButton("‹ Prev", state.page - 1, pages), el("span", { id: "page-info" },
       `Page ${state.page + 1} of ${pages} · ${count(rows.length)} features`), pageButton("Next ›", state.page + 1, pages));
@@ -252,7 +256,51 @@ async function featureView(site, index, chunkSize) {
     el("section", {}, el("h2", {}, "Activations"), stats(f, site), histogram(f.hist_counts, site.hist_edges)),
     el("div", { class: "columns" }, logitTable("Promoted tokens", f.logit_pos),
       logitTable("Suppressed tokens", f.logit_neg), neighbours(site.site, f.neighbours)),
-    contexts(f));
+    steeringBlock(f), contexts(f));
+}
+
+// make steer-features' verdict in the index: the score, marked when the feature steers.
+function steerCell(score, steers) {
+  if (score === null) return "";
+  return el("span", { class: steers ? "steers" : "muted", title: steers ? "steers" : "does not steer" },
+    `${num(score)}${steers ? " ✓" : ""}`);
+}
+
+function interval(ci) {
+  return ci && ci.length === 2 ? ` [${num(ci[0])}, ${num(ci[1])}]` : "";
+}
+
+// How the feature steers (make steer-features): the setting chosen on dev prompts, the test scores
+// with their 95% intervals, and two test prompts unsteered next to steered. All text is textContent.
+function steeringBlock(f) {
+  const s = f.steering;
+  const title = el("h2", {}, "Steering");
+  if (!s) {
+    const output = f.output_score === null || f.output_score === undefined ? ""
+      : ` Its output score is ${num(f.output_score)} (how much adding it raises its promoted tokens).`;
+    return el("section", { id: "steering" }, title, el("p", { class: "muted" },
+      `Not evaluated: run \`make steer-features ARGS='steer_features.features=[${f.id}]'\`.${output}`));
+  }
+  const verdict = s.steers ? "Steers" : "Does not steer";
+  const rows = [
+    ["Chosen on dev prompts", `${s.op} scale=${s.scale} units=${s.units}`],
+    ["Concept (share of answer tokens where it fires)", `${num(s.concept)} (unsteered ${num(s.unsteered_concept)}, `
+      + `prompt baseline ${num(s.baseline_concept)})`],
+    ["Gain over unsteered", `${num(s.gain)}${interval(s.gain_ci95)}`],
+    ["Gain over a random feature (" + s.control_feature + ")", `${num(s.gain_over_control)}${interval(s.gain_over_control_ci95)}`],
+    ["Gain over the prompt baseline", `${num(s.gain_over_baseline)}${interval(s.gain_over_baseline_ci95)}`],
+    ["Fluency", `${num(s.fluency)} (perplexity ${num(s.perplexity_ratio)}x unsteered, repeated 4-grams ${percent(s.repeats)})`],
+    ["Output score", num(f.output_score ?? null)],
+  ];
+  const table = el("table", { class: "grid" }, el("tbody", {},
+    ...rows.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v)))));
+  const examples = (s.examples || []).map((e) => el("div", { class: "columns steer-example" },
+    el("div", {}, el("h3", {}, `Unsteered: ${e.prompt}`), el("p", { class: "generated" }, e.unsteered)),
+    el("div", {}, el("h3", {}, `Steered (${s.op} ${s.scale}): ${e.prompt}`), el("p", { class: "generated" }, e.steered))));
+  return el("section", { id: "steering" }, title,
+    el("p", { class: s.steers ? "status steers" : "status" }, `${verdict} on ${s.prompts} test prompts`
+      + ` (score ${num(s.score)}; baseline instruction: "${s.baseline_instruction}")`),
+    table, ...examples);
 }
 
 // The ID is what the steering CLI and server take: one click copies it.
@@ -288,8 +336,9 @@ function labelBlock(f, site) {
 }
 
 function stats(f, site) {
+  const output = f.output_score === null || f.output_score === undefined ? "" : ` · output score ${num(f.output_score)}`;
   return el("p", {}, `Density ${percent(f.density)} of ${count(site.tokens_mined)} tokens · `
-    + `max activation ${num(f.max_act)} · mean when firing ${num(f.mean_act)}`);
+    + `max activation ${num(f.max_act)} · mean when firing ${num(f.mean_act)}${output}`);
 }
 
 // Bars over log-spaced bins, heights on a log scale so the tail shows beside the bulk. The

@@ -1,0 +1,313 @@
+"""`make steer-features`: which features steer, with which op and scale, and how strongly.
+
+For each feature of a seeded sample of live labelled features (plus any IDs given):
+
+1. dev prompts (neutral requests that name no concept): every (op, scale) of the sweep generates
+   greedily. Each answer is scored by
+     concept  the share of its tokens on which the feature fires, read through the feature's SAE
+              in the unsteered model over prompt + answer;
+     fluency  unsteered perplexity / the answers' perplexity under the unsteered model (at most 1),
+              times the share of 4-grams that do not repeat: a degenerate loop is not fluent.
+   The setting with the best harmonic mean of the two is chosen, as AxBench chooses a factor.
+2. test prompts: the chosen setting is reported next to the unsteered model, a random live
+   feature at the same setting (the control), and the prompt baseline, the bar to beat (the prompt
+   plus "Mention <label> in your answer.", or "Use the words ..." for a token-list label).
+
+A feature steers when the 95% bootstrap interval (over test prompts) of its concept gain over the
+control excludes 0 and its perplexity is at most `max_ppl_ratio` times the unsteered one.
+
+Each finished feature is one JSON line in features/<site>/steering.jsonl, so a killed run resumes
+and a rerun evaluates only the features not done; the steer_* columns of features.parquet are
+rewritten from that file at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from activations.sites import FeatureId, Site
+from features.tables import set_feature_columns
+from steering.contrast import read_prompts
+from steering.evaluation import bootstrap, make_judge, read_answers
+from steering.interventions import SteeringError
+from steering.steerer import Steerer, encode_prompt
+
+RESULTS = "steering.jsonl"
+COLUMNS = {"steer_op": "string", "steer_scale": "float32", "steer_units": "string", "steer_concept": "float32",
+           "steer_fluency": "float32", "steer_score": "float32", "steers": "bool", "steer_prompts": "int32"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    op: str
+    scale: float
+    units: str
+
+    def intervention(self, feature: str) -> dict:
+        return {"feature": feature, "op": self.op, "scale": self.scale, "units": self.units}
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.scale:g} ({self.units})"
+
+
+@dataclass
+class Answers:
+    """Greedy answers to a prompt set under one condition, read back by the unsteered model."""
+
+    texts: list[str]
+    fires: np.ndarray  # [prompts, watched features]: share of answer tokens where each feature fires
+    nll: np.ndarray  # [prompts]: mean negative log-likelihood per answer token (nan when empty)
+    tokens: np.ndarray  # [prompts]: answer lengths
+    repeats: np.ndarray  # [prompts]: share of the answer's 4-grams that repeat an earlier one
+
+    def perplexity(self) -> float:
+        ok = self.tokens > 0
+        return float(np.exp((self.nll[ok] * self.tokens[ok]).sum() / self.tokens[ok].sum())) if ok.any() else math.inf
+
+
+class FeatureEvaluation:
+    """The steering evaluation of some features of one site (see the module docstring)."""
+
+    def __init__(self, steerer: Steerer, site: Site, features: list[int], cfg: DictConfig):
+        self.steerer, self.site, self.cfg = steerer, site, cfg
+        self.sae = steerer.sae(site)
+        self.watch = features  # every feature whose firing is read from every answer
+        prompts = read_prompts(cfg.prompts)
+        random.Random(cfg.seed).shuffle(prompts)
+        if cfg.dev_prompts + cfg.test_prompts > len(prompts):
+            raise SteeringError(f"steer_features needs {cfg.dev_prompts} dev + {cfg.test_prompts} test prompts; "
+                                f"{cfg.prompts} holds {len(prompts)}")
+        self.dev, self.test = prompts[: cfg.dev_prompts], prompts[cfg.dev_prompts: cfg.dev_prompts + cfg.test_prompts]
+        self.settings = [Setting("add", float(s), "norm") for s in cfg.add_scales]
+        self.settings += [Setting("clamp", float(s), "max_act") for s in cfg.clamp_scales]
+        self._cache: dict[tuple, Answers] = {}
+        self.judge = make_judge(cfg.judge, steerer.run)  # None without an endpoint
+
+    def answers(self, prompts: list[str], interventions: list, suffix: str = "") -> Answers:
+        """Generate, then read every answer after its plain prompt (the suffix is the baseline's method,
+        not part of the task) with the watched features' SAE activations."""
+        generated = []
+        for i in range(0, len(prompts), self.cfg.batch_size):
+            batch = [p + suffix for p in prompts[i: i + self.cfg.batch_size]]
+            generated += self.steerer.generate(batch, interventions, max_new_tokens=self.cfg.max_new_tokens)
+        contexts = [encode_prompt(self.steerer.tokenizer, p, self.steerer.chat_default) for p in prompts]
+        tokens = [torch.tensor(g.tokens, dtype=torch.long) for g in generated]
+        read = read_answers(self.steerer, contexts, tokens, self.cfg.batch_size, site=self.site)
+        fires = np.zeros((len(prompts), len(self.watch)))
+        for k, (_, rows) in enumerate(read):
+            if len(rows):
+                with torch.inference_mode():
+                    acts = self.sae.encode(rows.to(self.steerer.device))[:, self.watch]
+                fires[k] = (acts > 0).float().mean(0).cpu().numpy()
+        lengths = np.array([len(t) for t in tokens])
+        nll = np.array([-lp / n if n else math.nan for (lp, _), n in zip(read, lengths)])
+        return Answers([g.text for g in generated], fires, nll, lengths, np.array([repeat_share(t) for t in tokens]))
+
+    def shared(self, key: tuple, prompts: list[str], interventions: list) -> Answers:
+        """Answers that do not depend on the feature evaluated (unsteered, random control): made once."""
+        if key not in self._cache:
+            self._cache[key] = self.answers(prompts, interventions)
+        return self._cache[key]
+
+    def scores(self, answers: Answers, plain: Answers, column: int) -> dict:
+        concept = float(answers.fires[:, column].mean())
+        fluency = min(1.0, plain.perplexity() / answers.perplexity()) * (1 - float(answers.repeats.mean()))
+        return {"concept": concept, "fluency": fluency, "score": harmonic(concept, fluency),
+                "perplexity": answers.perplexity(), "repeats": float(answers.repeats.mean())}
+
+    def evaluate(self, index: int, label: str, control: int) -> dict:
+        """One feature: the dev sweep, then the test report against its controls."""
+        feature, column = f"{self.site}/{index}", self.watch.index(index)
+        plain_dev = self.shared(("plain", "dev"), self.dev, [])
+        sweep = [(s, self.scores(self.answers(self.dev, [s.intervention(feature)]), plain_dev, column))
+                 for s in self.settings]
+        best, dev_scores = max(sweep, key=lambda item: item[1]["score"])
+        plain = self.shared(("plain", "test"), self.test, [])
+        steered = self.answers(self.test, [best.intervention(feature)])
+        random_control = self.shared(("control", best), self.test, [best.intervention(f"{self.site}/{control}")])
+        baseline = self.answers(self.test, [], suffix=" " + baseline_instruction(label))
+        draws, seed = self.cfg.bootstrap, self.cfg.seed
+        gain = steered.fires[:, column] - plain.fires[:, column]
+        over_control = steered.fires[:, column] - random_control.fires[:, column]
+        over_baseline = steered.fires[:, column] - baseline.fires[:, column]
+        scores = self.scores(steered, plain, column)
+        ppl_ratio = scores["perplexity"] / plain.perplexity()
+        interval = bootstrap(lambda i: over_control[i].mean(), len(over_control), draws, seed)
+        return {
+            "feature": feature, "index": index, "label": label, "op": best.op, "scale": best.scale,
+            "units": best.units, "dev": {"setting": str(best), **dev_scores,
+                                         "sweep": [{"setting": str(s), **sc} for s, sc in sweep]},
+            "concept": scores["concept"], "fluency": scores["fluency"], "score": scores["score"],
+            "perplexity": scores["perplexity"], "perplexity_ratio": ppl_ratio, "repeats": scores["repeats"],
+            "unsteered": self.scores(plain, plain, column), "control_feature": f"{self.site}/{control}",
+            "control": self.scores(random_control, plain, column), "baseline": self.scores(baseline, plain, column),
+            "baseline_instruction": baseline_instruction(label),
+            "gain": float(gain.mean()), "gain_ci95": bootstrap(lambda i: gain[i].mean(), len(gain), draws, seed),
+            "gain_over_control": float(over_control.mean()), "gain_over_control_ci95": interval,
+            "gain_over_baseline": float(over_baseline.mean()),
+            "gain_over_baseline_ci95": bootstrap(lambda i: over_baseline[i].mean(), len(over_baseline), draws, seed),
+            "steers": bool(interval[0] > 0 and ppl_ratio <= self.cfg.max_ppl_ratio),
+            "prompts": len(self.test),
+            "examples": [{"prompt": self.test[k], "unsteered": plain.texts[k], "steered": steered.texts[k]}
+                         for k in range(min(2, len(self.test)))],
+            # AxBench's 0-2 ratings (concept, relevance, fluency) scaled to [0, 1], when a judge is configured
+            "judge": {name: self.judge(self.test, answers.texts, label or feature)
+                      for name, answers in (("steered", steered), ("baseline", baseline))} if self.judge else None,
+        }
+
+
+def harmonic(a: float, b: float) -> float:
+    return 0.0 if min(a, b) <= 0 else 2 / (1 / a + 1 / b)
+
+
+def repeat_share(tokens: torch.Tensor, n: int = 4) -> float:
+    """The share of an answer's n-grams that already occurred earlier in it ("in for in for ..." is near 1)."""
+    grams = [tuple(tokens[i: i + n].tolist()) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def baseline_instruction(label: str) -> str:
+    """The prompt baseline's instruction: the label itself, or its words for a token-list label."""
+    if label.startswith("tokens "):  # heuristic labels list the peak tokens: tokens "LORD", "God"
+        words = [w.strip(' "') for w in label.removeprefix("tokens ").split(",") if w.strip(' "')]
+        return f"Use the words {', '.join(words[:3])} in your answer."
+    return f"Mention {label} in your answer."
+
+
+def choose_features(table: dict, n: int, given: list[int], seed: int) -> list[int]:
+    """The given features, then a seeded sample of `n` live labelled ones."""
+    live = [i for i, dead, label in zip(table["index"], table["dead"], table["label"]) if not dead and label]
+    sample = random.Random(seed).sample(sorted(live), min(n, len(live)))
+    return list(dict.fromkeys([*given, *sample]))
+
+
+def check_features(table: dict, indices: list[int], site: str) -> None:
+    known = dict(zip(table["index"], table["dead"]))
+    for i in indices:
+        if i not in known:
+            raise SteeringError(f"unknown feature {site}/{i}: the SAE at {site} has features 0..{len(known) - 1}")
+        if known[i]:
+            raise SteeringError(f"feature {site}/{i} is dead (it never fired while labelling): it cannot be "
+                                "steered by its max activation; pick a live one")
+
+
+def controls(table: dict, watch: list[int], seed: int) -> dict[int, int]:
+    """A random live feature for each evaluated one, outside the evaluated set where possible."""
+    rng = random.Random(seed + 1)
+    live = [i for i, dead in zip(table["index"], table["dead"]) if not dead]
+    pool = [i for i in live if i not in set(watch)] or live
+    control = rng.choice(pool)
+    return {i: control if control != i else rng.choice([j for j in live if j != i] or [i]) for i in watch}
+
+
+def evaluate_features(steerer: Steerer, cfg: DictConfig) -> dict:
+    """Evaluate the features cfg asks for (resuming from steering.jsonl) and update features.parquet."""
+    run = steerer.run
+    site = Site.parse(cfg.site) if cfg.site else Site.parse(first_labelled_site(run))
+    steerer.sae(site)  # no SAE there: say so before anything else
+    table = run.feature_table(str(site), ["index", "dead", "label"])
+    if table is None:
+        raise SteeringError(f"no feature table at {site}: run `make label` first (it gives labels and max activations)")
+    given = [parse_at(f, site) for f in cfg.features]
+    check_features(table, given, str(site))
+    watch = choose_features(table, cfg.n, given, cfg.seed)
+    path = run.features(str(site)) / RESULTS
+    done = {r["index"]: r for r in read_results(path)}
+    todo = [i for i in watch if i not in done]
+    labels = dict(zip(table["index"], table["label"]))
+    evaluation = FeatureEvaluation(steerer, site, watch, cfg)
+    pairs = controls(table, watch, cfg.seed)
+    for index in tqdm(todo, desc=f"steer features {site}", unit="feature", dynamic_ncols=True):
+        result = evaluation.evaluate(index, labels[index] or "", pairs[index])
+        append_result(path, result)
+        done[index] = result
+    results = [done[i] for i in watch]
+    set_feature_columns(run.features(str(site)), feature_columns(read_results(path)), COLUMNS)
+    return {"site": str(site), "results": results, "evaluated_now": len(todo)}
+
+
+def first_labelled_site(run) -> str:
+    sites = [s for s in run.trained_sites() if run.feature_table_path(s).exists()]
+    if not sites:
+        raise SteeringError(f"no labelled SAE in {run.root}: run `make label` first")
+    return sites[0]
+
+
+def parse_at(text, site: Site) -> int:
+    """A feature ID at the evaluated site, or a bare index."""
+    if str(text).isdigit():
+        return int(text)
+    feature = FeatureId.parse(text)
+    if feature.site != site:
+        raise SteeringError(f"feature {feature} is not at the evaluated site {site}: set steer_features.site")
+    return feature.index
+
+
+def read_results(path) -> list[dict]:
+    """The finished features; a line cut short by a kill is the feature being evaluated, so it is redone."""
+    if not path.exists():
+        return []
+    results = []
+    for line in path.read_text().splitlines():
+        try:
+            results.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return results
+
+
+def append_result(path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(result) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def feature_columns(results: list[dict]) -> dict[str, dict[int, object]]:
+    """The steer_* columns of features.parquet, by feature index."""
+    pick = {"steer_op": "op", "steer_scale": "scale", "steer_units": "units", "steer_concept": "concept",
+            "steer_fluency": "fluency", "steer_score": "score", "steers": "steers", "steer_prompts": "prompts"}
+    return {column: {r["index"]: r[key] for r in results} for column, key in pick.items()}
+
+
+def summary(results: list[dict], output_scores: dict[int, float] | None = None) -> dict:
+    """What the benchmark reports: the share that steers, add against clamp, the gain over the prompt
+    baseline, the fluency cost, and how well the output score predicts `steers`."""
+    n = len(results)
+    steers = [r for r in results if r["steers"]]
+    ops = {op: [r for r in results if r["op"] == op] for op in ("add", "clamp")}
+    by_score = sorted(results, key=lambda r: r["score"], reverse=True)
+    top = by_score[: max(1, n // 10)]
+    out = {
+        "features": n, "steer_share": len(steers) / n if n else 0.0,
+        "by_op": {op: {"chosen": len(rs), "steer": sum(r["steers"] for r in rs)} for op, rs in ops.items()},
+        "mean_gain": float(np.mean([r["gain"] for r in results])) if n else 0.0,
+        "mean_gain_over_baseline": float(np.mean([r["gain_over_baseline"] for r in results])) if n else 0.0,
+        "top_decile_beats_baseline": sum(r["gain_over_baseline"] >= 0 and r["perplexity_ratio"] <= 2 for r in top),
+        "top_decile": len(top),
+        "median_perplexity_ratio": float(np.median([r["perplexity_ratio"] for r in results])) if n else 0.0,
+    }
+    if output_scores:
+        out["output_score_auroc"] = auroc([output_scores.get(r["index"], 0.0) for r in results],
+                                          [r["steers"] for r in results])
+    return out
+
+
+def auroc(scores: list[float], labels: list[bool]) -> float | None:
+    """The chance that a feature that steers has a higher score than one that does not (ties half)."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))

@@ -1,0 +1,172 @@
+"""make steer-features: which features steer, measured, stored, shown; and the output score."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from activations.rundir import RunDir
+from conftest import SMOL_SITE, compose_config, copy_run, run_stage
+from features.report import build_report
+from pipeline.steer import run_action
+from steering.feature_eval import auroc, baseline_instruction, evaluate_features, repeat_share
+from steering.interventions import SteeringError
+from steering.steerer import Steerer
+
+QUICK = ["steer_features.dev_prompts=2", "steer_features.test_prompts=4", "steer_features.add_scales=[0.5]",
+         "steer_features.clamp_scales=[4.0]", "steer_features.max_new_tokens=6", "steer_features.batch_size=4",
+         "steer_features.bootstrap=50"]
+
+
+def steer_config(runs, *overrides):
+    return compose_config("steer", [f"run.runs_dir={runs}", *QUICK, *overrides])
+
+
+@pytest.fixture(scope="module")
+def evaluated(smol_labelled, tmp_path_factory):
+    """A labelled run with two features evaluated (one given by ID, one sampled)."""
+    runs = copy_run(smol_labelled, tmp_path_factory.mktemp("steer_features") / "runs")
+    table = RunDir(str(runs), "demo").feature_table(SMOL_SITE, ["index", "dead"])
+    given = next(i for i, dead in zip(table["index"], table["dead"]) if not dead)
+    outcome = run_action("features", steer_config(runs, "steer_features.n=1", f"steer_features.features=[{SMOL_SITE}/{given}]"))
+    return runs, given, outcome
+
+
+def test_helpers_measure_what_they_say():
+    assert repeat_share(torch.tensor([5, 6, 5, 6, 5, 6, 5, 6])) == pytest.approx(1 - 2 / 5)
+    assert repeat_share(torch.tensor([1, 2, 3, 4, 5, 6])) == 0.0 and repeat_share(torch.tensor([1, 2])) == 0.0
+    assert baseline_instruction('tokens "LORD", "God"') == "Use the words LORD, God in your answer."
+    assert baseline_instruction("the sea and ships") == "Mention the sea and ships in your answer."
+    assert auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert auroc([0.1, 0.2], [True, True]) is None
+
+
+def test_a_short_evaluation_stores_its_results_and_the_report_shows_them(evaluated):
+    runs, given, outcome = evaluated
+    results = outcome["results"]
+    assert [r["index"] for r in results][0] == given and len(results) == 2 and outcome["evaluated_now"] == 2
+    for r in results:
+        assert r["op"] in ("add", "clamp") and r["prompts"] == 4 and len(r["dev"]["sweep"]) == 2
+        assert 0 <= r["concept"] <= 1 and 0 <= r["fluency"] <= 1 and isinstance(r["steers"], bool)
+        low, high = r["gain_over_control_ci95"]
+        assert low <= r["gain_over_control"] <= high
+        assert r["control_feature"] != r["feature"] and len(r["examples"]) == 2
+    site_dir = runs / "demo" / "features" / SMOL_SITE
+    table = pq.read_table(site_dir / "features.parquet").to_pydict()
+    evaluated_rows = [k for k, op in enumerate(table["steer_op"]) if op is not None]
+    assert sorted(table["index"][k] for k in evaluated_rows) == sorted(r["index"] for r in results)
+    assert all(table["steer_prompts"][k] == 4 and table["steers"][k] is not None for k in evaluated_rows)
+    assert "output_score" in table and sum(v is not None for v in table["output_score"]) > 0
+
+    build_report(site_dir.parent, runs / "demo" / "report")
+    data = runs / "demo" / "report" / "data" / SMOL_SITE
+    index = json.loads((data / "index.json").read_text())
+    assert sum(v is not None for v in index["steer"]) == 2 and "output" in index
+    chunk = json.loads((data / f"chunk-{given // 128}.json").read_text())
+    shown = next(f for f in chunk if f["index"] == given)["steering"]
+    assert shown["op"] == results[0]["op"] and shown["examples"][0]["steered"] == results[0]["examples"][0]["steered"]
+
+
+def test_a_rerun_evaluates_only_what_is_not_done_and_redoes_a_line_cut_by_a_kill(evaluated, tmp_path):
+    runs = copy_run(evaluated[0], tmp_path / "runs")
+    path = runs / "demo" / "features" / SMOL_SITE / "steering.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed while writing the second
+    given = evaluated[1]
+    outcome = run_action("features", steer_config(runs, "steer_features.n=1", f"steer_features.features=[{given}]"))
+    assert outcome["evaluated_now"] == 1
+    assert [r["index"] for r in outcome["results"]] == [r["index"] for r in evaluated[2]["results"]]
+
+
+def test_a_feature_given_without_a_scale_steers_with_its_calibrated_setting(evaluated):
+    runs, given, outcome = evaluated
+    steerer = Steerer(runs / "demo")
+    edit = next(iter(steerer.resolve([f"{SMOL_SITE}/{given}"]).values()))[0]
+    chosen = outcome["results"][0]
+    assert edit.op == chosen["op"] and any("calibrated setting" in note for note in steerer.notes)
+
+
+def test_bad_input_is_refused_in_one_line(smol_labelled, tmp_path):
+    runs = copy_run(smol_labelled, tmp_path / "runs")
+    steerer = Steerer(runs / "demo")
+    table = steerer.run.feature_table(SMOL_SITE, ["index", "dead"])
+    dead = next((i for i, d in zip(table["index"], table["dead"]) if d), None)
+    cases = [(f"{SMOL_SITE}/99999", "unknown feature"), ("L5.resid_post/1", "not at the evaluated site")]
+    if dead is not None:
+        cases.append((f"{SMOL_SITE}/{dead}", "is dead"))
+    for feature, words in cases:
+        with pytest.raises(SteeringError, match=words):
+            evaluate_features(steerer, steer_config(runs, f"steer_features.features=[{feature}]").steer_features)
+    result = run_stage("pipeline.steer", "features", f"run.runs_dir={runs}", "steer_features.site=L5.resid_post",
+                       check=False)
+    assert result.returncode == 2 and "no SAE at" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_judge_rates_through_an_openai_compatible_endpoint(server, smol_labelled, tmp_path):
+    runs = copy_run(smol_labelled, tmp_path / "runs")
+    base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    outcome = run_action("features", steer_config(runs, "steer_features.n=1", f"steer_features.judge.base_url={base_url}",
+                                                  "steer_features.judge.model=smollm2_135m"))
+    judged = outcome["results"][0]["judge"]
+    assert set(judged) == {"steered", "baseline"}
+    assert all(set(r) == {"concept", "relevance", "fluency"} and all(0 <= v <= 1 for v in r.values())
+               for r in judged.values())
+    assert (runs / "demo" / "steer_eval" / "judge_cache.jsonl").exists()
+
+
+LATE_SITE = "L28.resid_post"  # two blocks before the unembedding: a direction there writes the next token
+
+
+def plant(sae_dir, index: int, direction: torch.Tensor, store, site: str) -> None:
+    """Make feature `index` read and write `direction`: it fires (strongly, so TopK keeps it) on rows
+    whose component along the direction is in the store's top 2%, and its decoder row is the direction."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(sae_dir / "sae_weights.safetensors")
+    unit = direction / direction.norm()
+    rows = torch.from_numpy(store.read(site, 0, store.n_tokens)) - weights["b_dec"]
+    threshold = torch.quantile(rows @ unit, 0.98)
+    weights["W_enc"][:, index] = unit * 1000
+    weights["b_enc"][index] = -1000 * threshold
+    weights["W_dec"][index] = unit * weights["W_dec"].norm(dim=1).mean()
+    save_file(weights, sae_dir / "sae_weights.safetensors")
+
+
+@pytest.mark.slow
+def test_a_feature_built_to_steer_steers_and_a_random_direction_does_not(tmp_path):
+    """A planted output feature (it writes the unembedding direction of ' ocean' two blocks before the
+    output, and reads the same direction) steers; a planted random direction does not."""
+    from activations.harvesting import harvest
+    from features.label import label
+    from sae.training import train
+
+    runs = tmp_path / "runs"
+    common = [f"run.runs_dir={runs}"]
+    harvest(compose_config("harvest", [*common, f"harvest.sites=[{LATE_SITE}]", "harvest.max_tokens=2048",
+                                       "data.context_length=64", "harvest.batch_size=8", "store.chunk_rows=256"]))
+    train(compose_config("train", [*common, "sae.expansion_factor=1", "sae.k=8", "train.batch_size=256",
+                                   "eval.ce=false", "eval.tokens=256"]))
+    label(compose_config("label", [*common, "label.output_score=false"]))
+    run = RunDir(str(runs), "demo")
+    table = run.feature_table(LATE_SITE, ["index", "dead"])
+    live = [i for i, dead in zip(table["index"], table["dead"]) if not dead]
+    planted, random_index = live[0], live[1]
+    steerer = Steerer(run.root)
+    word = steerer.tokenizer(" ocean", add_special_tokens=False).input_ids[0]
+    store = run.open_store()
+    plant(run.saes(LATE_SITE), planted, steerer.model.get_output_embeddings().weight[word].detach(), store, LATE_SITE)
+    direction = torch.randn(576, generator=torch.Generator().manual_seed(0))
+    plant(run.saes(LATE_SITE), random_index, direction, store, LATE_SITE)
+    cfg = compose_config("steer", [
+        *common, f"steer_features.site={LATE_SITE}", "steer_features.n=0",
+        f"steer_features.features=[{planted},{random_index}]", "steer_features.dev_prompts=4",
+        "steer_features.test_prompts=12", "steer_features.add_scales=[0.25,0.5]", "steer_features.clamp_scales=[]",
+        "steer_features.max_new_tokens=16", "steer_features.batch_size=12", "steer_features.bootstrap=200"])
+    outcome = evaluate_features(steerer, cfg.steer_features)  # the steerer loads the SAE now: the planted one
+    by_index = {r["index"]: r for r in outcome["results"]}
+    assert by_index[planted]["steers"], by_index[planted]
+    assert by_index[planted]["gain_over_control_ci95"][0] > 0
+    assert not by_index[random_index]["steers"], by_index[random_index]
