@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
+import socket
 import threading
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
+from steering.limits import ServerLimits
 from steering.server import SteeringServer
 from pipeline.config import ServeConfig
 from conftest import SMOL_SITE, live_feature, random_vector
 
+MODEL = "smollm2_135m"
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
 
 
@@ -23,7 +29,7 @@ def client(server):
 
 
 def chat(client, steering=None, **kwargs):
-    args = dict(model="smollm2_135m", messages=MESSAGES, max_tokens=8, temperature=0)
+    args = dict(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0)
     args.update(kwargs)
     return client.chat.completions.create(**args, extra_body={"steering": steering} if steering else None)
 
@@ -57,8 +63,8 @@ def test_streaming_sends_the_same_text_in_pieces(client):
     assert chunks[-1].choices[0].finish_reason == "length"
 
     prompt = "The sea is"
-    text = client.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
-    streamed = client.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=0, stream=True)
+    text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+    streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == text and text
 
 
@@ -111,3 +117,154 @@ def test_bad_requests_over_plain_http(server, body, words):
     not_json = urllib.request.Request(request.full_url, b"{oops", {"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError, match="400"):
         urllib.request.urlopen(not_json, timeout=60)
+
+
+# --- limits: what one request may cost (steering/limits.py) ---------------------------------------
+
+
+def send(server, method: str = "POST", path: str = "/v1/chat/completions", body=b"", headers=None, timeout=60):
+    """(status, headers, body bytes) of one request sent as given; a dict body goes as JSON.
+
+    headers=None sends the true Content-Length; otherwise exactly the headers given."""
+    body = json.dumps(body).encode() if isinstance(body, dict) else body
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=timeout)
+    try:
+        connection.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in (headers if headers is not None else {"Content-Length": str(len(body))}).items():
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+def refusal(server, status: int, **kwargs) -> dict:
+    """The error object of a request that must be refused with `status`, checked to be OpenAI's shape."""
+    got, headers, data = send(server, **kwargs)
+    assert got == status, data
+    assert headers["Content-Type"] == "application/json"
+    error = json.loads(data)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str)
+    return error
+
+
+def deep(levels: int):
+    return [deep(levels - 1)] if levels else 0
+
+
+FEATURE = f"{SMOL_SITE}/1"
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"stop": [".", ",", ";", ":", "!"]}, "stop takes at most 4 strings of at most 32 characters"),
+    ({"stop": "x" * 33}, "stop takes at most 4 strings"),
+    ({"max_tokens": 0}, "max_tokens must be an integer from 1 to 16"),
+    ({"max_tokens": True}, "max_tokens must be an integer"),
+    ({"max_tokens": 2.0}, "max_tokens must be an integer"),
+    ({"seed": 2**70}, "seed must be an integer from -2**63 to 2**63 - 1"),
+    ({"seed": False}, "seed must be an integer"),
+    ({"steering": [{"feature": FEATURE, "scale": 1e30}]}, "|scale| 1e+30 for L3.resid_post/1 is over 1000, "
+                                                         "the most allowed for add (max_scale)"),
+    ({"steering": [{"feature": FEATURE, "op": "project", "scale": -11}]}, "is over 10, the most allowed for project"),
+    ({"steering": ["served scale=2000"]}, "is over 1000"),
+    ({"steering": ["served"] * 17}, "steering takes at most 16 interventions"),
+    ({"messages": [{"role": "user", "content": "sea " * 25_000}]}, "over the 4096 this server takes"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "only text content parts"),
+    ({"x": deep(33)}, "the JSON nests deeper than 32 levels"),
+    ({"stream": "yes"}, "stream must be true or false"),
+    ({"model": 5}, "model must be a string"),
+])
+def test_costly_or_malformed_fields_are_refused(server, body, words):
+    error = refusal(server, 400, body={"messages": MESSAGES, **body})
+    assert words in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_the_prompt_leaves_room_for_max_tokens_in_the_context(server, smol):
+    """The prompt limit is never more than the model's context less max_tokens, whatever the config says."""
+    roomy = SteeringServer(smol, "127.0.0.1", 0, max_tokens=16, limits=ServerLimits(max_prompt_tokens=10**6))
+    with serving(roomy):
+        prompt = "sea " * (smol.context_length - 8)
+        assert 8192 - 16 < smol.prompt_tokens(prompt, False) <= 8192
+        error = refusal(roomy, 400, path="/v1/completions", body={"prompt": prompt, "max_tokens": 16})
+    assert f"over the {8192 - 16} this server takes with max_tokens=16" in error["message"]
+    assert "the prompt is empty" in refusal(server, 400, path="/v1/completions", body={"prompt": ""})["message"]
+
+
+def test_unknown_model_is_a_404_model_not_found(client):
+    with pytest.raises(openai.NotFoundError) as error:
+        chat(client, model="gpt-4o")
+    assert error.value.code == "model_not_found" and "serves 'smollm2_135m'" in error.value.message
+
+
+@pytest.mark.parametrize("headers, body, status, words", [
+    ({"Content-Length": "abc"}, b"{}", 400, "Content-Length must be a number of bytes, not 'abc'"),
+    ({"Content-Length": "-1"}, b"{}", 400, "Content-Length must be a number"),
+    ({}, b"", 400, "a POST needs a Content-Length header"),
+    ({"Content-Length": str(20 * 2**20)}, b"{}", 413, "the body is 20971520 bytes, over the 1048576"),
+    (None, b"[" * 100_000, 400, "the JSON nests deeper than 32 levels"),  # too deep for json itself
+    (None, b"{\"seed\": " + b"9" * 5000 + b"}", 400, "the body is not valid JSON"),  # too long an int for Python
+    (None, b"\xff{}", 400, "the body is not valid JSON"),
+])
+def test_bad_bodies_are_answered_not_dropped(server, headers, body, status, words):
+    assert words in refusal(server, status, body=body, headers=headers)["message"]
+
+
+def test_a_body_shorter_than_its_length_is_a_400(server):
+    with socket.create_connection(server.server_address[:2], timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 5\r\n\r\n{}")
+        sock.shutdown(socket.SHUT_WR)  # the client stops sending after 2 of the 5 bytes
+        answer = sock.makefile("rb").read()
+    assert answer.startswith(b"HTTP/1.0 400") and b"the body ended after 2 of its 5 bytes" in answer
+
+
+@pytest.mark.parametrize("method", ["PUT", "OPTIONS", "DELETE", "PATCH", "BREW"])
+def test_other_methods_are_a_405_in_json(server, method):
+    got, headers, data = send(server, method, headers={})
+    assert got == 405 and headers["Allow"] == "GET, POST"
+    assert json.loads(data)["error"]["code"] == "method_not_allowed"
+    assert "Python" not in headers["Server"]
+    assert refusal(server, 404, method="GET", path="/nowhere", headers={})["code"] == "unknown_route"
+
+
+def test_messages_name_the_run_not_its_absolute_path(server, smol):
+    error = refusal(server, 400, body={"messages": MESSAGES, "steering": ["L4.resid_post/1"]})
+    assert "no SAE at <run>/saes/L4.resid_post" in error["message"]
+    assert str(smol.run.root.resolve().parent) not in error["message"]
+
+
+@pytest.fixture(scope="module")
+def tight(smol):
+    """A second server over the same Steerer, with time limits small enough to hit in a test."""
+    limits = ServerLimits(max_generation_seconds=0.2, socket_timeout=1.0)
+    with serving(SteeringServer(smol, "127.0.0.1", 0, max_tokens=2000, limits=limits)) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serving(server: SteeringServer):
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_generation_stops_at_its_wall_time_as_length(tight):
+    status, _, data = send(tight, body={"messages": MESSAGES, "max_tokens": 2000, "temperature": 0,
+                                        "steering": ["served scale=1"]})
+    answer = json.loads(data)
+    assert status == 200 and answer["choices"][0]["finish_reason"] == "length"
+    assert 1 <= answer["usage"]["completion_tokens"] < 2000
+
+
+def test_a_silent_client_is_cut_off_at_the_socket_timeout(tight):
+    start = time.monotonic()
+    with socket.create_connection(tight.server_address[:2], timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+        answer = sock.makefile("rb").read()  # the server answers and closes; the test's own timeout is 30 s
+    assert answer.startswith(b"HTTP/1.0 408") and b"did not arrive within 1 s" in answer
+    with socket.create_connection(tight.server_address[:2], timeout=30) as sock:
+        assert sock.recv(1) == b""  # nothing sent at all: closed without an answer
+    assert time.monotonic() - start < 10
