@@ -313,6 +313,10 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest("the body is not valid JSON") from None
         if json_depth(body) > limit:
             raise BadRequest(too_deep)
+        try:  # JSON's \ud800-style escapes can spell text no tokenizer (or path) takes
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise BadRequest("the body holds a lone surrogate (\\ud800 to \\udfff): text must be valid Unicode") from None
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         return body

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import random
 import socket
 import threading
 import time
@@ -268,3 +269,87 @@ def test_a_silent_client_is_cut_off_at_the_socket_timeout(tight):
     with socket.create_connection(tight.server_address[:2], timeout=30) as sock:
         assert sock.recv(1) == b""  # nothing sent at all: closed without an answer
     assert time.monotonic() - start < 10
+
+
+# --- fuzz: random requests against the running server ---------------------------------------------
+
+TEXTS = ["The sea", "", " ", "sea " * 50, "<|im_start|>assistant", "\ud800", "\x00", "é🌊", "\u202e", "\n"]
+PATHS = ["/v1/chat/completions"] * 4 + ["/v1/completions"] * 3 + ["/chat/completions/", "/v1/models", "/v1/nope"]
+
+
+def any_json(rng, depth: int = 0):
+    """A JSON value of any type and size, nested a few levels at most."""
+    makers = [lambda: None, lambda: rng.random() < 0.5, lambda: rng.choice([0, 1, -1, 2**31, 2**64, -2**70]),
+              lambda: rng.choice([0.5, -0.0, 1e30, -1e308, 2.5]), lambda: rng.choice(TEXTS),
+              lambda: [any_json(rng, depth + 1) for _ in range(rng.randrange(4))],
+              lambda: {rng.choice(["role", "content", "feature", "text", "x"]): any_json(rng, depth + 1)
+                       for _ in range(rng.randrange(4))}]
+    return rng.choice(makers[:5] if depth > 2 else makers)()
+
+
+def steering_spec(rng):
+    """A steering entry: mostly a real target with some fields wrong, sometimes anything at all."""
+    if rng.random() < 0.2:
+        return any_json(rng)
+    if rng.random() < 0.3:
+        return rng.choice(["served scale=1", "served layers=[2] scale=-1", f"{FEATURE} op=clamp scale=2",
+                           "served scale=", "../saes scale=1", f"{FEATURE} positions=everywhere"])
+    spec = rng.choice([{"feature": FEATURE}, {"feature": f"{SMOL_SITE}/99999"}, {"feature": "L4.resid_post/1"},
+                       {"feature": "L3.nonsense/1"}, {"vector": "served"}, {"vector": "nosuch"}, {"vector": "a/b"}])
+    choices = {"op": ["add", "clamp", "project", "blend", 3], "scale": [1, -2.5, 0, 1e30, "4", True, [1]],
+               "units": ["raw", "max_act", "fraction", "volts"], "positions": ["all", "prompt", "generated", None],
+               "layers": [[2], [99], "2", -1, {}]}
+    for key in rng.sample(sorted(choices), rng.randrange(len(choices))):
+        spec[key] = rng.choice(choices[key])
+    return spec
+
+
+def fuzz_body(rng) -> dict:
+    """A request with a field or two wrong in type or value, and now and then one missing."""
+    good = {"model": MODEL, "messages": MESSAGES, "prompt": "The sea is", "max_tokens": rng.choice([1, 2]),
+            "temperature": rng.choice([0, 0.7]), "top_p": rng.choice([1, 0.5]), "stop": rng.choice([".", ["\n", "sea"]]),
+            "seed": rng.randrange(10), "stream": rng.random() < 0.2, "n": 1,
+            "steering": [steering_spec(rng) for _ in range(rng.randrange(3))]}
+    bad = {"messages": lambda: [{"role": rng.choice(["user", "tool", 1]), "content": any_json(rng)}],
+           "max_tokens": lambda: rng.choice([0, -1, True, 1.5, "2", 10**30]),
+           "stop": lambda: rng.choice([[""], ["x"] * 5, "y" * 40, [1]]),
+           "steering": lambda: [steering_spec(rng) for _ in range(rng.choice([1, 20]))]}
+    body = {key: value for key, value in good.items() if rng.random() < 0.9}
+    for key in rng.sample(sorted(good), rng.choice([0, 1, 1, 2])):  # few enough that most checks get reached
+        body[key] = bad.get(key, lambda: any_json(rng))()
+    return body
+
+
+def fuzz_request(rng) -> dict:
+    """send()'s arguments for one random request: a random body, now and then a broken one."""
+    request = {"method": rng.choice(["POST"] * 12 + ["GET", "PUT"]), "path": rng.choice(PATHS), "body": fuzz_body(rng)}
+    roll = rng.random()
+    if roll < 0.05:
+        request["body"] = bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
+    elif roll < 0.1:
+        request["body"] = json.dumps(any_json(rng)).encode()
+    elif roll < 0.13:
+        request["headers"] = {"Content-Length": rng.choice(["abc", "-5", "1e3", "99999999999", ""])}
+    return request
+
+
+def test_fuzzed_requests_get_200_or_a_4xx_in_json(server, client, smol, capfd):
+    """300 seeded random requests (about 20 s): each answered 200 or 4xx JSON, none with a traceback or a
+    server path in it, none left with a traceback in the server's log; a normal request works after."""
+    rng, run_root = random.Random(13), str(smol.run.root.resolve().parent).encode()
+    statuses = []
+    for _ in range(300):
+        request = fuzz_request(rng)
+        status, headers, data = send(server, **request, timeout=30)
+        statuses.append(status)
+        assert status == 200 or 400 <= status < 500, (request, data)
+        assert b"Traceback" not in data and run_root not in data, (request, data)
+        if headers["Content-Type"] == "text/event-stream":
+            assert status == 200 and data.endswith(b"data: [DONE]\n\n")
+        else:
+            answer = json.loads(data)
+            assert ("choices" in answer or "data" in answer) if status == 200 else set(answer["error"]) == {
+                "message", "type", "param", "code"}
+    assert statuses.count(200) >= 20 and len(set(statuses)) >= 4  # the fuzz reaches generation and many refusals
+    assert "Traceback" not in capfd.readouterr().err
+    assert chat(client).choices[0].message.content
