@@ -5,8 +5,8 @@
     POST /v1/completions        {"prompt": "...", "steering": ["terse layers=[12] scale=2"], "stream": true}
 
 Any OpenAI client sends `steering` as an extra body field (`extra_body={"steering": [...]}` in the
-Python client). Interventions are those of features.steering: feature IDs or vector names with op,
-scale, units, positions and layers. llama.cpp and ds4 fix their vectors at start-up; here
+Python client). Interventions are those of steering/interventions.py: feature IDs or vector names
+with op, scale, units, positions and layers. llama.cpp and ds4 fix their vectors at start-up; here
 `serve.steering` sets such fixed ones and each request adds its own.
 
 Requests are handled on threads but generate one at a time (the Steerer's lock): hooks belong to
@@ -316,7 +316,7 @@ class Handler(BaseHTTPRequestHandler):
         try:  # JSON's \ud800-style escapes can spell text no tokenizer (or path) takes
             json.dumps(body, ensure_ascii=False).encode()
         except UnicodeEncodeError:
-            raise BadRequest("the body holds a lone surrogate (\\ud800 to \\udfff): text must be valid Unicode") from None
+            raise BadRequest("the body holds a lone surrogate (\\ud800-\\udfff): text must be valid Unicode") from None
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         return body
