@@ -39,11 +39,17 @@ class ReportHandler(SimpleHTTPRequestHandler):
         super().end_headers()
 
     def send_head(self):
-        # translate_path drops `..`, but a symlink inside the report can still point out of it.
-        if not Path(self.translate_path(self.path)).resolve().is_relative_to(self.root):
+        if not self.inside_report(self.translate_path(self.path)):
             self.send_error(HTTPStatus.NOT_FOUND, "File not found")
             return None
         return super().send_head()
+
+    def inside_report(self, path: str) -> bool:
+        # translate_path drops `..`, but a symlink inside the report can still point out of it.
+        try:
+            return Path(path).resolve().is_relative_to(self.root)
+        except ValueError:  # a NUL byte (%00) names no file
+            return False
 
     def list_directory(self, path):
         self.send_error(HTTPStatus.NOT_FOUND, "File not found")  # a directory is not a page of the report

@@ -157,7 +157,7 @@ def test_browse_serves_the_report_and_nothing_else(tmp_path):
     (root / "icon.svg").symlink_to(root / "favicon.svg")  # a link that stays inside is fine
     with browsing(root) as get:
         for path in ("/data/", "/data/L3.resid_post/", "/etc/passwd", "/etc/", "/secret.txt", "/../secret.txt",
-                     "/%2e%2e/secret.txt"):
+                     "/%2e%2e/secret.txt", "/%00"):
             status, _, body = get(path)
             assert status == 404 and b"secret" not in body and b"root:" not in body, path
         assert get("/icon.svg")[0] == 200

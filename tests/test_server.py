@@ -17,8 +17,9 @@ import pytest
 
 from steering.limits import ServerLimits
 from steering.server import SteeringServer
+from pipeline import serve as serve_stage
 from pipeline.config import ServeConfig
-from conftest import SMOL_SITE, live_feature, random_vector
+from conftest import SMOL_SITE, compose_config, live_feature, random_vector
 
 MODEL = "smollm2_135m"
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
@@ -245,6 +246,15 @@ def test_messages_name_the_run_not_its_absolute_path(server, smol):
     error = refusal(server, 400, body={"messages": MESSAGES, "steering": ["L4.resid_post/1"]})
     assert "no SAE at <run>/saes/L4.resid_post" in error["message"]
     assert str(smol.run.root.resolve().parent) not in error["message"]
+
+
+def test_the_stage_gives_the_server_its_configured_limits(smol, smol_run, monkeypatch):
+    monkeypatch.setattr(serve_stage, "Steerer", lambda *args, **kwargs: smol)  # no second model to load
+    cfg = compose_config("serve", [f"run.runs_dir={smol_run.parent}", "serve.port=0", "serve.limits.max_stop=2",
+                                   "serve.limits.max_scale.project=3"])
+    server = serve_stage.build_server(cfg)
+    server.server_close()
+    assert server.limits == ServerLimits(max_stop=2, max_scale={"add": 1000.0, "clamp": 1000.0, "project": 3.0})
 
 
 @pytest.fixture(scope="module")
