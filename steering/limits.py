@@ -20,7 +20,8 @@ class ServerLimits:
     max_interventions: int = 16  # entries in a request's `steering` list, serve.steering included
     # Tokens in a prompt, and never more than the model's context less the request's max_tokens.
     max_prompt_tokens: int = 4096
-    # The largest |scale| an intervention may have, per op: beyond these the model only emits noise.
+    # The largest |scale| an intervention may have, per op (an op left out has no bound): beyond these
+    # the model only emits noise.
     max_scale: dict[str, float] = field(default_factory=lambda: {"add": 1000.0, "clamp": 1000.0, "project": 10.0})
     # Seconds one generation may run; then it stops with finish_reason "length", as at max_tokens.
     max_generation_seconds: float = 120.0

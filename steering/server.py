@@ -140,9 +140,9 @@ def check_prompt_length(prompt, chat: bool, max_tokens: int, server: SteeringSer
     if tokens == 0:
         raise BadRequest("the prompt is empty")
     if tokens > limit:
+        context_note = f", and the model's context of {context} tokens less max_tokens" if context else ""
         raise BadRequest(f"the prompt is {tokens} tokens, over the {limit} this server takes with "
-                         f"max_tokens={max_tokens} (serve.limits.max_prompt_tokens, and the model's context of "
-                         f"{context} tokens less max_tokens)")
+                         f"max_tokens={max_tokens} (serve.limits.max_prompt_tokens{context_note})")
 
 
 def stop_of(body: dict, limits: ServerLimits) -> list[str]:

@@ -98,14 +98,15 @@ class Steerer:
     def resolve(self, interventions, max_scale: dict[str, float] | None = None) -> dict[Site, list[Edit]]:
         """{site: edits in the order given}; raises one of BAD_INPUT for anything that cannot apply.
 
-        max_scale ({op: bound}) refuses a |scale| above its op's bound (the server's limit)."""
+        max_scale ({op: bound}, the server's limits) refuses a |scale| above its op's bound."""
         by_site: dict[Site, list[Edit]] = {}
         for spec in interventions:
             iv = Intervention.parse(spec)
             for site, edit in self._feature_edit(iv) if iv.is_feature else self._vector_edits(iv):
-                if max_scale and abs(iv.scale) > max_scale[edit.op]:
-                    raise SteeringError(f"|scale| {iv.scale:g} for {iv.target} is over {max_scale[edit.op]:g}, "
-                                        f"the most allowed for {edit.op} (max_scale): the output would be noise")
+                bound = (max_scale or {}).get(edit.op)
+                if bound is not None and abs(iv.scale) > bound:
+                    raise SteeringError(f"|scale| {iv.scale:g} for {iv.target} is over {bound:g}, the most allowed "
+                                        f"for {edit.op} (max_scale): the output would be noise")
                 by_site.setdefault(site, []).append(edit)
         return by_site
 

@@ -152,6 +152,7 @@ def refusal(server, status: int, **kwargs) -> dict:
 
 
 def deep(levels: int):
+    """[[...[0]...]]: 0 inside `levels` nested lists."""
     return [deep(levels - 1)] if levels else 0
 
 
