@@ -3,7 +3,7 @@
     server = make_server(Path("runs/demo/report"), port=0)   # port 0 picks a free one
     server.serve_forever()
 
-Beyond Python's static file server it promises (tests/test_report.py keeps each promise):
+Beyond Python's static file server it promises (tests/test_report.py and test_browser.py keep them):
 no directory listings; no file from outside the report directory, through `..` or a symlink; a
 Content-Security-Policy that lets the page load only its own files and be framed by no one;
 `X-Content-Type-Options: nosniff`, so a JSON file never runs as a script; no Python version in

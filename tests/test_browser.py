@@ -172,6 +172,7 @@ def check_inert(browser, texts):
     visible = browser.find_element(By.TAG_NAME, "main").text
     assert all(text in visible for text in texts)
     assert browser.execute_script("return window.pwned") is None
+    assert csp_violations(browser) == []  # nothing even tried to run
     assert browser.find_elements(By.CSS_SELECTOR, "main img, main script, main textarea") == []
 
 
