@@ -261,7 +261,7 @@ def test_the_stage_gives_the_server_its_configured_limits(smol, smol_run, monkey
 @pytest.fixture(scope="module")
 def tight(smol):
     """A second server over the same Steerer, with time limits small enough to hit in a test."""
-    limits = ServerLimits(max_generation_seconds=0.2, socket_timeout=1.0)
+    limits = ServerLimits(max_generation_seconds=0.1, socket_timeout=1.0)
     with serving(SteeringServer(smol, "127.0.0.1", 0, max_tokens=2000, limits=limits)) as server:
         yield server
 
@@ -277,8 +277,8 @@ def serving(server: SteeringServer):
 
 
 def test_generation_stops_at_its_wall_time_as_length(tight):
-    status, _, data = send(tight, body={"messages": MESSAGES, "max_tokens": 2000, "temperature": 0,
-                                        "steering": ["served scale=1"]})
+    counting = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 2000, "temperature": 0}  # goes on, with no end of turn
+    status, _, data = send(tight, path="/v1/completions", body=counting)
     answer = json.loads(data)
     assert status == 200 and answer["choices"][0]["finish_reason"] == "length"
     assert 1 <= answer["usage"]["completion_tokens"] < 2000
