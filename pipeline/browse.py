@@ -3,14 +3,10 @@
     python -m pipeline.browse                      # http://127.0.0.1:8765/
     python -m pipeline.browse browse.port=9000 run.run_name=big
 
-The report is plain static files; this only adds the one header they want (no-cache).
+The report is plain static files; features/report_server.py serves them and nothing else.
 """
 
 from __future__ import annotations
-
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -18,21 +14,10 @@ from omegaconf import DictConfig
 from pipeline.config import register_configs
 from activations.errors import ConfigError
 from activations.rundir import RunDir
+from features.report_server import make_server
 from pipeline.cli import one_line_errors
 
 register_configs()
-
-
-class ReportHandler(SimpleHTTPRequestHandler):
-    # A report rebuilt while a tab is open must not mix with cached files of the old one.
-    def end_headers(self) -> None:
-        self.send_header("Cache-Control", "no-cache")
-        super().end_headers()
-
-
-def make_server(root: Path, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
-    """A server for `root` (port 0 picks a free one); call serve_forever() on it."""
-    return ThreadingHTTPServer((host, port), partial(ReportHandler, directory=str(root)))
 
 
 def browse(cfg: DictConfig) -> None:

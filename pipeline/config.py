@@ -17,6 +17,7 @@ from omegaconf import MISSING
 
 from activations.config import DataConfig, ModelConfig, RunConfig, StoreConfig
 from activations.sites import SiteKind
+from steering.limits import ServerLimits
 
 
 class Architecture(StrEnum):
@@ -425,6 +426,7 @@ class ServeConfig:
     # Interventions applied to every request before its own `steering` list (as llama.cpp's start-up vectors).
     steering: list = field(default_factory=list)
     max_act_rows: int = 16384  # store rows giving max activations when there is no feature table yet
+    limits: ServerLimits = field(default_factory=ServerLimits)  # what one request may cost (steering/limits.py)
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """`python -m pipeline.docs`: docs/configuration.md, generated from the structured configs.
 
 Every option of every stage, with its default and the comment written next to it in
-pipeline/config.py or activations/config.py, the values an Enum option allows, plus the choices of
-each config group in conf/. A test regenerates the
-page and fails when the committed one is stale, so the reference cannot drift from the code.
+pipeline/config.py, activations/config.py or steering/limits.py, the values an Enum option allows,
+plus the choices of each config group in conf/. A test regenerates the page and fails when the
+committed one is stale, so the reference cannot drift from the code.
 """
 
 from __future__ import annotations

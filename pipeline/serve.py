@@ -4,13 +4,13 @@
     curl 127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}],
          "steering": [{"feature": "L15.resid_post/1234", "scale": 4}]}'
 
-It listens on 127.0.0.1 unless serve.host says otherwise; see steering/server.py for the API.
+It listens on 127.0.0.1 unless serve.host says otherwise; see steering/server.py for the API and its limits.
 """
 
 from __future__ import annotations
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from steering.server import SteeringServer
 from steering.steerer import BAD_INPUT, Steerer
@@ -25,7 +25,8 @@ register_configs()
 def build_server(cfg: DictConfig) -> SteeringServer:
     run = RunDir.from_config(cfg)
     steerer = Steerer(run, cfg.model, max_act_rows=cfg.serve.max_act_rows)
-    server = SteeringServer(steerer, cfg.serve.host, cfg.serve.port, cfg.serve.max_tokens, list(cfg.serve.steering))
+    server = SteeringServer(steerer, cfg.serve.host, cfg.serve.port, cfg.serve.max_tokens, list(cfg.serve.steering),
+                            OmegaConf.to_object(cfg.serve.limits))
     run.save_config(cfg, "serve")
     return server
 

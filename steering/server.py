@@ -5,13 +5,18 @@
     POST /v1/completions        {"prompt": "...", "steering": ["terse layers=[12] scale=2"], "stream": true}
 
 Any OpenAI client sends `steering` as an extra body field (`extra_body={"steering": [...]}` in the
-Python client). Interventions are those of features.steering: feature IDs or vector names with op,
-scale, units, positions and layers. llama.cpp and ds4 fix their vectors at start-up; here
+Python client). Interventions are those of steering/interventions.py: feature IDs or vector names
+with op, scale, units, positions and layers. llama.cpp and ds4 fix their vectors at start-up; here
 `serve.steering` sets such fixed ones and each request adds its own.
 
 Requests are handled on threads but generate one at a time (the Steerer's lock): hooks belong to
-the model, so serialising is what keeps one request's steering out of another's. Bad input is a 400
-with a message naming the problem, checked before anything is generated.
+the model, so serialising is what keeps one request's steering out of another's. Whatever one request
+costs, every other client waits for, so `ServerLimits` (steering/limits.py, `serve.limits`) bounds
+each way a request can cost: its body, its JSON, its prompt, stop list, steering and time.
+
+Every refusal and failure is answered as JSON in OpenAI's error shape,
+{"error": {"message", "type", "param", "code"}}, checked before anything is generated; messages name
+the run's directory as <run>, never by its absolute path, and tracebacks stay in the server's log.
 """
 
 from __future__ import annotations
@@ -23,78 +28,164 @@ import sys
 import time
 import traceback
 import uuid
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from transformers.generation.streamers import BaseStreamer
 
+from steering.limits import ServerLimits
 from steering.steerer import BAD_INPUT, Steerer
 
+ROUTES = {"/v1/chat/completions": True, "/chat/completions": True, "/v1/completions": False, "/completions": False}
+SEEDS = range(-2**63, 2**63)  # OpenAI's seed is a 64-bit integer, and torch takes all of them
 
-class BadRequest(ValueError):
+
+class ApiError(Exception):
+    """A request the server refuses (or fails), answered with this status in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.code, self.kind = status, code, kind
+
+
+class BadRequest(ApiError):
     """A request the server refuses with a 400."""
+
+    def __init__(self, message: str):
+        super().__init__(400, message, "invalid_request")
 
 
 class SteeringServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, steerer: Steerer, host: str = "127.0.0.1", port: int = 8000, max_tokens: int = 256,
-                 steering: list | None = None):
-        self.steerer, self.max_tokens = steerer, max_tokens
+                 steering: list | None = None, limits: ServerLimits | None = None):
+        self.steerer, self.max_tokens, self.limits = steerer, max_tokens, limits or ServerLimits()
         self.fixed_steering = list(steering or [])
-        steerer.resolve(self.fixed_steering)  # a bad start-up vector fails now, not on the first request
+        # A bad start-up vector fails now, not on the first request.
+        steerer.resolve(self.fixed_steering, self.limits.max_scale)
         self.model_name = steerer.identity["model"]
         super().__init__((host, port), Handler)
 
+    def public(self, text: str) -> str:
+        """Text fit for a client: the run's directory shown as <run>, since the server's paths are its own."""
+        root = self.steerer.run.root
+        for path in sorted({str(root.resolve()), str(root)}, key=len, reverse=True):
+            text = text.replace(path, "<run>")
+        return text
+
 
 def parse_request(body: dict, chat: bool, server: SteeringServer) -> dict:
-    """The generate() arguments of a request body, or BadRequest."""
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("messages must be a non-empty list of {role, content}")
-        prompt = [{"role": m.get("role"), "content": message_text(m)} for m in messages if isinstance(m, dict)]
-        if len(prompt) != len(messages) or any(m["role"] not in ("system", "user", "assistant") for m in prompt):
-            raise BadRequest("each message needs a role (system, user or assistant) and a content")
-        if not server.steerer.chat_default:
-            raise BadRequest("this model has no chat template: use /v1/completions")
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise BadRequest("prompt must be a string (one prompt per request)")
+    """The generate() arguments of a request body, or an ApiError saying what to change."""
+    check_model(body, server.model_name)
+    prompt = chat_prompt(body, server) if chat else text_prompt(body)
     if body.get("n", 1) != 1:
         raise BadRequest("n must be 1: send one request per completion")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or server.max_tokens
-    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= server.max_tokens:
-        raise BadRequest(f"max_tokens must be an integer from 1 to {server.max_tokens} (serve.max_tokens)")
+    max_tokens = max_tokens_of(body, server.max_tokens)
+    check_prompt_length(prompt, chat, max_tokens, server)
     temperature, top_p = number(body, "temperature", 1.0, 0, 2), number(body, "top_p", 1.0, 0, 1)
     if top_p == 0:
         raise BadRequest("top_p must be above 0")
+    return dict(prompts=prompt, interventions=steering_of(body, server), max_new_tokens=max_tokens,
+                temperature=temperature, top_p=top_p, stop=stop_of(body, server.limits), chat=chat,
+                seed=seed_of(body), max_time=server.limits.max_generation_seconds)
+
+
+def check_model(body: dict, served: str) -> None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("model must be a string")
+    if model not in (None, served):  # OpenAI's answer to a model it does not have
+        raise ApiError(404, f"the model {model!r} does not exist: this server serves {served!r}", "model_not_found")
+
+
+def chat_prompt(body: dict, server: SteeringServer) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list of {role, content}")
+    prompt = [{"role": m.get("role"), "content": message_text(m)} for m in messages if isinstance(m, dict)]
+    if len(prompt) != len(messages) or any(m["role"] not in ("system", "user", "assistant") for m in prompt):
+        raise BadRequest("each message needs a role (system, user or assistant) and a content")
+    if not server.steerer.chat_default:
+        raise BadRequest("this model has no chat template: use /v1/completions")
+    return prompt
+
+
+def text_prompt(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest("prompt must be a string (one prompt per request)")
+    return prompt
+
+
+def max_tokens_of(body: dict, ceiling: int) -> int:
+    value = body.get("max_completion_tokens", body.get("max_tokens"))
+    if value is None:
+        return ceiling
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= ceiling:
+        raise BadRequest(f"max_tokens must be an integer from 1 to {ceiling} (serve.max_tokens)")
+    return value
+
+
+def check_prompt_length(prompt, chat: bool, max_tokens: int, server: SteeringServer) -> None:
+    """A prompt must leave room for max_tokens in the model's context, and stay within the server's limit.
+
+    Counted here, outside the generation lock, so a long prompt costs no other client anything."""
+    limit, context = server.limits.max_prompt_tokens, server.steerer.context_length
+    if context is not None:
+        limit = min(limit, context - max_tokens)
+    tokens = server.steerer.prompt_tokens(prompt, chat)
+    if tokens == 0:
+        raise BadRequest("the prompt is empty")
+    if tokens > limit:
+        context_note = f", and the model's context of {context} tokens less max_tokens" if context else ""
+        raise BadRequest(f"the prompt is {tokens} tokens, over the {limit} this server takes with "
+                         f"max_tokens={max_tokens} (serve.limits.max_prompt_tokens{context_note})")
+
+
+def stop_of(body: dict, limits: ServerLimits) -> list[str]:
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise BadRequest("stop must be a string or a list of non-empty strings")
+    if len(stop) > limits.max_stop or any(len(s) > limits.max_stop_chars for s in stop):
+        raise BadRequest(f"stop takes at most {limits.max_stop} strings of at most {limits.max_stop_chars} "
+                         "characters each (serve.limits.max_stop and max_stop_chars)")
+    return stop
+
+
+def steering_of(body: dict, server: SteeringServer) -> list:
     steering = body.get("steering") or []
     if not isinstance(steering, list):
         raise BadRequest("steering must be a list of interventions, e.g. [{\"feature\": \"L15.resid_post/1234\", \"scale\": 4}]")
     steering = server.fixed_steering + steering
+    if len(steering) > server.limits.max_interventions:
+        raise BadRequest(f"steering takes at most {server.limits.max_interventions} interventions, serve.steering's "
+                         "included (serve.limits.max_interventions)")
     try:
-        server.steerer.resolve(steering)
+        server.steerer.resolve(steering, server.limits.max_scale)
     except BAD_INPUT as e:
         raise BadRequest(f"steering: {e}") from None
+    return steering
+
+
+def seed_of(body: dict) -> int:
     seed = body.get("seed")
-    if seed is not None and not isinstance(seed, int):
-        raise BadRequest("seed must be an integer")
-    return dict(prompts=prompt, interventions=steering, max_new_tokens=max_tokens, temperature=temperature,
-                top_p=top_p, stop=stop, chat=chat, seed=seed if seed is not None else random.randrange(2**31))
+    if seed is None:
+        return random.randrange(2**31)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed not in SEEDS:
+        raise BadRequest("seed must be an integer from -2**63 to 2**63 - 1")
+    return seed
 
 
 def message_text(message: dict) -> str:
     content = message.get("content")
     if isinstance(content, list):  # content parts: only text is understood
-        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-            raise BadRequest("only text content parts are supported")
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text", ""), str)
+                   for p in content):
+            raise BadRequest("only text content parts ({type: text, text: <string>}) are supported")
         return "".join(p.get("text", "") for p in content)
     if not isinstance(content, str):
         raise BadRequest("message content must be a string or a list of text parts")
@@ -151,47 +242,112 @@ class Handler(BaseHTTPRequestHandler):
     server: SteeringServer
     headers_sent = False  # once a stream has started, an error can no longer become a status code
 
+    def setup(self):
+        self.timeout = self.server.limits.socket_timeout  # a silent client frees its thread
+        super().setup()
+
+    def version_string(self) -> str:
+        return "dialbox"  # http.server would show its Python version
+
     def log_message(self, format, *args):  # one line per request on stderr, as http.server does, but terser
         sys.stderr.write(f"serve: {self.address_string()} {format % args}\n")
 
     def do_GET(self):
-        if self.path.rstrip("/") in ("/v1/models", "/models"):
-            self.send_json(200, {"object": "list", "data": [
-                {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "dialbox"}]})
-        else:
-            self.send_error_json(404, f"no route GET {self.path}: use /v1/models")
+        self.answer(self.get)
 
     def do_POST(self):
-        routes = {"/v1/chat/completions": True, "/chat/completions": True, "/v1/completions": False, "/completions": False}
-        chat = routes.get(self.path.rstrip("/"))
-        if chat is None:
-            return self.send_error_json(404, f"no route POST {self.path}: use /v1/chat/completions or /v1/completions")
+        self.answer(self.post)
+
+    def answer(self, handle):
+        """Runs handle(): a refusal or a failure is answered as JSON, never as a dropped connection."""
         try:
-            body = self.read_json()
-            request = parse_request(body, chat, self.server)
-            stream = bool(body.get("stream", False))
-        except BadRequest as e:
-            return self.send_error_json(400, str(e))
-        try:
-            if stream:
-                self.stream(request, chat)
-            else:
-                result = self.server.steerer.generate(**request)[0]
-                self.send_json(200, self.completion(result, chat))
-        except Exception as e:  # the server keeps serving; the client learns what went wrong
+            handle()
+        except ApiError as e:
+            self.send_error_json(e)
+        except (ConnectionError, TimeoutError):  # the client left or stalled: there is nobody to answer
+            self.close_connection = True
+        except Exception as e:  # a bug: its traceback is for the server's log, the client gets one line
             traceback.print_exc()
             if not self.headers_sent:
-                self.send_error_json(500, f"generation failed: {e}", "server_error")
+                self.send_error_json(ApiError(500, f"the server failed: {type(e).__name__}: {e}", "server_error",
+                                              "server_error"))
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a malformed request line, a method with no do_ here), as JSON."""
+        if code == HTTPStatus.NOT_IMPLEMENTED:
+            error = ApiError(405, f"method {self.command} is not allowed: use GET or POST", "method_not_allowed")
+        else:
+            error = ApiError(code, message or HTTPStatus(code).phrase, "bad_request")
+        self.send_error_json(error)
+
+    def get(self):
+        if self.path.rstrip("/") not in ("/v1/models", "/models"):
+            raise ApiError(404, f"no route GET {self.path}: use /v1/models", "unknown_route")
+        self.send_json(200, {"object": "list", "data": [
+            {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "dialbox"}]})
+
+    def post(self):
+        chat = ROUTES.get(self.path.rstrip("/"))
+        if chat is None:
+            raise ApiError(404, f"no route POST {self.path}: use /v1/chat/completions or /v1/completions",
+                           "unknown_route")
+        body = self.read_json()
+        request = parse_request(body, chat, self.server)
+        stream = body.get("stream") or False
+        if not isinstance(stream, bool):
+            raise BadRequest("stream must be true or false")
+        if stream:
+            self.stream(request, chat)
+        else:
+            result = self.server.steerer.generate(**request)[0]
+            self.send_json(200, self.completion(result, chat))
 
     def read_json(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
+        limit = self.server.limits.max_json_depth
+        too_deep = f"the JSON nests deeper than {limit} levels (serve.limits.max_json_depth)"
         try:
-            body = json.loads(self.rfile.read(length) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = json.loads(self.read_body() or b"null")
+        except RecursionError:  # far too deep for the parser itself
+            raise BadRequest(too_deep) from None
+        except ValueError:  # not JSON, not UTF-8, or a number too long to convert
             raise BadRequest("the body is not valid JSON") from None
+        if json_depth(body) > limit:
+            raise BadRequest(too_deep)
+        try:  # JSON's \ud800-style escapes can spell text no tokenizer (or path) takes
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise BadRequest("the body holds a lone surrogate (\\ud800-\\udfff): text must be valid Unicode") from None
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         return body
+
+    def read_body(self) -> bytes:
+        """The request's body: at most max_body_bytes, and all of it within socket_timeout seconds."""
+        limits = self.server.limits
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise BadRequest("a POST needs a Content-Length header (chunked bodies are not supported)")
+        if not (length.isascii() and length.isdigit()):
+            raise BadRequest(f"Content-Length must be a number of bytes, not {length!r}")
+        size = int(length)
+        if size > limits.max_body_bytes:  # refused unread
+            raise ApiError(413, f"the body is {size} bytes, over the {limits.max_body_bytes} this server takes "
+                                "(serve.limits.max_body_bytes)", "request_too_large")
+        # The socket timeout bounds each read; the deadline bounds them all, against a body sent a byte at a time.
+        deadline, body = time.monotonic() + limits.socket_timeout, bytearray()
+        try:
+            while len(body) < size:
+                self.connection.settimeout(max(deadline - time.monotonic(), 1e-3))
+                piece = self.rfile.read1(size - len(body))
+                if not piece:
+                    raise BadRequest(f"the body ended after {len(body)} of its {size} bytes")
+                body += piece
+        except TimeoutError:
+            raise ApiError(408, f"the body did not arrive within {limits.socket_timeout:g} s "
+                                "(serve.limits.socket_timeout)", "request_timeout") from None
+        finally:
+            self.connection.settimeout(limits.socket_timeout)
+        return bytes(body)
 
     def completion(self, result, chat: bool) -> dict:
         choice = {"index": 0, "finish_reason": result.finish_reason, "logprobs": None}
@@ -230,14 +386,28 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
-    def send_json(self, status: int, payload: dict):
+    def send_json(self, status: int, payload: dict, headers: dict | None = None):
         data = json.dumps(payload).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
+        for name, value in {"Content-Type": "application/json", "Content-Length": str(len(data)),
+                            **(headers or {})}.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
         self.headers_sent = True
 
-    def send_error_json(self, status: int, message: str, kind: str = "invalid_request_error"):
-        self.send_json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
+    def send_error_json(self, error: ApiError):
+        self.close_connection = True  # the body may be left unread on the socket
+        message = self.server.public(str(error))
+        self.send_json(error.status, {"error": {"message": message, "type": error.kind, "param": None,
+                                                "code": error.code}},
+                       {"Allow": "GET, POST"} if error.status == 405 else None)
+
+
+def json_depth(value) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a scalar is 0), level by level."""
+    depth, level = 0, [value]
+    while containers := [v for v in level if isinstance(v, (list, dict))]:
+        depth += 1
+        level = [item for v in containers for item in (v.values() if isinstance(v, dict) else v)]
+    return depth

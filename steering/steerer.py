@@ -147,12 +147,18 @@ class Steerer:
         check_fits(vector, self.identity)
         return vector
 
-    def resolve(self, interventions) -> dict[Site, list[Edit]]:
-        """{site: edits in the order given}; raises one of BAD_INPUT for anything that cannot apply."""
+    def resolve(self, interventions, max_scale: dict[str, float] | None = None) -> dict[Site, list[Edit]]:
+        """{site: edits in the order given}; raises one of BAD_INPUT for anything that cannot apply.
+
+        max_scale ({op: bound}, the server's limits) refuses a |scale| above its op's bound."""
         by_site: dict[Site, list[Edit]] = {}
         for spec in interventions:
             iv = Intervention.parse(spec)
             for site, edit in self._feature_edit(iv) if iv.is_feature else self._vector_edits(iv):
+                bound = (max_scale or {}).get(edit.op)
+                if bound is not None and abs(iv.scale) > bound:
+                    raise SteeringError(f"|scale| {iv.scale:g} for {iv.target} is over {bound:g}, the most allowed "
+                                        f"for {edit.op} (max_scale): the output would be noise")
                 by_site.setdefault(site, []).append(edit)
         return by_site
 
@@ -217,8 +223,10 @@ class Steerer:
 
     def generate(self, prompts, interventions=(), max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, chat: bool | None = None, min_new_tokens: int = 0,
-                 stop: list[str] | None = None, streamer=None) -> list[Generation]:
-        """Generate for one prompt or a batch (left-padded); greedy when temperature is 0."""
+                 stop: list[str] | None = None, streamer=None, max_time: float | None = None) -> list[Generation]:
+        """Generate for one prompt or a batch (left-padded); greedy when temperature is 0.
+
+        max_time (seconds) ends generation early, with finish_reason "length" as at max_new_tokens."""
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict))
         prompts = [prompts] if single else list(prompts)
         chat = self.chat_default if chat is None else chat
@@ -231,12 +239,21 @@ class Steerer:
             torch.manual_seed(seed)
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                      pad_token_id=self.pad_id, streamer=streamer, **sampling)
+                                      pad_token_id=self.pad_id, streamer=streamer, max_time=max_time, **sampling)
         return [self._finish(row[ids.shape[1]:].tolist(), len(e), stop) for row, e in zip(out, encoded)]
 
     def compare(self, prompt, interventions, **sampling) -> tuple[Generation, Generation]:
         """(unsteered, steered) for one prompt with the same sampling settings and seed."""
         return self.generate(prompt, (), **sampling)[0], self.generate(prompt, interventions, **sampling)[0]
+
+    def prompt_tokens(self, prompt, chat: bool | None = None) -> int:
+        """How many tokens `prompt` is once encoded as generate() would encode it."""
+        return len(encode_prompt(self.tokenizer, prompt, self.chat_default if chat is None else chat))
+
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens the model attends over (prompt and generation), when its config says."""
+        return getattr(self.model.config, "max_position_embeddings", None)
 
     @property
     def pad_id(self) -> int:

@@ -22,7 +22,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from conftest import make_trained_run, run_stage
 from features.report import build_report
-from pipeline.browse import make_server
+from features.report_server import make_server
 from report_fixtures import MARKUP, write_site
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -37,6 +37,7 @@ def browser():
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000"):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # where CSP violations are reported
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     yield driver
     driver.quit()
@@ -110,6 +111,12 @@ def test_browse_search_open_follow(browser, tmp_path):
         browser.back()
         browser.back()  # to the index, with its search kept
         WebDriverWait(browser, 5).until(lambda d: len(table_rows(d)) == 38)
+        assert csp_violations(browser) == []  # under make browse's Content-Security-Policy header
+
+
+def csp_violations(browser) -> list[str]:
+    """The console's Content-Security-Policy complaints since the last call."""
+    return [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
 
 
 def screenshot(browser, tmp_path):
@@ -165,6 +172,7 @@ def check_inert(browser, texts):
     visible = browser.find_element(By.TAG_NAME, "main").text
     assert all(text in visible for text in texts)
     assert browser.execute_script("return window.pwned") is None
+    assert csp_violations(browser) == []  # nothing even tried to run
     assert browser.find_elements(By.CSS_SELECTOR, "main img, main script, main textarea") == []
 
 

@@ -1,7 +1,8 @@
 """The report stage: label-stage tables in, the browser's JSON files out (no browser here)."""
 
+import contextlib
+import http.client
 import json
-import urllib.request
 from pathlib import Path
 import threading
 
@@ -11,7 +12,7 @@ import pytest
 
 from conftest import run_stage
 from features.report import ReportError, build_report, rounded_acts
-from pipeline.browse import make_server
+from features.report_server import make_server
 from report_fixtures import MARKUP, WORDS, write_site
 
 
@@ -109,19 +110,60 @@ def test_report_stage(runs_dir):
     assert missing.stderr.strip() == f"report: error: no feature tables in {runs_dir}/none/features: run `make label` first"
 
 
+@contextlib.contextmanager
+def browsing(root: Path):
+    """make_server over `root` on a free port; yields a get(path) -> (status, headers, body) over raw HTTP."""
+    with make_server(root, port=0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+        def get(path: str):
+            connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+            connection.request("GET", path)  # sent as written: `..` stays in it
+            response = connection.getresponse()
+            answer = response.status, response.headers, response.read()
+            connection.close()
+            return answer
+
+        try:
+            yield get
+        finally:
+            server.shutdown()
+
+
 def test_browse_serves_report(tmp_path, runs_dir):
     write_site(tmp_path / "features", n=10)
     build_report(tmp_path / "features", tmp_path / "report")
-    with make_server(tmp_path / "report", port=0) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        base = f"http://127.0.0.1:{server.server_address[1]}/"
-        with urllib.request.urlopen(base) as page:
-            assert page.headers["Cache-Control"] == "no-cache" and b'src="app.js"' in page.read()
-        with urllib.request.urlopen(base + "data/L3.resid_post/chunk-0.json") as chunk:
-            assert json.load(chunk)[3]["id"] == "L3.resid_post/3"
-        server.shutdown()
+    with browsing(tmp_path / "report") as get:
+        status, headers, page = get("/")
+        assert status == 200 and headers["Cache-Control"] == "no-cache" and b'src="app.js"' in page
+        status, _, chunk = get("/data/L3.resid_post/chunk-0.json")
+        assert status == 200 and json.loads(chunk)[3]["id"] == "L3.resid_post/3"
 
     refused = run_stage("pipeline.browse", "run.run_name=none", f"run.runs_dir={runs_dir}", check=False)
     assert refused.returncode == 2
     assert refused.stderr.strip() == (f"browse: error: no report in {runs_dir}/none/report: "
                                       "run `make report RUN=none` first")
+
+
+def test_browse_serves_the_report_and_nothing_else(tmp_path):
+    """No directory listing, nothing from outside the report (by `..` or by symlink), and the headers that
+    keep the page to its own files, unframed, with no content sniffed; the Server header names no Python."""
+    write_site(tmp_path / "features", n=10)
+    root = tmp_path / "report"
+    build_report(tmp_path / "features", root)
+    (tmp_path / "secret.txt").write_text("secret")
+    (root / "etc").symlink_to("/etc")
+    (root / "secret.txt").symlink_to(tmp_path / "secret.txt")
+    (root / "icon.svg").symlink_to(root / "favicon.svg")  # a link that stays inside is fine
+    with browsing(root) as get:
+        for path in ("/data/", "/data/L3.resid_post/", "/etc/passwd", "/etc/", "/secret.txt", "/../secret.txt",
+                     "/%2e%2e/secret.txt", "/%00"):
+            status, _, body = get(path)
+            assert status == 404 and b"secret" not in body and b"root:" not in body, path
+        assert get("/icon.svg")[0] == 200
+        for path in ("/", "/app.js", "/data/sites.json", "/nowhere"):
+            _, headers, _ = get(path)
+            assert headers["Content-Security-Policy"].startswith("default-src 'self';")
+            assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+            assert headers["X-Content-Type-Options"] == "nosniff"
+            assert headers["Server"] == "dialbox"

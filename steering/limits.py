@@ -1,0 +1,29 @@
+"""The bounds on the work one request can make the steering server do (`serve.limits`).
+
+Generation happens one request at a time, so whatever one request costs, every other client waits
+for: each limit below caps one way a single request could hold the server. They live here, apart
+from the server, so that the stage's config can hold them without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ServerLimits:
+    max_body_bytes: int = 1_048_576  # a larger request body is refused (413) without being read
+    max_json_depth: int = 32  # lists and objects nested deeper than this are refused
+    max_stop: int = 4  # strings in a request's `stop` list, as OpenAI allows
+    # Characters in one stop string: transformers prepares each one against the whole vocabulary.
+    max_stop_chars: int = 32
+    max_interventions: int = 16  # entries in a request's `steering` list, serve.steering included
+    # Tokens in a prompt, and never more than the model's context less the request's max_tokens.
+    max_prompt_tokens: int = 4096
+    # The largest |scale| an intervention may have, per op (an op left out has no bound): beyond these
+    # the model only emits noise.
+    max_scale: dict[str, float] = field(default_factory=lambda: {"add": 1000.0, "clamp": 1000.0, "project": 10.0})
+    # Seconds one generation may run; then it stops with finish_reason "length", as at max_tokens.
+    max_generation_seconds: float = 120.0
+    # Seconds a connection may sit silent, and the most its request body may take to arrive in full.
+    socket_timeout: float = 30.0
