@@ -394,7 +394,7 @@ class SteerFeaturesConfig:
     # The sweep: add in units of the site's mean row norm (the Eiffel study's best sat near 0.5), clamp in
     # units of the feature's max activation.
     add_scales: list = field(default_factory=lambda: [0.25, 0.5, 1.0])
-    clamp_scales: list = field(default_factory=lambda: [4.0, 8.0])
+    clamp_scales: list = field(default_factory=lambda: [4.0, 8.0])  # clamp targets, x the feature's max activation
     max_new_tokens: int = 32  # per answer, greedy
     batch_size: int = 16  # prompts per generate and per scoring forward
     max_ppl_ratio: float = 2.0  # a feature steers only if its perplexity is at most this times unsteered

@@ -133,7 +133,8 @@ class FeatureEvaluation:
         best, dev_scores = max(sweep, key=lambda item: item[1]["score"])
         plain = self.shared(("plain", "test"), self.test, [])
         steered = self.answers(self.test, [best.intervention(feature)])
-        random_control = self.shared(("control", best), self.test, [best.intervention(f"{self.site}/{control}")])
+        control_id = f"{self.site}/{control}"
+        random_control = self.shared(("control", best, control), self.test, [best.intervention(control_id)])
         baseline = self.answers(self.test, [], suffix=" " + baseline_instruction(label))
         draws, seed = self.cfg.bootstrap, self.cfg.seed
         gain = steered.fires[:, column] - plain.fires[:, column]
@@ -148,7 +149,7 @@ class FeatureEvaluation:
                                          "sweep": [{"setting": str(s), **sc} for s, sc in sweep]},
             "concept": scores["concept"], "fluency": scores["fluency"], "score": scores["score"],
             "perplexity": scores["perplexity"], "perplexity_ratio": ppl_ratio, "repeats": scores["repeats"],
-            "unsteered": self.scores(plain, plain, column), "control_feature": f"{self.site}/{control}",
+            "unsteered": self.scores(plain, plain, column), "control_feature": control_id,
             "control": self.scores(random_control, plain, column), "baseline": self.scores(baseline, plain, column),
             "baseline_instruction": baseline_instruction(label),
             "gain": float(gain.mean()), "gain_ci95": bootstrap(lambda i: gain[i].mean(), len(gain), draws, seed),

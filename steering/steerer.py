@@ -156,7 +156,7 @@ class Steerer:
             iv = Intervention.parse(spec)
             for site, edit in self._feature_edit(iv) if iv.is_feature else self._vector_edits(iv):
                 bound = (max_scale or {}).get(edit.op)
-                if bound is not None and abs(iv.scale) > bound:
+                if bound is not None and iv.scale is not None and abs(iv.scale) > bound:
                     raise SteeringError(f"|scale| {iv.scale:g} for {iv.target} is over {bound:g}, the most allowed "
                                         f"for {edit.op} (max_scale): the output would be noise")
                 by_site.setdefault(site, []).append(edit)

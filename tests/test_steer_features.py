@@ -27,12 +27,18 @@ def steer_config(runs, *overrides):
 
 @pytest.fixture(scope="module")
 def evaluated(smol_labelled, tmp_path_factory):
-    """A labelled run with two features evaluated (one given by ID, one sampled)."""
+    """A labelled run with two features evaluated (one given by ID, one sampled) through the stage."""
     runs = copy_run(smol_labelled, tmp_path_factory.mktemp("steer_features") / "runs")
     table = RunDir(str(runs), "demo").feature_table(SMOL_SITE, ["index", "dead"])
     given = next(i for i, dead in zip(table["index"], table["dead"]) if not dead)
     outcome = run_action("features", steer_config(runs, "steer_features.n=1", f"steer_features.features=[{SMOL_SITE}/{given}]"))
     return runs, given, outcome
+
+
+@pytest.fixture(scope="module")
+def steerer(evaluated):
+    """One Steerer over the evaluated run, for the tests that evaluate again (no second model load each)."""
+    return Steerer(evaluated[0] / "demo")
 
 
 def test_helpers_measure_what_they_say():
@@ -44,6 +50,7 @@ def test_helpers_measure_what_they_say():
     assert auroc([0.1, 0.2], [True, True]) is None
 
 
+@pytest.mark.slow
 def test_a_short_evaluation_stores_its_results_and_the_report_shows_them(evaluated):
     runs, given, outcome = evaluated
     results = outcome["results"]
@@ -70,28 +77,17 @@ def test_a_short_evaluation_stores_its_results_and_the_report_shows_them(evaluat
     assert shown["op"] == results[0]["op"] and shown["examples"][0]["steered"] == results[0]["examples"][0]["steered"]
 
 
-def test_a_rerun_evaluates_only_what_is_not_done_and_redoes_a_line_cut_by_a_kill(evaluated, tmp_path):
-    runs = copy_run(evaluated[0], tmp_path / "runs")
-    path = runs / "demo" / "features" / SMOL_SITE / "steering.jsonl"
-    lines = path.read_text().splitlines()
-    path.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed while writing the second
-    given = evaluated[1]
-    outcome = run_action("features", steer_config(runs, "steer_features.n=1", f"steer_features.features=[{given}]"))
-    assert outcome["evaluated_now"] == 1
-    assert [r["index"] for r in outcome["results"]] == [r["index"] for r in evaluated[2]["results"]]
-
-
-def test_a_feature_given_without_a_scale_steers_with_its_calibrated_setting(evaluated):
+@pytest.mark.slow
+def test_a_feature_given_without_a_scale_steers_with_its_calibrated_setting(evaluated, steerer):
     runs, given, outcome = evaluated
-    steerer = Steerer(runs / "demo")
     edit = next(iter(steerer.resolve([f"{SMOL_SITE}/{given}"]).values()))[0]
     chosen = outcome["results"][0]
     assert edit.op == chosen["op"] and any("calibrated setting" in note for note in steerer.notes)
 
 
-def test_bad_input_is_refused_in_one_line(smol_labelled, tmp_path):
-    runs = copy_run(smol_labelled, tmp_path / "runs")
-    steerer = Steerer(runs / "demo")
+@pytest.mark.slow
+def test_bad_input_is_refused_in_one_line(evaluated, steerer):
+    runs = evaluated[0]
     table = steerer.run.feature_table(SMOL_SITE, ["index", "dead"])
     dead = next((i for i, d in zip(table["index"], table["dead"]) if d), None)
     cases = [(f"{SMOL_SITE}/99999", "unknown feature"), ("L5.resid_post/1", "not at the evaluated site")]
@@ -102,9 +98,12 @@ def test_bad_input_is_refused_in_one_line(smol_labelled, tmp_path):
             evaluate_features(steerer, steer_config(runs, f"steer_features.features=[{feature}]").steer_features)
     result = run_stage("pipeline.steer", "features", f"run.runs_dir={runs}", "steer_features.site=L5.resid_post",
                        check=False)
-    assert result.returncode == 2 and "no SAE at" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 2 and len(errors) == 1 and "no SAE at" in errors[0]
+    assert result.stderr.rstrip().endswith(errors[0])
 
 
+@pytest.mark.slow
 def test_the_judge_rates_through_an_openai_compatible_endpoint(server, smol_labelled, tmp_path):
     runs = copy_run(smol_labelled, tmp_path / "runs")
     base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
@@ -115,6 +114,20 @@ def test_the_judge_rates_through_an_openai_compatible_endpoint(server, smol_labe
     assert all(set(r) == {"concept", "relevance", "fluency"} and all(0 <= v <= 1 for v in r.values())
                for r in judged.values())
     assert (runs / "demo" / "steer_eval" / "judge_cache.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_rerun_evaluates_only_what_is_not_done_and_redoes_a_line_cut_by_a_kill(evaluated, steerer):
+    """Last in the module: it cuts the evaluated run's results file, and the rerun restores it."""
+    runs, given, first = evaluated
+    path = runs / "demo" / "features" / SMOL_SITE / "steering.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed while writing the second
+    cfg = steer_config(runs, "steer_features.n=1", f"steer_features.features=[{given}]").steer_features
+    outcome = evaluate_features(steerer, cfg)
+    assert outcome["evaluated_now"] == 1
+    assert [r["index"] for r in outcome["results"]] == [r["index"] for r in first["results"]]
+    assert evaluate_features(steerer, cfg)["evaluated_now"] == 0
 
 
 LATE_SITE = "L28.resid_post"  # two blocks before the unembedding: a direction there writes the next token

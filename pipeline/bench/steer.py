@@ -5,6 +5,8 @@
 The same prompts generate the same number of tokens (greedy, end-of-turn suppressed until the last)
 with no intervention, with one `add` and with one `project` of a random vector at one site, in
 rounds with the order rotated; medians reported. Target: steered / unsteered >= 0.95.
+Also the wall time of one `python -m pipeline.steer` as a user runs it (imports, model load, one prompt
+unsteered and steered, 64 tokens each). Target: at most 30 s on an idle 2-core machine.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +36,15 @@ def tokens_per_s(steerer: Steerer, prompts: list[str], interventions: list, toke
     seconds = time.perf_counter() - start
     assert all(len(g.tokens) == tokens for g in out), "every prompt must generate the same number of tokens"
     return len(prompts) * tokens / seconds
+
+
+def one_prompt_seconds(runs: Path, model: str) -> float:
+    """Wall time of the steer stage in a fresh process, as `make steer` runs it."""
+    command = [sys.executable, "-m", "pipeline.steer", f"run.runs_dir={runs}", "run.run_name=bench", f"model={model}",
+               "steer.prompt=Tell me about your weekend.", 'steer.interventions=["add scale=1"]', "steer.max_new_tokens=64"]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, cwd=Path(__file__).resolve().parents[2])
+    return time.perf_counter() - start
 
 
 def main(argv=None) -> None:
@@ -60,9 +72,12 @@ def main(argv=None) -> None:
             order = list(ways)[r % len(ways):] + list(ways)[: r % len(ways)]
             for way in order:
                 rates[way].append(tokens_per_s(steerer, prompts, ways[way], args.tokens))
+        one_prompt = one_prompt_seconds(Path(tmp), args.model)
     median = {way: statistics.median(v) for way, v in rates.items()}
     rows = [[f"one `{way}` at {args.site} / none", f"{median[way]:,.1f} / {median['none']:,.1f} tok/s",
              f"**{median[way] / median['none']:.3f}**", ">= 0.95"] for way in ("add", "project")]
+    rows.append(["one-prompt `python -m pipeline.steer` (imports, model load, 2 x 64 tokens)",
+                 f"{one_prompt:.1f} s wall", "", "<= 30 s"])
     per_round = "; ".join(f"{way}: " + ", ".join(f"{x:,.1f}" for x in v) for way, v in rates.items())
     notes = (f"\nModel {args.model}, {len(prompts)} held-out prompts in one left-padded batch, {args.tokens} new tokens "
              f"each (greedy, end of turn suppressed so every way generates the same tokens count), KV cache on. "
