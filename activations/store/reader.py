@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import numpy as np
 import zarr
 
 from activations.store.format import (
-    FORMAT, OPTIONAL_COLUMNS, TOKEN_COLUMNS, StoreError, as_tensor, decode, read_manifest, shard_name,
+    FORMAT, OPTIONAL_COLUMNS, TOKEN_COLUMNS, StoreError, as_tensor, chunk_keys, decode, read_manifest, shard_name,
 )
 from activations.store.prefetch import prefetch
 from activations.store.roots import store_root
@@ -25,6 +26,7 @@ class ShardRecord:
     done: bool
     offset: int  # global index of its first row
     stats: dict = field(default_factory=dict)
+    torn: str | None = None  # why its newest manifest is not the one read (see read_manifest)
 
 
 class ActivationStore:
@@ -51,18 +53,20 @@ class ActivationStore:
         self._widths: dict = attrs["sites"]
         self.origin: dict | None = attrs.get("origin")  # set on a merged store
         self._arrays = {}
+        self._present = {}  # array key -> keys of its chunks on storage, listed once per open
         self._shards = []
         offset = 0
         for rank in range(self.world_size):
             name = shard_name(rank, self.world_size)
-            m = read_manifest(self.root, name)
+            m, torn = read_manifest(self.root, name)
             if m is None:
                 self._shards.append(ShardRecord(name, 0, 0, False, offset))
                 continue
             stats = {s: SiteStats.from_json(d) for s, d in m["stats"].items()}
-            self._shards.append(ShardRecord(name, m["rows"], m["consumed"], m["done"], offset, stats))
+            self._shards.append(ShardRecord(name, m["rows"], m["consumed"], m["done"], offset, stats, torn))
             offset += m["rows"]
         self.n_tokens: int = offset
+        self._records = {s.name: s for s in self._shards}
 
     # -- description -----------------------------------------------------------------------
 
@@ -118,12 +122,64 @@ class ActivationStore:
         return {name: self._read(name, start, stop) for name in TOKEN_COLUMNS}
 
     def read_shard(self, shard: str, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of one shard's column or site as stored (bf16 as uint16 bits),
-        committed or not: for tools that walk the shards themselves."""
+        """Rows [start, stop) of one shard's column or site as stored (bf16 as uint16 bits): for
+        tools that walk the shards themselves. Every read of the store comes through here.
+
+        Committed rows are checked: a chunk that is missing (zarr would read it as zeros), cut
+        short or fails its crc32c raises StoreError naming it. Rows past the commit are read
+        as they are, unchecked."""
         array = self.shard_array(shard, name)
         if array is None:
             return np.full(stop - start, OPTIONAL_COLUMNS[name], TOKEN_COLUMNS[name])
-        return array[start:stop]
+        self._check_present(shard, name, array, start, min(stop, self._records[shard].rows))
+        try:
+            return array[start:stop]
+        except ValueError:  # crc32c, the outermost codec, refuses a chunk that was cut or changed
+            self._name_unreadable(shard, name, array, start, stop)
+            raise
+
+    def _check_present(self, shard: str, name: str, array: zarr.Array, start: int, stop: int) -> None:
+        """Committed rows [start, stop) must be on storage: zarr reads a missing chunk as zeros."""
+        if start >= stop:
+            return
+        committed = self._records[shard].rows
+        if array.shape[0] < stop:
+            self._damaged(shard, name, array.shape[0], committed,
+                          f"the array has {array.shape[0]} rows, the manifest commits {committed}")
+        missing = self.missing_chunks(shard, name, start, stop)
+        if missing:
+            self._damaged(shard, name, *self._chunk_rows(shard, missing[0]), "chunk missing")
+
+    def missing_chunks(self, shard: str, name: str, start: int, stop: int) -> list[int]:
+        """Indices of the chunks holding rows [start, stop) of a shard's array that are not on storage."""
+        array = self.shard_array(shard, name)
+        key = f"shards/{shard}/{name}/"
+        if key not in self._present:
+            self._present[key] = {k.removeprefix(key) for k in self.root.sizes(key)}
+        first = start // self.chunk_rows
+        keys = chunk_keys(array, start, stop)
+        return [first + i for i, k in enumerate(keys) if k not in self._present[key]]
+
+    def _name_unreadable(self, shard: str, name: str, array: zarr.Array, start: int, stop: int) -> None:
+        """Raise StoreError naming the first chunk of rows [start, stop) that does not decode."""
+        c = self.chunk_rows
+        for index in range(start // c, -(-stop // c)):
+            try:
+                array[max(index * c, start) : min(index * c + c, stop)]
+            except ValueError as err:
+                first_line = (str(err).splitlines() or [""])[0]
+                self._damaged(shard, name, *self._chunk_rows(shard, index),
+                              f"unreadable ({type(err).__name__}: {first_line})")
+
+    def _chunk_rows(self, shard: str, index: int) -> tuple[int, int]:
+        """The committed rows of a shard's chunk."""
+        lo = index * self.chunk_rows
+        return lo, min(lo + self.chunk_rows, self._records[shard].rows)
+
+    def _damaged(self, shard: str, name: str, lo: int, hi: int, reason: str) -> NoReturn:
+        """Refuse to read rows that are committed but not there as written (verify's words)."""
+        raise StoreError(f"{name} rows [{lo}, {hi}) in shard {shard}: {reason}; the store is damaged: run "
+                         f"`python -m pipeline.store verify {self.root}` to list every damaged chunk")
 
     def context(self, index: int, before: int = 16, after: int = 8) -> tuple[np.ndarray, int]:
         """Token ids around row `index`, within its document: (ids, offset of index in ids)."""
