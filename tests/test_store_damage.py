@@ -1,6 +1,7 @@
 """Damaged stores: every read path names the damage (site, rows, shard, the fix) or, for a torn
 manifest, reads the last good commit. No path returns zeros for rows a manifest commits."""
 
+import itertools
 import json
 
 import numpy as np
@@ -12,36 +13,12 @@ from activations.store import ActivationStore, ShardWriter, StoreError, merge, v
 from features.mining import FeatureMiner, MiningPlan
 from sae.architectures import build_sae
 from sae.training import training_batches
-from store_fixtures import A, IDENTITY, SITES, all_rows, assert_same_rows, concat, write_shard, write_store
+from store_fixtures import (
+    A, IDENTITY, SITES, all_rows, assert_same_rows, chunk_file, concat, damage, write_shard, write_store,
+)
 
 SHARD = "r00001-of-00002"  # the damaged shard of the `split` store: the last one
 KINDS = ["delete", "truncate", "flip", "manifest_ahead"]
-
-
-def chunk_file(root, shard, name, index):
-    path = root / "shards" / shard / name / "c" / str(index)
-    return path / "0" if path.is_dir() else path  # a site's chunks are 2-d, a token column's 1-d
-
-
-def damage(root, kind: str, name: str, shard: str = SHARD, index: int = 2) -> tuple[int, int, str]:
-    """Damage one shard as `kind` says; returns the shard's rows [lo, hi) it hurts and the reason
-    a reader gives. manifest_ahead: the manifest commits two chunks that were never written."""
-    if kind == "manifest_ahead":
-        path = root / "manifests" / f"{shard}.json"
-        manifest = json.loads(path.read_text())
-        rows = manifest["rows"]
-        path.write_text(json.dumps(manifest | {"rows": rows + 16, "consumed": manifest["consumed"] + 16}))
-        return rows, rows + 16, f"the array has {rows} rows, the manifest commits {rows + 16}"
-    path = chunk_file(root, shard, name, index)
-    data = path.read_bytes()
-    if kind == "delete":
-        path.unlink()
-    elif kind == "truncate":
-        path.write_bytes(data[: len(data) // 2])
-    else:  # one flipped bit, same length: only the checksum can tell
-        path.write_bytes(data[:5] + bytes([data[5] ^ 1]) + data[6:])
-    reason = "chunk missing" if kind == "delete" else "unreadable (ValueError: Stored and computed checksum do not match"
-    return index * 8, index * 8 + 8, reason
 
 
 def tiny_sae(d_in: int):
@@ -67,8 +44,8 @@ def context(store, row):
 
 
 def train(store, row):
-    for _ in training_batches(store, [A], train_cfg(), 0):
-        pass  # endless epochs: only an error ends it
+    for _ in itertools.islice(training_batches(store, [A], train_cfg(), 0), store.n_tokens // 8 + 1):
+        pass  # one epoch and a batch: every chunk is read
 
 
 def mine(store, row):
@@ -88,7 +65,7 @@ PATHS = {"read": (read_all, A), "iter_batches": (iterate, A), "context": (contex
 @pytest.mark.parametrize("path", PATHS)
 def test_every_read_path_names_the_damage(split, kind, path):
     read, column = PATHS[path]
-    lo, hi, reason = damage(split.root.path, kind, column)
+    lo, hi, reason = damage(split.root.path, kind, SHARD, column)
     store = ActivationStore(split.root)
     offset = store.shard_records[1].offset
     with pytest.raises(StoreError) as caught:
@@ -100,7 +77,7 @@ def test_every_read_path_names_the_damage(split, kind, path):
 
 def test_reads_that_miss_the_damage_still_work(split, windows):
     clean = all_rows(split)
-    damage(split.root.path, "delete", A)
+    damage(split.root.path, "delete", SHARD, A)
     store = ActivationStore(split.root)
     first = store.shard_records[1].offset
     np.testing.assert_array_equal(store.read(A, 0, first + 16), clean[A][: first + 16])
@@ -110,7 +87,7 @@ def test_reads_that_miss_the_damage_still_work(split, windows):
 
 
 def test_verify_names_what_the_readers_name(split):
-    lo, hi, _ = damage(split.root.path, "delete", A)
+    lo, hi, _ = damage(split.root.path, "delete", SHARD, A)
     result = verify(split.root, progress=False)
     assert result.problems == [f"{A} rows [{lo}, {hi}) in shard {SHARD}: chunk missing"]
 
@@ -182,16 +159,11 @@ def test_train_and_label_stop_with_one_line_naming_the_damage(smol_runs, tmp_pat
     runs = copy_run(smol_runs, tmp_path / "runs")
     store = runs / "demo" / "activations"
     shard = "r00000-of-00001"
-    path = chunk_file(store, shard, SMOL_SITE, 3)
-    data = path.read_bytes()
-    if kind == "delete":
-        path.unlink()
-    else:
-        path.write_bytes(data[:5] + bytes([data[5] ^ 1]) + data[6:])
+    lo, hi, reason = damage(store, kind, shard, SMOL_SITE, index=3, chunk_rows=512)
     extra = SMOL_SAE if stage == "pipeline.train" else ["label.context_tokens=16"]
     result = run_stage(stage, f"run.runs_dir={runs}", *extra, check=False)
-    name = stage.removeprefix("pipeline.")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]  # after the progress bars
-    assert line.startswith(f"{name}: error: {SMOL_SITE} rows [1536, 2048) in shard {shard}: "), result.stderr[-2000:]
+    name = stage.removeprefix("pipeline.")
+    assert line.startswith(f"{name}: error: {SMOL_SITE} rows [{lo}, {hi}) in shard {shard}: {reason}"), line
     assert f"`python -m pipeline.store verify {store}`" in line

@@ -16,6 +16,11 @@ from activations.store.roots import store_root
 from activations.store.stats import SiteStats
 
 
+def unreadable(err: Exception) -> str:
+    """Why a chunk does not decode, in the codec's own words (its first line: zarr's run on)."""
+    return f"unreadable ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
+
+
 @dataclass
 class ShardRecord:
     """A shard as its manifest describes it."""
@@ -145,7 +150,7 @@ class ActivationStore:
         committed = self._records[shard].rows
         if array.shape[0] < stop:
             self._damaged(shard, name, array.shape[0], committed,
-                          f"the array has {array.shape[0]} rows, the manifest commits {committed}")
+                          f"array has {array.shape[0]} rows, the manifest commits {committed}")
         missing = self.missing_chunks(shard, name, start, stop)
         if missing:
             self._damaged(shard, name, *self._chunk_rows(shard, missing[0]), "chunk missing")
@@ -167,9 +172,7 @@ class ActivationStore:
             try:
                 array[max(index * c, start) : min(index * c + c, stop)]
             except ValueError as err:
-                first_line = (str(err).splitlines() or [""])[0]
-                self._damaged(shard, name, *self._chunk_rows(shard, index),
-                              f"unreadable ({type(err).__name__}: {first_line})")
+                self._damaged(shard, name, *self._chunk_rows(shard, index), unreadable(err))
 
     def _chunk_rows(self, shard: str, index: int) -> tuple[int, int]:
         """The committed rows of a shard's chunk."""

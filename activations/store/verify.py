@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from activations.store.blocks import block_rows, human_size, row_blocks, row_bytes
 from activations.store.format import TOKEN_COLUMNS, StoreError, shard_name
-from activations.store.reader import ActivationStore, ShardRecord
+from activations.store.reader import ActivationStore, ShardRecord, unreadable
 
 
 @dataclass
@@ -98,8 +98,7 @@ class _ShardCheck:
             try:
                 array[a:b]
             except Exception as err:  # noqa: BLE001 - the codec's own words are the reason
-                first_line = (str(err).splitlines() or [""])[0]
-                self.problem(name, a, b, f"unreadable ({type(err).__name__}: {first_line})")
+                self.problem(name, a, b, unreadable(err))
         return None
 
     def check_sites(self, block: dict, lo: int) -> None:
