@@ -3,6 +3,7 @@ manifest, reads the last good commit. No path returns zeros for rows a manifest 
 
 import itertools
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -160,6 +161,8 @@ def test_train_and_label_stop_with_one_line_naming_the_damage(smol_runs, tmp_pat
     store = runs / "demo" / "activations"
     shard = "r00000-of-00001"
     lo, hi, reason = damage(store, kind, shard, SMOL_SITE, index=3, chunk_rows=512)
+    if stage == "pipeline.train":
+        shutil.rmtree(runs / "demo" / "saes")  # else train resumes from its finished checkpoint: nothing to read
     extra = SMOL_SAE if stage == "pipeline.train" else ["label.context_tokens=16"]
     result = run_stage(stage, f"run.runs_dir={runs}", *extra, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
