@@ -104,9 +104,10 @@ class FeatureMiner:
                 print(f"mine {self.site}: {checkpoint} is from another SAE, store or plan; mining again")
         W = self.plan.context_tokens
         saved = time.monotonic()
+        mined = min(self.state["next_batch"] * self.plan.batch_blocks, self.n_blocks) * W
         # Closed on an error too, so a stage's one-line error comes after the bar, not before it.
-        with tqdm(total=self.n_blocks * W, initial=min(self.state["next_batch"] * self.plan.batch_blocks, self.n_blocks) * W,
-                  unit="tok", unit_scale=True, desc=f"mine {self.site}", dynamic_ncols=True) as bar:
+        with tqdm(total=self.n_blocks * W, initial=mined, unit="tok", unit_scale=True, desc=f"mine {self.site}",
+                  dynamic_ncols=True) as bar:
             for b in range(self.state["next_batch"], self.n_batches):
                 first = b * self.plan.batch_blocks
                 n = min(self.plan.batch_blocks, self.n_blocks - first)

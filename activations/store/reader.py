@@ -141,7 +141,7 @@ class ActivationStore:
             return array[start:stop]
         except ValueError:  # crc32c, the outermost codec, refuses a chunk that was cut or changed
             self._name_unreadable(shard, name, array, start, stop)
-            raise
+            raise  # no single chunk fails: not the store's bytes, so zarr's own error stands
 
     def _check_present(self, shard: str, name: str, array: zarr.Array, start: int, stop: int) -> None:
         """Committed rows [start, stop) must be on storage: zarr reads a missing chunk as zeros."""

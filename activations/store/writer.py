@@ -342,4 +342,3 @@ class ShardWriter:
             keys.append(f"{shard}/{name}/zarr.json")
             keys += [f"{shard}/{name}/{key}" for key in chunk_keys(array, start, stop)]
         self.root.sync(keys)
-
