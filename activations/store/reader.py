@@ -58,7 +58,6 @@ class ActivationStore:
         self._widths: dict = attrs["sites"]
         self.origin: dict | None = attrs.get("origin")  # set on a merged store
         self._arrays = {}
-        self._present = {}  # array key -> keys of its chunks on storage, listed once per open
         self._shards = []
         offset = 0
         for rank in range(self.world_size):
@@ -157,13 +156,10 @@ class ActivationStore:
 
     def missing_chunks(self, shard: str, name: str, start: int, stop: int) -> list[int]:
         """Indices of the chunks holding rows [start, stop) of a shard's array that are not on storage."""
-        array = self.shard_array(shard, name)
-        key = f"shards/{shard}/{name}/"
-        if key not in self._present:
-            self._present[key] = {k.removeprefix(key) for k in self.root.sizes(key)}
+        keys = chunk_keys(self.shard_array(shard, name), start, stop)
+        absent = set(self.root.missing(f"shards/{shard}/{name}/", keys))
         first = start // self.chunk_rows
-        keys = chunk_keys(array, start, stop)
-        return [first + i for i, k in enumerate(keys) if k not in self._present[key]]
+        return [first + i for i, key in enumerate(keys) if key in absent]
 
     def _name_unreadable(self, shard: str, name: str, array: zarr.Array, start: int, stop: int) -> None:
         """Raise StoreError naming the first chunk of rows [start, stop) that does not decode."""
