@@ -103,19 +103,20 @@ class FeatureMiner:
             else:
                 print(f"mine {self.site}: {checkpoint} is from another SAE, store or plan; mining again")
         W = self.plan.context_tokens
-        bar = tqdm(total=self.n_blocks * W, initial=min(self.state["next_batch"] * self.plan.batch_blocks, self.n_blocks) * W,
-                   unit="tok", unit_scale=True, desc=f"mine {self.site}", dynamic_ncols=True)
         saved = time.monotonic()
-        for b in range(self.state["next_batch"], self.n_batches):
-            first = b * self.plan.batch_blocks
-            n = min(self.plan.batch_blocks, self.n_blocks - first)
-            x = torch.from_numpy(self.store.read(self.site, first * W, (first + n) * W)).to(self.device)
-            self.update(first, self.encode(x).view(n, W, -1), b)
-            bar.update(n * W)
-            if checkpoint is not None and time.monotonic() - saved > checkpoint_seconds:
-                save_state(self.state, checkpoint)
-                saved = time.monotonic()
-        bar.close()
+        mined = min(self.state["next_batch"] * self.plan.batch_blocks, self.n_blocks) * W
+        # Closed on an error too, so a stage's one-line error comes after the bar, not before it.
+        with tqdm(total=self.n_blocks * W, initial=mined, unit="tok", unit_scale=True, desc=f"mine {self.site}",
+                  dynamic_ncols=True) as bar:
+            for b in range(self.state["next_batch"], self.n_batches):
+                first = b * self.plan.batch_blocks
+                n = min(self.plan.batch_blocks, self.n_blocks - first)
+                x = torch.from_numpy(self.store.read(self.site, first * W, (first + n) * W)).to(self.device)
+                self.update(first, self.encode(x).view(n, W, -1), b)
+                bar.update(n * W)
+                if checkpoint is not None and time.monotonic() - saved > checkpoint_seconds:
+                    save_state(self.state, checkpoint)
+                    saved = time.monotonic()
         if checkpoint is not None:
             save_state(self.state, checkpoint)
         return self.state

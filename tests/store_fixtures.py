@@ -1,4 +1,7 @@
-"""Synthetic stores laid out as harvests lay them out, for the store tests (test_store_tool, test_store_remote)."""
+"""Synthetic stores laid out as harvests lay them out, and ways to damage one, for the store tests
+(test_store_tool, test_store_remote, test_store_damage)."""
+
+import json
 
 import numpy as np
 import torch
@@ -68,6 +71,34 @@ def assert_same_rows(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def chunk_file(root, shard, name, index):
+    path = root / "shards" / shard / name / "c" / str(index)
+    return path / "0" if path.is_dir() else path  # a site's chunks are 2-d, a token column's 1-d
+
+
+def damage(root, kind: str, shard: str, name: str, index: int = 2, chunk_rows: int = 8) -> tuple[int, int, str]:
+    """Damage one shard as `kind` says: delete, truncate or flip a bit of chunk `index` of the
+    array `name`, or (manifest_ahead) commit two chunks in its manifest that were never written.
+    Returns the shard's rows [lo, hi) it hurts and the reason readers and verify give."""
+    if kind == "manifest_ahead":
+        path = root / "manifests" / f"{shard}.json"
+        manifest = json.loads(path.read_text())
+        rows = manifest["rows"]
+        more = 2 * chunk_rows
+        path.write_text(json.dumps(manifest | {"rows": rows + more, "consumed": manifest["consumed"] + more}))
+        return rows, rows + more, f"array has {rows} rows, the manifest commits {rows + more}"
+    path = chunk_file(root, shard, name, index)
+    data = path.read_bytes()
+    if kind == "delete":
+        path.unlink()
+    elif kind == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # one flipped bit, same length: only the checksum can tell
+        path.write_bytes(data[:5] + bytes([data[5] ^ 1]) + data[6:])
+    reason = "chunk missing" if kind == "delete" else "unreadable (ValueError: Stored and computed checksum do not match"
+    return index * chunk_rows, (index + 1) * chunk_rows, reason
 
 
 def run_main(capsys, *argv) -> tuple[int, list[str], str]:

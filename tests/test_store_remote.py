@@ -8,7 +8,7 @@ import pytest
 import zarr
 
 from store_fixtures import IDENTITY, SITES, all_rows, assert_same_rows, concat, corpus, run_main, write_shard, write_store
-from activations.store import STORAGE_OPTIONS_ENV, ActivationStore, ShardWriter
+from activations.store import STORAGE_OPTIONS_ENV, ActivationStore, ShardWriter, StoreError
 from activations.store import merge, verify
 
 A = next(iter(SITES))
@@ -84,6 +84,14 @@ def test_a_damaged_object_is_named(remote, capsys, monkeypatch):
     monkeypatch.setenv(STORAGE_OPTIONS_ENV, json.dumps(options))
     code, lines, _ = run_main(capsys, "verify", f"{base}/run")
     assert code == 1 and lines[0].startswith("L2.ffn_out rows [8, 16) in shard r00001-of-00002: unreadable")
+
+
+def test_a_missing_object_is_an_error_not_zeros(remote):
+    base, options = remote
+    store = write_store(f"{base}/run", corpus(), 2, storage_options=options)
+    store.root.fs.rm_file(f"{store.root.path}/shards/r00001-of-00002/{A}/c/1/0")
+    with pytest.raises(StoreError, match=f"{A} rows \\[8, 16\\) in shard r00001-of-00002: chunk missing"):
+        ActivationStore(f"{base}/run", options).read(A, 0, store.n_tokens)
 
 
 def test_a_writer_resumes_from_the_remote_manifest(remote, tmp_path):

@@ -7,11 +7,14 @@ Layout under the store root (`<run_dir>/activations/`):
                                      (the corpus window of each row, -1 if unknown) and one
                                      [rows, width] array per site (e.g. "L15.resid_post")
     manifests/r00000-of-00002.json   that shard's commit record, replaced atomically
+    manifests/r00000-of-00002.json.prev  the commit before it, read if the manifest is ever torn
 
 A writer only ever writes whole chunks past its last commit, makes them durable, then
 replaces its manifest. The manifest is the only thing readers trust: rows past it do not
 exist, so a killed writer leaves nothing half-written behind and resumes from its manifest.
-Every chunk carries a crc32c checksum, so `python -m pipeline.store verify` finds flipped bits.
+Every chunk carries a crc32c checksum. Every read of committed rows checks that their chunks
+are there and decode, and raises StoreError naming the damage rather than return zeros;
+`python -m pipeline.store verify` lists every damaged chunk.
 
 zarr has no bfloat16, so bf16 rows are stored as their uint16 bit pattern (exact) with
 `logical_dtype: bfloat16` in the array attributes; readers always get float32.

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import torch
+import zarr
 
 from activations.errors import DialboxError
 
@@ -44,16 +45,34 @@ def as_tensor(stored: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(stored)
 
 
-def read_manifest(root, name: str) -> dict | None:
-    key = f"manifests/{name}.json"
+def manifest_key(name: str) -> str:
+    return f"manifests/{name}.json"
+
+
+# Beside each manifest, its writer keeps the commit before it: a reader falls back to that one
+# when the manifest does not parse (torn by a copy or a filesystem without atomic rename).
+PREVIOUS = ".prev"
+
+
+def read_manifest(root, name: str) -> tuple[dict | None, str | None]:
+    """A shard's last good commit (None before its first), and why, if it is not the newest one."""
+    key = manifest_key(name)
     data = root.read(key)
     if data is None:
-        return None
+        return None, None
     try:
-        return json.loads(data)
+        return json.loads(data), None
     except json.JSONDecodeError as err:
-        raise StoreError(f"{root}/{key} is not valid JSON ({err}): restore it, or delete it and rerun "
-                         "that writer to redo the shard") from None
+        torn = f"{root}/{key} is not valid JSON ({err})"
+    try:
+        previous = json.loads(root.read(key + PREVIOUS) or "null")
+    except json.JSONDecodeError:
+        previous = None
+    if previous is None:
+        raise StoreError(f"{torn} and no good commit is kept before it: restore it, or delete it and rerun "
+                         "that writer to redo the shard")
+    return previous, (f"{torn}: read as the commit before it ({previous['rows']} rows, {key}{PREVIOUS}); "
+                      "rerun that shard's writer to commit again")
 
 
 def _describe(settings: dict, keys) -> str:
@@ -81,3 +100,9 @@ def check_same(root, stored: dict, wanted: dict) -> None:
             f"store at {root} was harvested with {_describe(flat_stored, differ)}; "
             f"this run has {_describe(flat_wanted, differ)}: use another run_name"
         )
+
+
+def chunk_keys(array: zarr.Array, start: int, stop: int) -> list[str]:
+    """Keys (relative to the array) of the chunks that hold rows [start, stop)."""
+    rows, tail = array.chunks[0], (0,) * (array.ndim - 1)
+    return [array.metadata.encode_chunk_key((i, *tail)) for i in range(start // rows, -(-stop // rows))]

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import numpy as np
 import zarr
 
 from activations.store.format import (
-    FORMAT, OPTIONAL_COLUMNS, TOKEN_COLUMNS, StoreError, as_tensor, decode, read_manifest, shard_name,
+    FORMAT, OPTIONAL_COLUMNS, TOKEN_COLUMNS, StoreError, as_tensor, chunk_keys, decode, read_manifest, shard_name,
 )
 from activations.store.prefetch import prefetch
 from activations.store.roots import store_root
 from activations.store.stats import SiteStats
+
+
+def unreadable(err: Exception) -> str:
+    """Why a chunk does not decode, in the codec's own words (its first line: zarr's run on)."""
+    return f"unreadable ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
 
 
 @dataclass
@@ -25,6 +31,7 @@ class ShardRecord:
     done: bool
     offset: int  # global index of its first row
     stats: dict = field(default_factory=dict)
+    torn: str | None = None  # why its newest manifest is not the one read (see read_manifest)
 
 
 class ActivationStore:
@@ -55,14 +62,15 @@ class ActivationStore:
         offset = 0
         for rank in range(self.world_size):
             name = shard_name(rank, self.world_size)
-            m = read_manifest(self.root, name)
+            m, torn = read_manifest(self.root, name)
             if m is None:
                 self._shards.append(ShardRecord(name, 0, 0, False, offset))
                 continue
             stats = {s: SiteStats.from_json(d) for s, d in m["stats"].items()}
-            self._shards.append(ShardRecord(name, m["rows"], m["consumed"], m["done"], offset, stats))
+            self._shards.append(ShardRecord(name, m["rows"], m["consumed"], m["done"], offset, stats, torn))
             offset += m["rows"]
         self.n_tokens: int = offset
+        self._records = {s.name: s for s in self._shards}
 
     # -- description -----------------------------------------------------------------------
 
@@ -118,12 +126,59 @@ class ActivationStore:
         return {name: self._read(name, start, stop) for name in TOKEN_COLUMNS}
 
     def read_shard(self, shard: str, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of one shard's column or site as stored (bf16 as uint16 bits),
-        committed or not: for tools that walk the shards themselves."""
+        """Rows [start, stop) of one shard's column or site as stored (bf16 as uint16 bits): for
+        tools that walk the shards themselves. Every read of the store comes through here.
+
+        Committed rows are checked: a chunk that is missing (zarr would read it as zeros), cut
+        short or fails its crc32c raises StoreError naming it. Rows past the commit are read
+        as they are, unchecked."""
         array = self.shard_array(shard, name)
         if array is None:
             return np.full(stop - start, OPTIONAL_COLUMNS[name], TOKEN_COLUMNS[name])
-        return array[start:stop]
+        self._check_present(shard, name, array, start, min(stop, self._records[shard].rows))
+        try:
+            return array[start:stop]
+        except ValueError:  # crc32c, the outermost codec, refuses a chunk that was cut or changed
+            self._name_unreadable(shard, name, array, start, stop)
+            raise  # no single chunk fails: not the store's bytes, so zarr's own error stands
+
+    def _check_present(self, shard: str, name: str, array: zarr.Array, start: int, stop: int) -> None:
+        """Committed rows [start, stop) must be on storage: zarr reads a missing chunk as zeros."""
+        if start >= stop:
+            return
+        committed = self._records[shard].rows
+        if array.shape[0] < stop:
+            self._damaged(shard, name, array.shape[0], committed,
+                          f"array has {array.shape[0]} rows, the manifest commits {committed}")
+        missing = self.missing_chunks(shard, name, start, stop)
+        if missing:
+            self._damaged(shard, name, *self._chunk_rows(shard, missing[0]), "chunk missing")
+
+    def missing_chunks(self, shard: str, name: str, start: int, stop: int) -> list[int]:
+        """Indices of the chunks holding rows [start, stop) of a shard's array that are not on storage."""
+        keys = chunk_keys(self.shard_array(shard, name), start, stop)
+        absent = set(self.root.missing(f"shards/{shard}/{name}/", keys))
+        first = start // self.chunk_rows
+        return [first + i for i, key in enumerate(keys) if key in absent]
+
+    def _name_unreadable(self, shard: str, name: str, array: zarr.Array, start: int, stop: int) -> None:
+        """Raise StoreError naming the first chunk of rows [start, stop) that does not decode."""
+        c = self.chunk_rows
+        for index in range(start // c, -(-stop // c)):
+            try:
+                array[max(index * c, start) : min(index * c + c, stop)]
+            except ValueError as err:
+                self._damaged(shard, name, *self._chunk_rows(shard, index), unreadable(err))
+
+    def _chunk_rows(self, shard: str, index: int) -> tuple[int, int]:
+        """The committed rows of a shard's chunk."""
+        lo = index * self.chunk_rows
+        return lo, min(lo + self.chunk_rows, self._records[shard].rows)
+
+    def _damaged(self, shard: str, name: str, lo: int, hi: int, reason: str) -> NoReturn:
+        """Refuse to read rows that are committed but not there as written (verify's words)."""
+        raise StoreError(f"{name} rows [{lo}, {hi}) in shard {shard}: {reason}; the store is damaged: run "
+                         f"`python -m pipeline.store verify {self.root}` to list every damaged chunk")
 
     def context(self, index: int, before: int = 16, after: int = 8) -> tuple[np.ndarray, int]:
         """Token ids around row `index`, within its document: (ids, offset of index in ids)."""

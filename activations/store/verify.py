@@ -10,8 +10,7 @@ from tqdm import tqdm
 
 from activations.store.blocks import block_rows, human_size, row_blocks, row_bytes
 from activations.store.format import TOKEN_COLUMNS, StoreError, shard_name
-from activations.store.reader import ActivationStore, ShardRecord
-from activations.store.writer import chunk_keys
+from activations.store.reader import ActivationStore, ShardRecord, unreadable
 
 
 @dataclass
@@ -47,7 +46,7 @@ class _ShardCheck:
         arrays = self.arrays()
         if arrays is None:
             return self.problems
-        missing = {name: self.missing_chunks(name, array) for name, array in arrays.items()}
+        missing = {name: set(self.store.missing_chunks(self.rec.name, name, 0, self.rec.rows)) for name in arrays}
         for lo, hi in row_blocks(0, self.rec.rows, block_rows(self.store)):
             block = {name: self.read(name, array, lo, hi, missing[name]) for name, array in arrays.items()}
             self.check_sites(block, lo)
@@ -82,13 +81,6 @@ class _ShardCheck:
                 arrays[name] = array
         return arrays if len(self.problems) == before else None
 
-    def missing_chunks(self, name: str, array) -> set[int]:
-        """Chunk indices with no object on storage: zarr would quietly read them as zeros."""
-        prefix = f"shards/{self.rec.name}/{name}/"
-        present = set(self.store.root.sizes(prefix))
-        keys = chunk_keys(array, 0, self.rec.rows)
-        return {i for i, key in enumerate(keys) if prefix + key not in present}
-
     def read(self, name: str, array, lo: int, hi: int, missing: set[int]) -> np.ndarray | None:
         """The block's rows, or None after naming every chunk of it that is missing or unreadable."""
         c = self.store.chunk_rows
@@ -106,8 +98,7 @@ class _ShardCheck:
             try:
                 array[a:b]
             except Exception as err:  # noqa: BLE001 - the codec's own words are the reason
-                first_line = (str(err).splitlines() or [""])[0]
-                self.problem(name, a, b, f"unreadable ({type(err).__name__}: {first_line})")
+                self.problem(name, a, b, unreadable(err))
         return None
 
     def check_sites(self, block: dict, lo: int) -> None:
@@ -197,6 +188,8 @@ def _check_layout(store: ActivationStore) -> list[str]:
             problems.append(f"shards/{name}: belongs to no shard of this store (world_size {store.world_size}): "
                             "a writer ran with another harvest.world_size; remove it or use another run_name")
     for rec in store.shard_records:
+        if rec.torn:
+            problems.append(rec.torn)
         counts = {site: stats.count for site, stats in rec.stats.items()}
         if rec.rows and (rec.consumed < rec.rows or counts != {site: rec.rows for site in store.sites}):
             problems.append(f"manifests/{rec.name}.json: {rec.rows} rows but {rec.consumed} consumed and "

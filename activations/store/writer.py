@@ -14,7 +14,8 @@ from zarr.errors import ContainsGroupError
 
 from activations.sites import Site, SiteError
 from activations.store.format import (
-    DTYPES, FORMAT, FORMAT_VERSION, OPTIONAL_COLUMNS, TOKEN_COLUMNS, StoreError, check_same, decode, read_manifest, shard_name,
+    DTYPES, FORMAT, FORMAT_VERSION, OPTIONAL_COLUMNS, PREVIOUS, TOKEN_COLUMNS, StoreError, check_same, decode,
+    chunk_keys, manifest_key, read_manifest, shard_name,
 )
 from activations.store.roots import store_root
 from activations.store.stats import SiteStats
@@ -131,7 +132,9 @@ class ShardWriter:
         return arrays
 
     def _resume(self) -> None:
-        manifest = read_manifest(self.root, self.name) or {"rows": 0, "consumed": 0, "done": False, "stats": {}}
+        found, _ = read_manifest(self.root, self.name)  # a torn manifest resumes from the commit before it
+        self._last_commit = json.dumps(found).encode() if found else None
+        manifest = found or {"rows": 0, "consumed": 0, "done": False, "stats": {}}
         self._committed = manifest["rows"]
         self._consumed = manifest["consumed"]
         self._done = manifest["done"]
@@ -315,11 +318,20 @@ class ShardWriter:
             stats[site] = old + new
         stats = replace_stats or stats
         stats_json = {s: v.to_json() for s, v in stats.items()}
-        manifest = {"rows": stop, "consumed": consumed, "done": done, "stats": stats_json}
-        self.root.write_atomically(f"manifests/{self.name}.json", json.dumps(manifest).encode(), self.fsync)
+        manifest = json.dumps({"rows": stop, "consumed": consumed, "done": done, "stats": stats_json}).encode()
+        self._replace_manifest(manifest)
 
         self._committed, self._consumed, self._done, self._stats = stop, consumed, done, stats
         self._dropped = {s: d[d >= consumed] for s, d in self._dropped.items()}
+
+    def _replace_manifest(self, manifest: bytes) -> None:
+        """Commit: keep the last commit beside the manifest first, so a manifest torn after all
+        (a filesystem without atomic rename, a killed copy) leaves readers a good one to read."""
+        key = manifest_key(self.name)
+        if self._last_commit is not None:
+            self.root.write_atomically(key + PREVIOUS, self._last_commit, self.fsync)
+        self.root.write_atomically(key, manifest, self.fsync)
+        self._last_commit = manifest
 
     def _fsync_chunks(self, start: int, stop: int) -> None:
         """Make the new chunks, and the metadata that sizes their arrays, durable before the
@@ -330,9 +342,3 @@ class ShardWriter:
             keys.append(f"{shard}/{name}/zarr.json")
             keys += [f"{shard}/{name}/{key}" for key in chunk_keys(array, start, stop)]
         self.root.sync(keys)
-
-
-def chunk_keys(array: zarr.Array, start: int, stop: int) -> list[str]:
-    """Keys (relative to the array) of the chunks that hold rows [start, stop)."""
-    rows, tail = array.chunks[0], (0,) * (array.ndim - 1)
-    return [array.metadata.encode_chunk_key((i, *tail)) for i in range(start // rows, -(-stop // rows))]
