@@ -225,11 +225,10 @@ def make_judge(j: DictConfig, run):
     chat = OpenAIChat(j.base_url, j.model, j.api_key_env, ResponseCache(run.steer_eval / "judge_cache.jsonl"),
                       concurrency=j.concurrency)
 
-    def rating(reply: str) -> int:
+    def rating(reply: str) -> int | None:
+        """The first digit 0-2 of the reply; None when it has none (a weak judge's garbage is no rating)."""
         digits = [c for c in reply if c in "012"]
-        if not digits:
-            raise ValueError(f"no rating 0, 1 or 2 in {reply!r}")
-        return int(digits[0])
+        return int(digits[0]) if digits else None
 
     def ratings(prompts, answers, concept):
         asks = [(aspect, p, a) for aspect in JUDGE_ASPECTS for p, a in zip(prompts, answers)]
@@ -243,7 +242,8 @@ def make_judge(j: DictConfig, run):
 
         values = map_with_progress(ask, asks, j.concurrency, "judge")
         n = len(prompts)
-        return {aspect: float(np.mean(values[k * n:(k + 1) * n])) / 2 for k, aspect in enumerate(JUDGE_ASPECTS)}
+        rated = {aspect: [v for v in values[k * n:(k + 1) * n] if v is not None] for k, aspect in enumerate(JUDGE_ASPECTS)}
+        return {aspect: float(np.mean(v)) / 2 if v else math.nan for aspect, v in rated.items()}
 
     return ratings
 

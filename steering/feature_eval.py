@@ -268,8 +268,9 @@ def read_results(path) -> list[dict]:
 
 def append_result(path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    cut = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
     with open(path, "a") as f:
-        f.write(json.dumps(result) + "\n")
+        f.write(("\n" if cut else "") + json.dumps(result) + "\n")  # never onto a line a kill cut short
         f.flush()
         os.fsync(f.fileno())
 

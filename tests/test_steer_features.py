@@ -111,8 +111,8 @@ def test_the_judge_rates_through_an_openai_compatible_endpoint(server, smol_labe
                                                   "steer_features.judge.model=smollm2_135m"))
     judged = outcome["results"][0]["judge"]
     assert set(judged) == {"steered", "baseline"}
-    assert all(set(r) == {"concept", "relevance", "fluency"} and all(0 <= v <= 1 for v in r.values())
-               for r in judged.values())
+    assert all(set(r) == {"concept", "relevance", "fluency"} for r in judged.values())
+    assert all(0 <= v <= 1 for r in judged.values() for v in r.values() if v == v)  # nan: no usable rating
     assert (runs / "demo" / "steer_eval" / "judge_cache.jsonl").exists()
 
 
