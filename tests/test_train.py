@@ -125,7 +125,7 @@ def test_train_stage_writes_sae_lens_directories_and_metrics(tiny_harvest, tmp_p
     for site in ("L1.resid_post", "L2.ffn_out"):
         for directory in (runs / "demo" / "saes" / site, runs / "demo" / "saes" / site / "sweep" / "k4"):
             metrics = json.loads((directory / "metrics.json").read_text())
-            for key in ("fvu", "l0", "dead_frac", "dense_frac", "ce_loss_recovered", "kl_div", "tokens_trained",
+            for key in ("fvu", "fvu_all_tokens", "l0", "dead_frac", "dense_frac", "ce_loss_recovered", "kl_div", "tokens_trained",
                         "tokens_per_s"):
                 assert metrics[key] is not None, key
             assert metrics["tokens_trained"] == (8192 - 128) // 256 * 256
@@ -167,6 +167,31 @@ def test_splicing_a_perfect_reconstruction_recovers_all_of_the_loss(model_name, 
     assert metrics["fvu"] < 1e-6 and metrics["kl_div"] < 1e-5
     assert metrics["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert metrics["ce_loss_zero_ablation"] != pytest.approx(metrics["ce_loss_clean"], abs=1e-6)  # the splice acts
+
+
+class CappedSAE(PerfectSAE):
+    """Exact on rows of norm up to `cap`; rows above it come back shrunk to norm `cap`."""
+
+    def __init__(self, d, cap):
+        super().__init__(d)
+        self.cap = cap
+
+    def decode(self, f):
+        x = super().decode(f)
+        return x * (self.cap / x.norm(dim=-1, keepdim=True)).clamp(max=1)
+
+
+def test_fvu_all_tokens_counts_the_outlier_rows_that_fvu_leaves_out():
+    cfg = compose_config("harvest", ["model=tiny_deepseek_v4"]).model
+    model, _ = load_model(cfg)
+    adapter, site = make_adapter(model, cfg), Site.parse("L1.resid_post")
+    torch.manual_seed(0)
+    ids = torch.randint(3, 1000, (2, 24))
+    cap = adapter.capture([site], ids)[site].float().norm(dim=-1).median().item()
+    metrics = spliced_metrics(adapter, site, CappedSAE(adapter.width(site), cap),
+                              [(ids, torch.ones_like(ids, dtype=torch.bool))], ce=False, max_norm=cap)
+    assert metrics["fvu"] < 1e-6 < metrics["fvu_all_tokens"]
+    assert metrics["eval_tokens"] == 24  # half the rows are above the median norm
 
 
 @pytest.mark.slow
