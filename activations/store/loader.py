@@ -10,7 +10,9 @@ batches still come out in the same order, whatever the number of threads.
 Reading a chunk (file read, checksum, decode) and permuting a window's rows are numpy and zarr work
 that releases the GIL, so threads give real parallelism without the pickling of a process pool.
 With `pin_memory`, each window is gathered straight into page-locked memory, so the consumer's
-`tensor.to("cuda", non_blocking=True)` is a DMA transfer that does not hold up the host.
+`tensor.to("cuda", non_blocking=True)` is a DMA transfer that does not hold up the host. The copy runs on
+the step's own stream, before the step: at DeepSeek-V4-Flash width a 4096-row batch is 32 MiB, about
+1.5 ms over PCIe 5 against a step of about 36 ms, so a side stream would win at most 4%.
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from activations.store.format import as_tensor
 
 THREAD_PREFIX = "store-loader"
 
@@ -56,18 +56,20 @@ def plan_windows(store, seed: int, shuffle_chunks: int, stop_row: int, skip_rows
     return windows
 
 
-def read_window(store, sites: list[str], window: Window, seed: int, pin_memory: bool) -> dict[str, np.ndarray]:
-    """A window's rows of every site in its permuted order, as stored (bf16 as uint16 bits)."""
+def read_window(store, sites: list[str], window: Window, seed: int, pin_memory: bool) -> dict[str, torch.Tensor]:
+    """A window's rows of every site in its permuted order, in the store's dtype (bf16: a view of the stored bits)."""
     perm = np.random.default_rng([seed, window.number]).permutation(window.rows)[window.skip:]
     out = {}
     for site in sites:
         whole = np.concatenate([store.read_shard(shard, site, start, stop) for shard, start, stop in window.chunks])
-        dest = np.empty((len(perm), whole.shape[1]), whole.dtype)
-        if pin_memory:  # page-locked, so the copy to the GPU is asynchronous
-            dest = torch.empty(dest.shape, dtype=torch.int16 if whole.dtype == np.uint16 else torch.float32,
-                               pin_memory=True).numpy().view(whole.dtype)
-        np.take(whole, perm, axis=0, out=dest, mode="clip")  # "clip": numpy buffers `out` under the default "raise"
-        out[site] = dest
+        bits = whole.dtype == np.uint16
+        # Gathered straight into the tensor that is handed on. Pinned, it is torch's own page-locked
+        # block, so torch tracks the asynchronous copies from it and does not reuse it under them.
+        dest = torch.empty((len(perm), whole.shape[1]), dtype=torch.int16 if bits else torch.float32,
+                           pin_memory=pin_memory)
+        # mode="clip" (the indices are all valid): under the default "raise", numpy buffers `out`.
+        np.take(whole, perm, axis=0, out=dest.numpy().view(whole.dtype), mode="clip")
+        out[site] = dest.view(torch.bfloat16) if bits else dest
     return out
 
 
@@ -78,18 +80,18 @@ def cut_batches(windows, sites: list[str], batch_size: int, drop_last: bool):
         start = 0
         if carry is not None:
             start = min(batch_size - len(carry[sites[0]]), len(rows[sites[0]]))
-            rows_head = {s: np.concatenate([carry[s], rows[s][:start]]) for s in sites}
-            if len(rows_head[sites[0]]) < batch_size:
-                carry = rows_head
+            head = {s: torch.cat([carry[s], rows[s][:start]]) for s in sites}
+            if len(head[sites[0]]) < batch_size:
+                carry = head
                 continue
-            yield {s: as_tensor(rows_head[s]) for s in sites}
+            yield head
         n = len(rows[sites[0]])
         full = start + (n - start) // batch_size * batch_size
         for i in range(start, full, batch_size):
-            yield {s: as_tensor(rows[s][i: i + batch_size]) for s in sites}
+            yield {s: rows[s][i: i + batch_size] for s in sites}
         carry = {s: rows[s][full:] for s in sites}
     if carry is not None and len(carry[sites[0]]) and not drop_last:
-        yield {s: as_tensor(carry[s]) for s in sites}
+        yield carry
 
 
 def read_ahead(store, sites: list[str], windows: list[Window], seed: int, workers: int, pin_memory: bool):
