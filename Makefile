@@ -37,8 +37,8 @@ harvest: setup
 # at L15.resid_post, a TopK SAE on them, every feature labelled (SmolLM2 itself explains a sample of
 # DEMO_LLM_FEATURES, token counts label the rest), and the report. The SAE's settings are for a run of
 # about 200 steps: batches of 1024 (more steps from few tokens), 10 warm-up steps instead of 50 (a
-# quarter of the run), and twice the default learning rate, which is tuned for 2M tokens. On the demo's
-# store that took held-out FVU from 0.258 to 0.235 with 0.3% of the latents dead (4x: FVU 0.30, 10% dead).
+# quarter of the run), and twice the default learning rate, which is tuned for 2M tokens: held-out FVU
+# 0.266 -> 0.240, dead latents 0.01% -> 0.3%, CE loss recovered 0.971 -> 0.978 (4x the rate: FVU 0.30, 10% dead).
 DEMO_LLM_FEATURES ?= 4
 DEMO_TRAIN ?= train.batch_size=1024 train.lr_warmup_steps=10 sae.lr=2.1e-3
 demo: setup
