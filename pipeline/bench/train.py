@@ -14,8 +14,8 @@ Each round times every way for `--steps` steps, in a rotating order; the table h
 from __future__ import annotations
 
 import argparse
-import os
 import itertools
+import os
 import statistics
 import sys
 import tempfile
