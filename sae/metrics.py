@@ -1,6 +1,8 @@
 """How good an SAE is: the metrics of metrics.json.
 
-- fvu: squared reconstruction error over the total variance around the mean;
+- fvu: squared reconstruction error over the total variance around the mean, on the tokens training
+  used (outlier-norm tokens left out); fvu_all_tokens: the same on every row the store would hold,
+  outliers included, which is what recomputing FVU over all stored rows gives;
 - l0: active latents per token; dense_frac: latents active on more than 10% of tokens;
 - ce_loss_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean) and kl_div(clean || sae),
   measured by splicing the reconstruction into the model's forward at the site.
@@ -42,11 +44,12 @@ def spliced_metrics(adapter, site, sae, batches: list[tuple[torch.Tensor, torch.
     whose activation norm exceeds it are treated like special tokens (as training left them out).
     """
     xs, recons, acts_l0, fire_counts = [], [], [], torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    inliers = []
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0, "tokens": 0}
     device = next(adapter.model.parameters()).device
     model = adapter.model
     for ids, keep in batches:
-        ids, keep = ids.to(device), keep.to(device)
+        ids, stored = ids.to(device), keep.to(device)
         if ce:  # the clean forward, which CE needs anyway, also yields the site's rows
             seen = []
             with adapter.hooks({site: lambda r: seen.append(r.clone())}):
@@ -54,13 +57,16 @@ def spliced_metrics(adapter, site, sae, batches: list[tuple[torch.Tensor, torch.
             rows = seen[0]
         else:  # only the rows: the forward stops at the site
             rows = adapter.capture([site], ids)[site]
-        if max_norm > 0:
-            keep = keep & (rows.float().norm(dim=-1) <= max_norm)
-        x = rows[keep].float()
+        keep = stored & (rows.float().norm(dim=-1) <= max_norm) if max_norm > 0 else stored
+        # Every stored row is reconstructed (for fvu_all_tokens); the other metrics and the splice use the kept ones.
+        x = rows[stored].float()
         feats = sae.encode(x.to(sae.W_dec.device))
-        recon = sae.decode(feats)
+        recon = sae.decode(feats).float()
+        inlier = keep[stored].cpu()
         xs.append(x.cpu())
-        recons.append(recon.float().cpu())
+        recons.append(recon.cpu())
+        inliers.append(inlier)
+        feats, recon = feats[inlier.to(feats.device)], recon[inlier.to(recon.device)]
         active = (feats > 0).cpu()
         acts_l0.append(active.sum(-1).float())
         fire_counts += active.sum(0)
@@ -78,9 +84,9 @@ def spliced_metrics(adapter, site, sae, batches: list[tuple[torch.Tensor, torch.
         totals["kl"] += (log_p.exp() * (log_p - log_q)).sum(-1)[:, :-1].sum().item()
         totals["tokens"] += ids[:, 1:].numel()
 
-    x, recon = torch.cat(xs), torch.cat(recons)
-    n = x.shape[0]
-    metrics = {"fvu": fvu(x, recon), "l0": torch.cat(acts_l0).mean().item(),
+    x, recon, inlier = torch.cat(xs), torch.cat(recons), torch.cat(inliers)
+    n = int(inlier.sum())
+    metrics = {"fvu": fvu(x[inlier], recon[inlier]), "fvu_all_tokens": fvu(x, recon), "l0": torch.cat(acts_l0).mean().item(),
                "dense_frac": (fire_counts.float() / n > 0.1).float().mean().item(), "eval_tokens": n}
     if ce and totals["tokens"]:
         t = totals["tokens"]

@@ -124,9 +124,10 @@ def save_checkpoint(trainer: Trainer, path: Path) -> None:
 
 
 def training_batches(store: ActivationStore, sites: list[str], cfg: DictConfig, start_step: int,
-                     stop_row: int | None = None):
+                     stop_row: int | None = None, pin_memory: bool = False):
     """Shuffled batches from `start_step` on, epoch after epoch (a new order each epoch), from
-    the store's rows before `stop_row` (all when None)."""
+    the store's rows before `stop_row` (all when None), read ahead by the store's threaded loader;
+    `pin_memory` for a GPU consumer (activations/store/loader.py)."""
     steps_per_epoch = (store.n_tokens if stop_row is None else stop_row) // cfg.train.batch_size
     if steps_per_epoch == 0:
         raise StoreError(f"the store holds {store.n_tokens} tokens, fewer than one batch of "
@@ -134,7 +135,8 @@ def training_batches(store: ActivationStore, sites: list[str], cfg: DictConfig, 
     epoch, skip = divmod(start_step, steps_per_epoch)
     while True:
         yield from store.iter_batches(sites, cfg.train.batch_size, seed=cfg.train.seed + epoch, start_batch=skip,
-                                      shuffle_chunks=cfg.train.shuffle_chunks, drop_last=True, stop_row=stop_row)
+                                      shuffle_chunks=cfg.train.shuffle_chunks, drop_last=True, stop_row=stop_row,
+                                      workers=cfg.train.loader_workers, pin_memory=pin_memory)
         epoch, skip = epoch + 1, 0
 
 
@@ -267,7 +269,8 @@ def train(cfg: DictConfig) -> dict:
     started, start_tokens, histogram_tokens = time.perf_counter(), trainer.tokens, 0
     bar = tqdm(total=trainer.total_steps * cfg.train.batch_size, initial=trainer.tokens, unit="tok",
                unit_scale=True, desc=f"train r{rank}", disable=not writer, dynamic_ncols=True)
-    batches = training_batches(store, sites, cfg, trainer.step_count, heldout.stop_row)
+    batches = training_batches(store, sites, cfg, trainer.step_count, heldout.stop_row,
+                               pin_memory=device.type == "cuda")
     try:
         while trainer.step_count < trainer.total_steps:
             share = (rank, world) if trainer.data_parallel else (0, 1)

@@ -1,5 +1,6 @@
 """The harvest stage end to end: real models, real zarr stores on disk, real subprocesses."""
 
+import itertools
 import json
 import os
 import signal
@@ -13,9 +14,11 @@ import torch
 
 from conftest import ROOT, compose_config, run_stage
 from activations.adapters import make_adapter
-from activations.corpus import CorpusError, iter_windows
+from activations.config import DataConfig
+from activations.corpus import CorpusError, fingerprint, iter_windows
+from activations.demo_corpus import DemoCorpusError, mixed_documents, plain_text
 from activations.harvesting import harvest
-from activations.models import load_model
+from activations.models import load_model, load_tokenizer
 from activations.sites import Site, SiteError
 from activations.store import ActivationStore, StoreError
 
@@ -110,6 +113,32 @@ def test_harvest_refuses_a_changed_corpus_in_the_same_run(runs_dir):
     with pytest.raises(StoreError, match="data"):
         harvest(config(runs_dir, *TINY, "harvest.sites=[L1.ffn_out]", "harvest.max_tokens=64",
                        "data.context_length=16"))
+
+
+def test_demo_corpus_mixes_bible_and_wikipedia_in_a_fixed_order():
+    first = list(itertools.islice(mixed_documents(["bible", "wikipedia"]), 60))
+    assert first == list(itertools.islice(mixed_documents(["bible", "wikipedia"]), 60))
+    bible = [d for d in first if d.startswith(("Genesis", "Exodus"))]
+    wiki = [d for d in first if d not in bible]
+    assert first[0].startswith("Genesis 1\n1 In the beginning") and first[1].startswith("Anarchism\n")
+    assert 0.8 < sum(map(len, wiki)) / sum(map(len, bible)) < 1.25  # about equal characters of each
+    assert not any(mark in d for d in wiki for mark in ("{{", "[[", "<ref", "''"))
+    assert list(itertools.islice(mixed_documents(["bible"]), 3)) == bible[:3]
+    with pytest.raises(DemoCorpusError, match="bible, wikipedia"):
+        next(mixed_documents(["fortunes"]))
+
+
+def test_wikitext_becomes_prose():
+    text = ("{{Infobox person|name=X}}'''Ada''' was a [[mathematician]] and [[Writer|writer]].<ref>Book</ref> "
+            "[[File:Ada.jpg|thumb|A [[portrait]]]]\n{| class=wikitable\n|-\n| cell\n|}\n* She [http://a.org wrote] notes.")
+    assert plain_text(text).split() == "Ada was a mathematician and writer. She wrote notes.".split()
+
+
+def test_the_demo_mix_is_part_of_the_corpus_fingerprint():
+    tokenizer = load_tokenizer(compose_config("harvest", []).model)
+    assert fingerprint(DataConfig(), tokenizer) != fingerprint(DataConfig(demo_mix=["bible"]), tokenizer)
+    jsonl = [DataConfig(source="jsonl", paths=["a.jsonl"], demo_mix=mix) for mix in (["bible"], ["wikipedia"])]
+    assert fingerprint(jsonl[0], tokenizer) == fingerprint(jsonl[1], tokenizer)  # only the demo source reads it
 
 
 @pytest.mark.parametrize(

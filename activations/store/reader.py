@@ -9,9 +9,9 @@ import numpy as np
 import zarr
 
 from activations.store.format import (
-    FORMAT, OPTIONAL_COLUMNS, TOKEN_COLUMNS, StoreError, as_tensor, chunk_keys, decode, read_manifest, shard_name,
+    FORMAT, OPTIONAL_COLUMNS, TOKEN_COLUMNS, StoreError, chunk_keys, decode, read_manifest, shard_name,
 )
-from activations.store.prefetch import prefetch
+from activations.store.loader import shuffled_batches
 from activations.store.roots import store_root
 from activations.store.stats import SiteStats
 
@@ -235,7 +235,7 @@ class ActivationStore:
 
     def iter_batches(
         self, sites, batch_size: int, seed: int = 0, start_batch: int = 0, shuffle_chunks: int = 8, drop_last: bool = True,
-        stop_row: int | None = None,
+        stop_row: int | None = None, workers: int = 2, pin_memory: bool = False,
     ):
         """One epoch of shuffled batches: dicts site -> tensor [batch_size, width] in the store's
         dtype (bfloat16 or float32; converting on the consumer's device halves the bytes moved).
@@ -244,45 +244,14 @@ class ActivationStore:
         within windows of `shuffle_chunks` chunks. The same seed gives the same batches;
         `start_batch=k` gives the batches from the k-th on without reading the windows
         before it. Use seed + epoch for a new order each epoch. `stop_row` leaves out the rows
-        from that global index on (a held-out tail).
+        from that global index on (a held-out tail). `workers` threads read windows ahead of the
+        consumer; `pin_memory` puts batches in page-locked memory for fast copies to a GPU
+        (activations/store/loader.py).
         """
         sites = [sites] if isinstance(sites, str) else list(sites)
         for site in sites:
             self._check_site(site)
         if batch_size < 1 or shuffle_chunks < 1 or start_batch < 0:
             raise StoreError("iter_batches needs batch_size >= 1, shuffle_chunks >= 1 and start_batch >= 0")
-        batches = self._batches(sites, batch_size, seed, start_batch, shuffle_chunks, drop_last,
-                                self.n_tokens if stop_row is None else stop_row)
-        return prefetch(batches, depth=4)
-
-    def _batches(self, sites, batch_size, seed, start_batch, shuffle_chunks, drop_last, stop_row):
-        chunks = [
-            (s.name, start, min(start + self.chunk_rows, s.rows, stop_row - s.offset))
-            for s in self._shards
-            for start in range(0, min(s.rows, stop_row - s.offset), self.chunk_rows)
-        ]
-        order = np.random.default_rng(seed).permutation(len(chunks))
-        skip = start_batch * batch_size  # rows of the stream before the first batch wanted
-        carry = None  # rows left over from the previous window, fewer than a batch
-        for w in range(0, len(order), shuffle_chunks):
-            window = [chunks[i] for i in order[w : w + shuffle_chunks]]
-            n = sum(stop - start for _, start, stop in window)
-            if skip >= n:
-                skip -= n
-                continue
-            # Each window has its own generator, so skipping windows leaves later ones unchanged.
-            perm = np.random.default_rng([seed, w]).permutation(n)[skip:]
-            skip = 0
-            rows = {}
-            for site in sites:
-                whole = np.concatenate([self.read_shard(shard, site, start, stop) for shard, start, stop in window])
-                rows[site] = whole[perm]
-                if carry is not None:
-                    rows[site] = np.concatenate([carry[site], rows[site]])
-            m = len(rows[sites[0]])
-            full = m - m % batch_size
-            for i in range(0, full, batch_size):
-                yield {site: as_tensor(rows[site][i : i + batch_size]) for site in sites}
-            carry = {site: rows[site][full:] for site in sites}
-        if carry is not None and len(carry[sites[0]]) and not drop_last:
-            yield {site: as_tensor(carry[site]) for site in sites}
+        return shuffled_batches(self, sites, batch_size, seed, start_batch, shuffle_chunks, drop_last, stop_row,
+                                workers, pin_memory)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One short check on a CUDA machine: harvest and train the tiny random DeepSeek-V4 on the GPU,
-# then bench-train at DeepSeek-V4-Flash width (d_in 4096, 65,536 latents, k=64, batch 4096).
+# then bench-train at DeepSeek-V4-Flash width (d_in 4096, 65,536 latents, k=64, batch 4096): the step
+# against sae-lens, training from the store (threaded loader, pinned batches) against memory, the
+# step against the bf16 peak, and the store reader alone at width 4096.
 #
 #   pipeline/bench/gpu_check.sh OUT_DIR
 #
@@ -12,6 +14,7 @@ out=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$out"
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt" || true
+uptime | tee -a "$out/gpu.txt"  # the host's load: the loader's threads share its CPUs
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$out/gpu.txt"
 
 device=${DEVICE:-cuda} tokens=${TOKENS:-400000}  # DEVICE=cpu TOKENS=20000 BENCH=0 for a dry run

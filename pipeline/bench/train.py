@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -39,7 +39,7 @@ from sae.architectures import build_sae, learning_rate
 from sae.trainer import Member, Trainer
 
 SITE = "L15.resid_post"
-QUICK = dict(d_in=64, d_sae=512, k=8, batch=256, steps=2, rounds=2, batches=6)
+QUICK = dict(d_in=64, d_sae=512, k=8, batch=256, steps=2, rounds=2, batches=6, reader_width=256, reader_rows=4096)
 
 
 def synthetic_activations(rows: int, d_in: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -54,16 +54,32 @@ def synthetic_activations(rows: int, d_in: int, device: torch.device, seed: int 
     return x.bfloat16().float()
 
 
-def write_store(root, x: torch.Tensor) -> ActivationStore:
-    """The rows as `make harvest` would store them (default dtype and chunking; no fsync: not timed)."""
+def write_store(root, blocks, width: int) -> ActivationStore:
+    """Rows, given as blocks of [rows, width] tensors, stored as `make harvest` would store them
+    (default dtype and chunking; no fsync: not timed)."""
     sc = StoreConfig()
-    n = len(x)
-    with ShardWriter(root, 0, 1, {SITE: x.shape[1]}, {"model": "synthetic"}, dtype=sc.dtype,
-                     chunk_rows=chunk_rows_for([x.shape[1]], sc.dtype, sc.chunk_rows, sc.chunk_mib), fsync=False) as w:
-        w.append({"tokens": np.zeros(n, np.int32), "doc_ids": np.arange(n) // 128, "positions": np.arange(n) % 128,
-                  SITE: x.cpu()})
+    chunk_rows = chunk_rows_for([width], sc.dtype, sc.chunk_rows, sc.chunk_mib)
+    with ShardWriter(root, 0, 1, {SITE: width}, {"model": "synthetic"}, dtype=sc.dtype, chunk_rows=chunk_rows,
+                     fsync=False) as w:
+        for x in blocks:
+            n = len(x)
+            w.append({"tokens": np.zeros(n, np.int32), "doc_ids": np.zeros(n, np.int64), "positions": np.zeros(n, np.int64),
+                      SITE: x.cpu()})
         w.finish()
     return ActivationStore(root)
+
+
+def reader_rates(root, width: int, rows: int, batch: int, rounds: int) -> list[float]:
+    """Rows/s of the training loader alone (`ActivationStore.iter_batches`, default threads), one
+    shuffled epoch per round over a bf16 store of `rows` x `width` that was just written (page cache)."""
+    store = write_store(root, (torch.randn(min(4096, rows - i), width) for i in range(0, rows, 4096)), width)
+    rates = []
+    for r in range(rounds):
+        start, n = time.perf_counter(), 0
+        for b in store.iter_batches(SITE, batch, seed=r):
+            n += len(b[SITE])
+        rates.append(n / (time.perf_counter() - start))
+    return rates
 
 
 def matmul_peak(device: torch.device) -> float:
@@ -99,6 +115,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dead-frac", type=float, default=0.1,
                         help="latents counted dead at the start of each round, the same in every trainer (1 = all)")
+    parser.add_argument("--reader-width", type=int, default=4096, help="site width of the reader-alone row (DeepSeek-V4-Flash's)")
+    parser.add_argument("--reader-rows", type=int, default=65536, help="rows of the reader-alone store")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:  # quick sizes become the defaults; flags given still win
@@ -143,22 +161,19 @@ def main(argv=None) -> None:
         return run
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = write_store(tmp, x)
+        store = write_store(tmp, x.split(B), args.d_in)
 
-        # What `make train` runs: shuffled batches read on a background thread, moved to the device.
+        # What `make train` runs: shuffled batches read ahead by the loader's threads, moved to the device.
         # The reader reads `shuffle_chunks` chunks at a time, so each timing covers whole windows of
         # batches, their reads included: the rate a long run sees.
         window = max(1, train_cfg.train.shuffle_chunks * store.chunk_rows // B)
         store_steps = -(-steps // window) * window
 
         def dialbox_store(n):
-            batches = training_batches(store, [SITE], train_cfg, 0)
+            batches = training_batches(store, [SITE], train_cfg, 0, pin_memory=cuda)
             for _ in range(store_steps if n == steps else n):
                 dialbox.step({s: v.to(device, non_blocking=True) for s, v in next(batches).items()})
-            batches.close()
-            for t in threading.enumerate():  # no read may go on while another way is timed
-                if t.name == "store-prefetch":
-                    t.join()
+            batches.close()  # its reads end with it, so none goes on while another way is timed
 
         lens, lens_autocast = sae_lens(False), sae_lens(True)
         dead = torch.randperm(sae.cfg.d_sae, generator=torch.Generator().manual_seed(1))
@@ -185,6 +200,8 @@ def main(argv=None) -> None:
                 timed = store_steps if name == "dialbox store" else steps
                 rates[name].append(timed * B / (time.perf_counter() - start))
         peak = matmul_peak(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        reader = reader_rates(tmp, args.reader_width, args.reader_rows, B, args.rounds)
 
     tps = {name: statistics.median(v) for name, v in rates.items()}
     # FLOPs of one Dialbox step per token: the three encoder matmuls (forward, grad W_enc, grad of
@@ -193,6 +210,8 @@ def main(argv=None) -> None:
     d_in, d_sae, k_aux = args.d_in, sae.cfg.d_sae, min(args.d_in // 2, sae.cfg.d_sae)
     flops_per_token = 6 * d_in * (d_sae + args.k + k_aux)
     achieved = tps["dialbox"] * flops_per_token
+    reader_rows = statistics.median(reader)
+    reader_gbs = reader_rows * args.reader_width * 2 / 1e9
 
     def fmt(name):
         return f"{tps[name]:,.0f}"
@@ -206,6 +225,8 @@ def main(argv=None) -> None:
          f"**{tps['dialbox store'] / tps['dialbox']:.2f}**", ">= 0.90"],
         ["Dialbox step / bf16 matmul peak", f"{achieved / 1e12:.3g} / {peak / 1e12:.3g} TFLOP/s",
          f"**{achieved / peak:.1%}**", ""],
+        [f"store reader alone, width {args.reader_width} bf16, page cache", f"{reader_rows:,.0f} rows/s",
+         f"**{reader_gbs:.2f} GB/s**", ">= 1.5 GB/s"],
     ]
     spread = "; ".join(f"{n}: " + ", ".join(f"{v:,.0f}" for v in rates[n]) for n in ways)
     notes = f"""
@@ -219,8 +240,8 @@ of `make train` (grad clipping, Adam, dead-latent counters, its logging step eve
 sae-lens runs the body of `SAETrainer.fit` (`maybe_reset_sparsity`, `step(next(data_provider))`) with its
 default config (constant lr, Adam, fp32, no TF32) and wandb, evals and checkpoints off; `step` is the seam
 `fit` itself calls. The store run writes the same rows with `ShardWriter` (bf16, default chunking) to a
-temporary directory and trains from `sae.training.training_batches` (`ActivationStore.iter_batches` on a
-background thread); each timing starts a reader and covers whole shuffle windows ({store_steps} steps, the reads
+temporary directory and trains from `sae.training.training_batches` (`ActivationStore.iter_batches`, read ahead
+by {train_cfg.train.loader_workers} threads{", pinned" if cuda else ""}); each timing starts a reader and covers whole shuffle windows ({store_steps} steps, the reads
 of their {train_cfg.train.shuffle_chunks} chunks each included), as a long run sees them. The rows were just
 written, so they come from the page cache.
 {args.rounds} rounds x {steps} steps per way after {warmup} warm-up step(s), order rotated each round;
@@ -229,6 +250,11 @@ FLOPs per token of the Dialbox step: 6 * d_in * (d_sae + k + k_aux) = {flops_per
 three matmuls (forward, grad W_enc, grad of its input for b_dec), and the k decoder and k_aux = d_in/2 AuxK
 rows gathered forward and twice backward; elementwise work, topk and Adam are not counted. The peak is the
 median bf16 FLOP/s of a {"8192" if cuda else "2048"}^3 matmul measured in this run.
+The reader alone: {args.reader_rows:,} random rows of width {args.reader_width} written as bf16 with `ShardWriter`,
+then read back as one shuffled epoch of batches of {B} per round (`ActivationStore.iter_batches`: chunk reads and
+row shuffles on {TrainConfig().loader_workers} threads), nothing consuming them; the rows were just written, so they
+come from the page cache. Rows/s per round: {", ".join(f"{v:,.0f}" for v in reader)}. Load average at the end:
+{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.
 """
     given = argv if argv is not None else sys.argv[1:]
     command = "make bench-train" + (f" ARGS='{' '.join(given)}'" if given else "")
