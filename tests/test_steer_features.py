@@ -133,17 +133,18 @@ def test_a_rerun_evaluates_only_what_is_not_done_and_redoes_a_line_cut_by_a_kill
 LATE_SITE = "L28.resid_post"  # two blocks before the unembedding: a direction there writes the next token
 
 
-def plant(sae_dir, index: int, direction: torch.Tensor, store, site: str) -> None:
-    """Make feature `index` read and write `direction`: it fires (strongly, so TopK keeps it) on rows
-    whose component along the direction is in the store's top 2%, and its decoder row is the direction."""
+def plant(sae_dir, index: int, direction: torch.Tensor, store, site: str, read: bool = True) -> None:
+    """Make feature `index` write `direction` (its decoder row) and, with `read`, also read it: it then
+    fires, strongly enough for TopK to keep it, on rows whose component along the direction is in the
+    store's top 0.2%."""
     from safetensors.torch import load_file, save_file
 
     weights = load_file(sae_dir / "sae_weights.safetensors")
     unit = direction / direction.norm()
-    rows = torch.from_numpy(store.read(site, 0, store.n_tokens)) - weights["b_dec"]
-    threshold = torch.quantile(rows @ unit, 0.98)
-    weights["W_enc"][:, index] = unit * 1000
-    weights["b_enc"][index] = -1000 * threshold
+    if read:
+        rows = torch.from_numpy(store.read(site, 0, store.n_tokens)) - weights["b_dec"]
+        weights["W_enc"][:, index] = unit * 1000
+        weights["b_enc"][index] = -1000 * torch.quantile(rows @ unit, 0.998)
     weights["W_dec"][index] = unit * weights["W_dec"].norm(dim=1).mean()
     save_file(weights, sae_dir / "sae_weights.safetensors")
 
@@ -151,7 +152,8 @@ def plant(sae_dir, index: int, direction: torch.Tensor, store, site: str) -> Non
 @pytest.mark.slow
 def test_a_feature_built_to_steer_steers_and_a_random_direction_does_not(tmp_path):
     """A planted output feature (it writes the unembedding direction of ' ocean' two blocks before the
-    output, and reads the same direction) steers; a planted random direction does not."""
+    output, and reads the same direction) steers; a feature whose decoder row is replaced by a random
+    direction (it still reads what it read) does not."""
     from activations.harvesting import harvest
     from features.label import label
     from sae.training import train
@@ -172,12 +174,15 @@ def test_a_feature_built_to_steer_steers_and_a_random_direction_does_not(tmp_pat
     store = run.open_store()
     plant(run.saes(LATE_SITE), planted, steerer.model.get_output_embeddings().weight[word].detach(), store, LATE_SITE)
     direction = torch.randn(576, generator=torch.Generator().manual_seed(0))
-    plant(run.saes(LATE_SITE), random_index, direction, store, LATE_SITE)
+    plant(run.saes(LATE_SITE), random_index, direction, store, LATE_SITE, read=False)
     cfg = compose_config("steer", [
         *common, f"steer_features.site={LATE_SITE}", "steer_features.n=0",
         f"steer_features.features=[{planted},{random_index}]", "steer_features.dev_prompts=4",
-        "steer_features.test_prompts=12", "steer_features.add_scales=[0.25,0.5]", "steer_features.clamp_scales=[]",
-        "steer_features.max_new_tokens=16", "steer_features.batch_size=12", "steer_features.bootstrap=200"])
+        "steer_features.test_prompts=16", "steer_features.add_scales=[0.15]", "steer_features.clamp_scales=[]",
+        # Two blocks before the output a push of 0.15 x the mean norm already floods some answers with the word
+        # (perplexity 2-2.5x); the limit is loosened so that the test is about the concept, not the limit.
+        "steer_features.max_ppl_ratio=3",
+        "steer_features.max_new_tokens=16", "steer_features.batch_size=16", "steer_features.bootstrap=500"])
     outcome = evaluate_features(steerer, cfg.steer_features)  # the steerer loads the SAE now: the planted one
     by_index = {r["index"]: r for r in outcome["results"]}
     assert by_index[planted]["steers"], by_index[planted]
