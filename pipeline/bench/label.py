@@ -68,7 +68,7 @@ def main() -> None:
     device = torch.device(args.device)
     plan = MiningPlan(outlier_norm=0)
     with tempfile.TemporaryDirectory() as tmp:
-        store = write_store(tmp, synthetic_activations(args.rows, args.d_in, torch.device("cpu")))
+        store = write_store(tmp, synthetic_activations(args.rows, args.d_in, torch.device("cpu")).split(4096), args.d_in)
         sae = random_sae(args.d_in, args.d_sae, args.k, device)
         mine(store, sae, MiningPlan(max_tokens=plan.batch_blocks * plan.context_tokens), device)  # warm-up
         bare, mined = [], []
