@@ -78,7 +78,8 @@ def label_site(inputs: SiteInputs, cfg, explainer, chat: ChatModel | None, site_
     outputs = None
     if inputs.adapter is not None and lens is not None:
         outputs = output_scores(inputs.adapter, inputs.site, w_dec[lo:hi], lens[1], inputs.contexts,
-                                inputs.store.stats(inputs.site)["mean_norm"], state["fires"] > 0, cfg.output_strength)
+                                inputs.store.stats(inputs.site)["mean_norm"], state["fires"] > 0, cfg.output_strength,
+                                first=lo)
     token_ids = inputs.store.tokens(0, miner.n_blocks * plan.context_tokens)["tokens"]
     use_llm = _llm_features(state["fires"], lo, chat, explainer.max_features, cfg.seed)
 

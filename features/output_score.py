@@ -23,30 +23,35 @@ from tqdm import tqdm
 
 @torch.no_grad()
 def output_scores(adapter, site, w_dec: torch.Tensor, promoted: torch.Tensor, contexts: torch.Tensor,
-                  mean_norm: float, live: torch.Tensor, strength: float = 0.5, batch: int = 128) -> torch.Tensor:
+                  mean_norm: float, live: torch.Tensor, strength: float = 0.5, batch: int = 128,
+                  first: int = 0) -> torch.Tensor:
     """[features] output scores (nan for dead features).
 
-    w_dec: [features, width] decoder rows; promoted: [features, n] token ids of each feature's logit
-    lens; contexts: [c, T] token ids; live: [features] bool.
+    w_dec: [features, width] decoder rows of features first, first + 1, ...; promoted: [features, n]
+    token ids of each feature's logit lens; contexts: [c, T] token ids; live: [features] bool.
+    Feature i always rides in batch row i % batch of the batch of i // batch, whatever slice of the
+    SAE is scored, so a split label job computes exactly the numbers of one pass.
     """
     device = adapter.model.get_input_embeddings().weight.device
     pushes = torch.nn.functional.normalize(w_dec.float(), dim=1) * (strength * mean_norm)
-    features = torch.nonzero(live).flatten()
     gains = torch.zeros(len(w_dec))
+    starts = range(first - first % batch, first + len(w_dec), batch)
     for ctx in contexts:
         prefix = prefix_cache(adapter.model, ctx[:-1].to(device), batch)
         last = ctx[-1:].to(device).expand(batch, 1)
         plain = next_token_probs(adapter, site, last, prefix, torch.zeros(batch, w_dec.shape[1], device=device))[0]
-        for lo in tqdm(range(0, len(features), batch), desc=f"output scores {site}", unit="batch",
-                       dynamic_ncols=True, leave=False):
-            chunk = features[lo:lo + batch]
-            directions = torch.zeros(batch, w_dec.shape[1], device=device)  # the last batch is padded
-            directions[: len(chunk)] = pushes[chunk].to(device)
-            probs = next_token_probs(adapter, site, last, prefix, directions)[: len(chunk)]
-            ids = promoted[chunk].to(device)
-            gains[chunk] += (probs.gather(1, ids).sum(1) - plain[ids].sum(1)).cpu()
+        for start in tqdm(starts, desc=f"output scores {site}", unit="batch", dynamic_ncols=True, leave=False):
+            ids = torch.arange(max(start, first), min(start + batch, first + len(w_dec)))
+            ids = ids[live[ids - first]]
+            if not len(ids):
+                continue
+            directions = torch.zeros(batch, w_dec.shape[1], device=device)
+            directions[ids - start] = pushes[ids - first].to(device)
+            probs = next_token_probs(adapter, site, last, prefix, directions)[ids - start]
+            tokens = promoted[ids - first].to(device)
+            gains[ids - first] += (probs.gather(1, tokens).sum(1) - plain[tokens].sum(1)).cpu()
     scores = torch.full((len(w_dec),), float("nan"))
-    scores[features] = gains[features] / len(contexts)
+    scores[live] = gains[live] / len(contexts)
     return scores
 
 

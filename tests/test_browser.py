@@ -221,6 +221,7 @@ def test_labelled_run_end_to_end(browser, tmp_path):
         wait_for(browser, "#feature-table tbody tr")
         summary = f"{site['n_features']:,} features · {site['n_labelled']:,} labelled"
         assert summary in browser.find_element(By.TAG_NAME, "main").text
+        browser.find_element(By.CSS_SELECTOR, "button[data-sort=density]").click()  # densest first: the most contexts
         label = browser.find_element(By.CSS_SELECTOR, "#feature-table .label a")
         label.click()
         wait_for(browser, ".contexts .tok.on")
