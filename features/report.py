@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from activations.sites import Site
+from features.tables import read_steering_results
 from activations.errors import DialboxError
 
 STATIC = Path(__file__).parent / "static"
@@ -80,7 +81,7 @@ def write_site(src: Path, dst: Path, chunk_size: int, index_top_tokens: int) -> 
     index = index_columns(features, labels, index_top_tokens)
     write_json(dst / "index.json", index)
     examples = example_rows(src / "examples.parquet")
-    steering = steering_results(src)
+    steering = read_steering_results(src)
     for k, chunk in enumerate(feature_chunks(features, labels, examples, chunk_size, steering)):
         write_json(dst / f"chunk-{k}.json", chunk)
     n_dead, n_labelled = sum(index["dead"]), sum(label is not None for label in labels)
@@ -117,19 +118,6 @@ def index_columns(features: pa.Table, labels: list, top_n: int) -> dict:
 
 def optional_column(features: pa.Table, name: str) -> list:
     return features.column(name).to_pylist() if name in features.column_names else [None] * features.num_rows
-
-
-def steering_results(src: Path) -> dict[int, dict]:
-    """make steer-features' result per feature index (steering.jsonl), the last one kept."""
-    path = src / "steering.jsonl"
-    results = {}
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            result = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a killed evaluation
-            continue
-        results[result["index"]] = result
-    return results
 
 
 def feature_chunks(features: pa.Table, labels: list, examples, chunk_size: int, steering: dict | None = None):

@@ -4,6 +4,7 @@
                     lens, neighbours, activation histogram (bin edges in meta.json)
   examples.parquet  one row per example context, sorted by feature, with its split
   meta.json         what was mined with what
+  steering.jsonl    make steer-features' result per feature, one JSON line each (appended as it goes)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ FEATURE_SCHEMA = pa.schema([
     ("neighbour_cos", pa.list_(pa.float32())), ("hist_counts", pa.list_(pa.int64())),
     ("output_score", pa.float32()),
 ])
+STEERING_RESULTS = "steering.jsonl"
 EXAMPLE_SCHEMA = pa.schema([
     ("index", pa.int32()), ("kind", pa.string()), ("rank", pa.int32()), ("quantile", pa.int32()),
     ("start", pa.int64()), ("tokens", pa.list_(pa.string())), ("acts", pa.list_(pa.float32())),
@@ -115,3 +117,28 @@ def merge_parts(site_dir: Path) -> bool:
             "parts": [m["features"] for m, _ in parts]}
     write_meta(site_dir, meta)
     return True
+
+
+def read_steering_results(site_dir: Path) -> dict[int, dict]:
+    """make steer-features' result per feature index, the last one kept. A line cut short by a kill
+    is the feature that was being evaluated: it is skipped, so a rerun redoes it."""
+    path = site_dir / STEERING_RESULTS
+    results = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        results[result["index"]] = result
+    return results
+
+
+def append_steering_result(site_dir: Path, result: dict) -> None:
+    """One feature's result, durable before the next feature starts."""
+    path = site_dir / STEERING_RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cut = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+    with open(path, "a") as f:
+        f.write(("\n" if cut else "") + json.dumps(result) + "\n")  # never onto a line a kill cut short
+        f.flush()
+        os.fsync(f.fileno())

@@ -23,9 +23,7 @@ rewritten from that file at the end.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 from dataclasses import dataclass
 
@@ -35,13 +33,12 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from activations.sites import FeatureId, Site
-from features.tables import set_feature_columns
+from features.tables import append_steering_result, read_steering_results, set_feature_columns
 from steering.contrast import read_prompts
 from steering.evaluation import bootstrap, make_judge, read_answers
 from steering.interventions import SteeringError
 from steering.steerer import Steerer, encode_prompt
 
-RESULTS = "steering.jsonl"
 COLUMNS = {"steer_op": "string", "steer_scale": "float32", "steer_units": "string", "steer_concept": "float32",
            "steer_fluency": "float32", "steer_score": "float32", "steers": "bool", "steer_prompts": "int32"}
 
@@ -221,18 +218,18 @@ def evaluate_features(steerer: Steerer, cfg: DictConfig) -> dict:
     given = [parse_at(f, site) for f in cfg.features]
     check_features(table, given, str(site))
     watch = choose_features(table, cfg.n, given, cfg.seed)
-    path = run.features(str(site)) / RESULTS
-    done = {r["index"]: r for r in read_results(path)}
+    site_dir = run.features(str(site))
+    done = read_steering_results(site_dir)
     todo = [i for i in watch if i not in done]
     labels = dict(zip(table["index"], table["label"]))
     evaluation = FeatureEvaluation(steerer, site, watch, cfg)
     pairs = controls(table, watch, cfg.seed)
     for index in tqdm(todo, desc=f"steer features {site}", unit="feature", dynamic_ncols=True):
         result = evaluation.evaluate(index, labels[index] or "", pairs[index])
-        append_result(path, result)
+        append_steering_result(site_dir, result)
         done[index] = result
     results = [done[i] for i in watch]
-    set_feature_columns(run.features(str(site)), feature_columns(read_results(path)), COLUMNS)
+    set_feature_columns(site_dir, feature_columns(list(done.values())), COLUMNS)
     return {"site": str(site), "results": results, "evaluated_now": len(todo)}
 
 
@@ -251,28 +248,6 @@ def parse_at(text, site: Site) -> int:
     if feature.site != site:
         raise SteeringError(f"feature {feature} is not at the evaluated site {site}: set steer_features.site")
     return feature.index
-
-
-def read_results(path) -> list[dict]:
-    """The finished features; a line cut short by a kill is the feature being evaluated, so it is redone."""
-    if not path.exists():
-        return []
-    results = []
-    for line in path.read_text().splitlines():
-        try:
-            results.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return results
-
-
-def append_result(path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cut = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
-    with open(path, "a") as f:
-        f.write(("\n" if cut else "") + json.dumps(result) + "\n")  # never onto a line a kill cut short
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def feature_columns(results: list[dict]) -> dict[str, dict[int, object]]:
