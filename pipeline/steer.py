@@ -162,7 +162,8 @@ def features(cfg: DictConfig) -> dict:
     report = steer_features_report(outcome["results"], summary(outcome["results"], scores), f)
     print(report)
     if f.write_benchmarks:
-        write_section("steer-features", make_command("steer-features", sys.argv[1:]), report)
+        # One section per run, so the demo SAE's numbers and make quality's stand side by side.
+        write_section(f"steer-features: {run.root.name}", make_command("steer-features", sys.argv[1:]), report)
     return outcome
 
 
