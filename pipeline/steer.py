@@ -159,7 +159,7 @@ def features(cfg: DictConfig) -> dict:
     run, site = RunDir.from_config(cfg), outcome["site"]
     outputs = run.feature_table(site, ["index", "output_score"]) or {}
     scores = dict(zip(outputs.get("index", []), outputs.get("output_score", [])))
-    report = steer_features_report(outcome["results"], summary(outcome["results"], scores), f)
+    report = steer_features_report(outcome["results"], summary(outcome["results"], scores, f.max_ppl_ratio), f)
     print(report)
     if f.write_benchmarks:
         # One section per run, so the demo SAE's numbers and make quality's stand side by side.

@@ -257,7 +257,7 @@ def feature_columns(results: list[dict]) -> dict[str, dict[int, object]]:
     return {column: {r["index"]: r[key] for r in results} for column, key in pick.items()}
 
 
-def summary(results: list[dict], output_scores: dict[int, float] | None = None) -> dict:
+def summary(results: list[dict], output_scores: dict[int, float] | None = None, max_ppl_ratio: float = 2.0) -> dict:
     """What the benchmark reports: the share that steers, add against clamp, the gain over the prompt
     baseline, the fluency cost, and how well the output score predicts `steers`."""
     n = len(results)
@@ -270,7 +270,8 @@ def summary(results: list[dict], output_scores: dict[int, float] | None = None) 
         "by_op": {op: {"chosen": len(rs), "steer": sum(r["steers"] for r in rs)} for op, rs in ops.items()},
         "mean_gain": float(np.mean([r["gain"] for r in results])) if n else 0.0,
         "mean_gain_over_baseline": float(np.mean([r["gain_over_baseline"] for r in results])) if n else 0.0,
-        "top_decile_beats_baseline": sum(r["gain_over_baseline"] >= 0 and r["perplexity_ratio"] <= 2 for r in top),
+        "top_decile_beats_baseline": sum(r["gain_over_baseline"] >= 0 and r["perplexity_ratio"] <= max_ppl_ratio
+                                         for r in top),
         "top_decile": len(top),
         "median_perplexity_ratio": float(np.median([r["perplexity_ratio"] for r in results])) if n else 0.0,
     }
