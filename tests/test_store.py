@@ -10,6 +10,7 @@ import torch
 import zarr
 
 from activations.store import ActivationStore, ShardWriter, StoreError
+from activations.store.chunks import is_plain, read_rows
 
 SITES = {"L1.resid_post": 8, "L2.ffn_out": 4}
 IDENTITY = {"model": "tiny", "d_model": 8}
@@ -74,6 +75,27 @@ def test_round_trip_is_exact(tmp_path, dtype, background):
     tokens = store.tokens(10, 20)
     for name in ("tokens", "doc_ids", "positions"):
         np.testing.assert_array_equal(tokens[name], rows[name][10:20])
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_chunk_files_read_directly_equal_zarrs_reads(tmp_path, compression):
+    """Plain arrays are read from their chunk files (activations/store/chunks.py), compressed ones
+    through zarr; either way every range, whole chunks, spans and a partial last chunk, reads the same."""
+    rows = make_rows(70)  # chunks of 16: the fifth is partial
+    w = writer(tmp_path / "activations", compression=compression)
+    append_in_batches(w, rows, 9)
+    w.finish()
+    store = ActivationStore(tmp_path)
+    shard = store.shard_records[0].name
+    for name in (A, B, "tokens", "positions"):
+        array = store.shard_array(shard, name)
+        assert is_plain(array) == (compression is None)
+        for start, stop in [(0, 16), (16, 32), (3, 5), (10, 50), (64, 70), (0, 70), (48, 70)]:
+            got = store.read_shard(shard, name, start, stop)
+            np.testing.assert_array_equal(got, array[start:stop], err_msg=f"{name} [{start}, {stop})")
+            if compression is None:  # the direct path was taken, not zarr's
+                np.testing.assert_array_equal(read_rows(tmp_path / "activations" / "shards" / shard / name, array,
+                                                        start, stop), got)
 
 
 def test_uncommitted_rows_are_invisible(tmp_path):

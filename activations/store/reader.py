@@ -12,7 +12,8 @@ from activations.store.format import (
     FORMAT, OPTIONAL_COLUMNS, TOKEN_COLUMNS, StoreError, chunk_keys, decode, read_manifest, shard_name,
 )
 from activations.store.loader import shuffled_batches
-from activations.store.roots import store_root
+from activations.store.chunks import is_plain, read_rows
+from activations.store.roots import LocalRoot, store_root
 from activations.store.stats import SiteStats
 
 
@@ -58,6 +59,7 @@ class ActivationStore:
         self._widths: dict = attrs["sites"]
         self.origin: dict | None = attrs.get("origin")  # set on a merged store
         self._arrays = {}
+        self._plain_arrays = {}  # shard array key -> whether its chunk files are read directly
         self._shards = []
         offset = 0
         for rank in range(self.world_size):
@@ -135,12 +137,22 @@ class ActivationStore:
         array = self.shard_array(shard, name)
         if array is None:
             return np.full(stop - start, OPTIONAL_COLUMNS[name], TOKEN_COLUMNS[name])
-        self._check_present(shard, name, array, start, min(stop, self._records[shard].rows))
+        committed = self._records[shard].rows
+        self._check_present(shard, name, array, start, min(stop, committed))
         try:
+            if stop <= committed and self._plain(shard, name, array):
+                return read_rows(self.root.path / "shards" / shard / name, array, start, stop)
             return array[start:stop]
         except ValueError:  # crc32c, the outermost codec, refuses a chunk that was cut or changed
             self._name_unreadable(shard, name, array, start, stop)
             raise  # no single chunk fails: not the store's bytes, so zarr's own error stands
+
+    def _plain(self, shard: str, name: str, array: zarr.Array) -> bool:
+        """Whether the array's committed chunks can be read from their files (see chunks.py)."""
+        key = f"shards/{shard}/{name}"
+        if key not in self._plain_arrays:
+            self._plain_arrays[key] = isinstance(self.root, LocalRoot) and is_plain(array)
+        return self._plain_arrays[key]
 
     def _check_present(self, shard: str, name: str, array: zarr.Array, start: int, stop: int) -> None:
         """Committed rows [start, stop) must be on storage: zarr reads a missing chunk as zeros."""
