@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,9 +176,12 @@ def repeat_share(tokens: torch.Tensor, n: int = 4) -> float:
 
 def baseline_instruction(label: str) -> str:
     """The prompt baseline's instruction: the label itself, or its words for a token-list label."""
-    if label.startswith("tokens "):  # heuristic labels list the peak tokens: tokens "LORD", "God"
-        words = [w.strip(' "') for w in label.removeprefix("tokens ").split(",") if w.strip(' "')]
-        return f"Use the words {', '.join(words[:3])} in your answer."
+    if label.startswith("tokens "):  # heuristic labels: tokens "fore", "' '", "aned" (often "Wherefore")
+        peaks, _, often = label.partition(" (often ")
+        quoted = re.findall(r'"([^"]+)"', often) + re.findall(r'"([^"]+)"', peaks)  # the whole word first
+        words = list(dict.fromkeys(w.strip() for w in quoted if any(c.isalpha() for c in w)))
+        if words:
+            return f"Use the words {', '.join(words[:3])} in your answer."
     return f"Mention {label} in your answer."
 
 

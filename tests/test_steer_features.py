@@ -46,6 +46,9 @@ def test_helpers_measure_what_they_say():
     assert repeat_share(torch.tensor([1, 2, 3, 4, 5, 6])) == 0.0 and repeat_share(torch.tensor([1, 2])) == 0.0
     assert baseline_instruction('tokens "LORD", "God"') == "Use the words LORD, God in your answer."
     assert baseline_instruction("the sea and ships") == "Mention the sea and ships in your answer."
+    # the word a completion hint names comes first; punctuation tokens are no words to use
+    assert (baseline_instruction('tokens "fore", "\' \'", "aned" (often "Wherefore")')
+            == "Use the words Wherefore, fore, aned in your answer.")
     assert auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
     assert auroc([0.1, 0.2], [True, True]) is None
 
