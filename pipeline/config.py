@@ -159,6 +159,9 @@ class TrainConfig:
     outlier_norm: float = 10.0
     # Run the TopK encoder matmul in bf16 (AMX / tensor cores); the rest stays float32.
     bf16_encoder: bool = True
+    # On CUDA, decode the TopK latents with the Triton kernels of sae/triton_decoder.py when triton
+    # is installed; false = torch's embedding_bag (CPU always uses it).
+    triton_decoder: bool = True
     # A latent is dead when it has not fired in this many tokens.
     # 0 = a tenth of the training tokens, at most 10M (AuxK must get to work within short runs).
     dead_tokens: int = 0
