@@ -100,7 +100,7 @@ class Trainer:
         for m in self.members:
             x = batch[m.site].float() * m.scale
             out = training_step(m.sae, x, self.dead_mask(m, global_rows), self.step_count, self.cfg.bf16_encoder,
-                                self.cfg.triton_decoder)
+                                self.cfg.triton_kernels)
             if not torch.isfinite(out.loss):
                 raise TrainingError(f"loss of {m.site}/{m.tag} became {out.loss.item()} at step {self.step_count}")
             out.loss.backward()

@@ -1,5 +1,5 @@
-"""The fast TopK step computes sae-lens's loss and gradients, with either decoder; the Triton decoder
-equals torch's embedding_bag forward and backward.
+"""The fast TopK step computes sae-lens's loss and gradients, with torch's kernels and with Triton's;
+the Triton decoder equals torch's embedding_bag, and the Triton encoder backward the dense one.
 
 The Triton kernels run on the GPU when there is one, else in Triton's interpreter on CPU tensors:
 the interpreter must be on before triton is first imported, and this session has imported it
@@ -18,7 +18,7 @@ from sae_lens.saes.sae import TrainStepInput
 from pipeline.config import SAEConfig
 from sae.architectures import build_sae
 from conftest import ROOT
-from sae.step import decoder_for, topk_step, torch_decode
+from sae.step import TORCH_KERNELS, dense_encode, kernels_for, topk_step, torch_decode, triton_kernels
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -34,9 +34,9 @@ def kernel_device():
     return torch.device("cpu")
 
 
-def triton_decode():
-    from sae.triton_decoder import sparse_decode  # imported only where kernel_device allows it
-    return sparse_decode
+def triton_topk():
+    from sae import triton_topk  # imported only where kernel_device allows it
+    return triton_topk
 
 
 def test_kernels_pass_under_the_interpreter():
@@ -45,12 +45,12 @@ def test_kernels_pass_under_the_interpreter():
         pytest.skip("the kernel tests run directly here")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "triton"],
                          cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
-    assert run.returncode == 0 and f"{len(SHAPES) + 1} passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+    assert run.returncode == 0 and f"{2 * len(SHAPES) + 1} passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
 
 
 # (tokens, k, latents, d_in): d_in across two column blocks and short of a block; k over one block of 16
-# and not a multiple of it; few latents, so rows repeat within a token and runs of a latent cross the
-# W-gradient programs' shares of 64 pairs
+# and not a multiple of it; few latents, so latents repeat within a token (decoder) and runs of a latent
+# cross the scatter programs' shares of 64 pairs
 SHAPES = [(5, 3, 40, 130), (7, 17, 20, 33), (40, 8, 600, 16)]
 
 
@@ -62,7 +62,7 @@ def test_triton_decoder_equals_embedding_bag_forward_and_backward(kernel_device,
     weights = torch.randn(tokens, k, generator=g).to(kernel_device).requires_grad_()
     grad_out = torch.randn(tokens, d_in, generator=g).to(kernel_device)
     results = []
-    for decode in (triton_decode(), torch_decode):
+    for decode in (triton_topk().sparse_decode, torch_decode):
         out = decode(indices, table, weights)
         table.grad = weights.grad = None
         out.backward(grad_out)
@@ -71,17 +71,33 @@ def test_triton_decoder_equals_embedding_bag_forward_and_backward(kernel_device,
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("decoder", ["torch", "triton"])
-def test_fast_topk_step_equals_sae_lens_training_pass(decoder, request):
-    device = request.getfixturevalue("kernel_device") if decoder == "triton" else torch.device("cpu")
-    decode = triton_decode() if decoder == "triton" else torch_decode
+@pytest.mark.parametrize("tokens, k, latents, d_in", SHAPES)
+def test_triton_encoder_backward_equals_the_dense_one(kernel_device, tokens, k, latents, d_in):
+    g = torch.Generator().manual_seed(tokens)
+    x, W_enc, b_enc = (torch.randn(*shape, generator=g).to(kernel_device).requires_grad_()
+                       for shape in ((tokens, d_in), (d_in, latents), (latents,)))
+    grad_values = torch.randn(tokens, k, generator=g).to(kernel_device)
+    results = []
+    for encode in (triton_topk().sparse_topk_encode, lambda *args: dense_encode(*args)[:2]):
+        values, chosen = encode(x, W_enc, b_enc, k, torch.float32)
+        x.grad = W_enc.grad = b_enc.grad = None
+        values.backward(grad_values)
+        results.append((values.detach(), chosen, x.grad, W_enc.grad, b_enc.grad))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_fast_topk_step_equals_sae_lens_training_pass(kernels, request):
+    device = request.getfixturevalue("kernel_device") if kernels == "triton" else torch.device("cpu")
+    step_kernels = triton_kernels() if kernels == "triton" else TORCH_KERNELS
     torch.manual_seed(0)
     sae = build_sae(OmegaConf.structured(SAEConfig(k=16)), 48, {"model_name": "m", "hook_name": "L0.ffn_out"},
                     str(device))
-    x = torch.randn(256 if decoder == "torch" else 64, 48, device=device)
+    x = torch.randn(256 if kernels == "torch" else 64, 48, device=device)
     dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
     dead[::3] = True  # AuxK runs, and decodes its 24 latents through the same decoder
-    ours = topk_step(sae, x, dead, bf16_encoder=False, decode=decode)
+    ours = topk_step(sae, x, dead, bf16_encoder=False, kernels=step_kernels)
     ours.loss.backward()
     our_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
@@ -93,6 +109,6 @@ def test_fast_topk_step_equals_sae_lens_training_pass(decoder, request):
         torch.testing.assert_close(our_grads[name], p.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_cpu_steps_decode_with_torch():
-    assert decoder_for(torch.device("cpu"), triton_decoder=True) is torch_decode
-    assert decoder_for(torch.device("cuda"), triton_decoder=False) is torch_decode
+def test_cpu_steps_run_torch_kernels():
+    assert kernels_for(torch.device("cpu"), use_triton=True) is TORCH_KERNELS
+    assert kernels_for(torch.device("cuda"), use_triton=False) is TORCH_KERNELS
