@@ -2,8 +2,9 @@
 the Triton decoder equals torch's embedding_bag, and the Triton encoder backward the dense one.
 
 The Triton kernels run on the GPU when there is one, else in Triton's interpreter on CPU tensors:
-the interpreter must be on before triton is first imported, and this session has imported it
-already, so on CPU the kernel tests run again in a pytest subprocess with TRITON_INTERPRET=1.
+the interpreter must be on before triton is first imported, and a test session has imported it
+already (torch and sae-lens do), so on CPU the kernel tests run again in a pytest subprocess with
+TRITON_INTERPRET=1.
 """
 
 import os
@@ -15,9 +16,9 @@ import torch
 from omegaconf import OmegaConf
 from sae_lens.saes.sae import TrainStepInput
 
+from conftest import ROOT
 from pipeline.config import SAEConfig
 from sae.architectures import build_sae
-from conftest import ROOT
 from sae.step import TORCH_KERNELS, dense_encode, kernels_for, topk_step, torch_decode, triton_kernels
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
