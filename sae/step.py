@@ -3,12 +3,18 @@
 The fast TopK step computes exactly the loss of sae-lens's TopKTrainingSAE
 (MSE + AuxK, decoder-norm rescaling included) but never builds the dense
 [batch, d_sae] activation matrix for the decoder: the encoder runs in bf16 and the
-decoder is an `embedding_bag` over the k active rows of W_dec, forward and backward.
+decoder gathers the k active rows of W_dec, forward and backward. On CUDA, with triton
+installed, the Triton kernels of sae/triton_topk.py run the decoder and also the encoder's
+backward over the k active latents only; elsewhere torch's embedding_bag decodes and the
+encoder back-propagates through its dense product.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +30,55 @@ class StepOutput:
     l0: torch.Tensor  # mean active latents per token (scalar, detached)
 
 
-def _sparse_decode(sae: TopKTrainingSAE, values, indices, norms):
+def dense_encode(x, W_enc, b_enc, k, dtype):
+    """One dense [tokens, d_sae] product, back-propagated densely; AuxK slices its dead columns."""
+    pre = torch.addmm(b_enc.to(dtype), x.to(dtype), W_enc.to(dtype))
+    values, latents = pre.topk(k, dim=-1, sorted=False)
+    return values, latents, lambda dead: pre[:, dead]
+
+
+def sparse_encode(top_k, x, W_enc, b_enc, k, dtype):
+    """The top k back-propagated over those k latents only (`top_k`: sae.triton_topk.sparse_topk_encode);
+    AuxK's dead latents get their own, far smaller, dense product."""
+    values, latents = top_k(x, W_enc, b_enc, k, dtype)
+    return values, latents, lambda dead: torch.addmm(b_enc[dead].to(dtype), x.to(dtype), W_enc[:, dead].to(dtype))
+
+
+def torch_decode(latents, table, weights):
+    return F.embedding_bag(latents, table, per_sample_weights=weights, mode="sum")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """How the TopK step runs its products with the latents."""
+    encode: Callable  # (x, W_enc, b_enc, k, dtype) -> top-k values, their latents, pre-activations of given latents
+    decode: Callable  # (latents, W_dec, weights) -> sum_j weights[:, j] * W_dec[latents[:, j]]
+
+
+TORCH_KERNELS = Kernels(dense_encode, torch_decode)
+
+
+def triton_kernels() -> Kernels:
+    from sae import triton_topk  # imported here: CPU runs never load triton
+
+    return Kernels(functools.partial(sparse_encode, triton_topk.sparse_topk_encode), triton_topk.sparse_decode)
+
+
+def kernels_for(device: torch.device, use_triton: bool) -> Kernels:
+    """The Triton kernels on CUDA when asked for and installed, else torch's."""
+    if use_triton and device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return triton_kernels()
+    return TORCH_KERNELS
+
+
+def _sparse_decode(sae: TopKTrainingSAE, values, indices, norms, decode):
     """sum_j values_j * W_dec[indices_j] (/ ||W_dec row|| when sae-lens rescales), without b_dec."""
     weights = values / norms[indices] if sae.cfg.rescale_acts_by_decoder_norm else values
-    return F.embedding_bag(indices, sae.W_dec, per_sample_weights=weights, mode="sum")
+    return decode(indices, sae.W_dec, weights)
 
 
 def topk_step(sae: TopKTrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | None,
-              bf16_encoder: bool = True) -> StepOutput:
+              bf16_encoder: bool = True, kernels: Kernels = TORCH_KERNELS) -> StepOutput:
     cfg = sae.cfg
     low = torch.bfloat16 if bf16_encoder else x.dtype
     norms = sae.W_dec.norm(dim=-1)
@@ -40,10 +87,9 @@ def topk_step(sae: TopKTrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | N
         # sae-lens multiplies the [batch, d_sae] pre-activations by the decoder norms; scaling the
         # [d_in, d_sae] weights instead is the same function on far fewer numbers.
         W_enc, b_enc = W_enc * norms, b_enc * norms
-    hidden_pre = torch.addmm(b_enc.to(low), (x - sae.b_dec).to(low), W_enc.to(low))
-    values, indices = hidden_pre.topk(cfg.k, dim=-1, sorted=False)
+    values, indices, pre_activations = kernels.encode(x - sae.b_dec, W_enc, b_enc, cfg.k, low)
     values = values.float().relu()
-    recon = _sparse_decode(sae, values, indices, norms) + sae.b_dec
+    recon = _sparse_decode(sae, values, indices, norms, kernels.decode) + sae.b_dec
     loss = (recon - x).pow(2).sum(-1).mean()
 
     n_dead = int(dead_mask.sum()) if dead_mask is not None and cfg.aux_loss_coefficient > 0 else 0
@@ -52,8 +98,8 @@ def topk_step(sae: TopKTrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | N
         half = cfg.d_in // 2
         scale = min(n_dead / half, 1.0)
         dead = dead_mask.nonzero().squeeze(1)
-        aux_values, pos = hidden_pre[:, dead].topk(min(half, n_dead), dim=-1, sorted=False)
-        aux_recon = _aux_decode(sae, aux_values.float(), dead, pos, norms, low)
+        aux_values, pos = pre_activations(dead).topk(min(half, n_dead), dim=-1, sorted=False)
+        aux_recon = _aux_decode(sae, aux_values.float(), dead, pos, norms, low, kernels.decode)
         residual = (x - recon).detach()
         loss = loss + cfg.aux_loss_coefficient * scale * (aux_recon - residual).pow(2).sum(-1).mean()
 
@@ -63,11 +109,11 @@ def topk_step(sae: TopKTrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | N
     return StepOutput(loss, recon.detach(), counts, active.sum(-1).float().mean())
 
 
-def _aux_decode(sae: TopKTrainingSAE, values, dead, pos, norms, low):
+def _aux_decode(sae: TopKTrainingSAE, values, dead, pos, norms, low, decode):
     """Decode the AuxK latents (positions `pos` among the `dead` ones). With many active dead
     latents a dense matmul over the dead rows of W_dec beats gathering rows one by one."""
     if pos.shape[-1] <= 64:
-        return _sparse_decode(sae, values, dead[pos], norms)
+        return _sparse_decode(sae, values, dead[pos], norms, decode)
     if sae.cfg.rescale_acts_by_decoder_norm:
         values = values / norms[dead][pos]
     dense = torch.zeros(values.shape[0], dead.numel(), dtype=low, device=values.device)
@@ -98,8 +144,8 @@ def generic_step(sae: TrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | No
 
 
 def training_step(sae: TrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | None, step: int,
-                  bf16_encoder: bool = True) -> StepOutput:
+                  bf16_encoder: bool = True, triton_kernels: bool = True) -> StepOutput:
     # Subclasses (BatchTopK, Matryoshka) change the activation, so only plain TopK takes the fast path.
     if type(sae) is TopKTrainingSAE:
-        return topk_step(sae, x, dead_mask, bf16_encoder)
+        return topk_step(sae, x, dead_mask, bf16_encoder, kernels_for(x.device, triton_kernels))
     return generic_step(sae, x, dead_mask, step)

@@ -99,7 +99,8 @@ class Trainer:
         global_rows = rows * (dist.get_world_size() if self.data_parallel else 1)
         for m in self.members:
             x = batch[m.site].float() * m.scale
-            out = training_step(m.sae, x, self.dead_mask(m, global_rows), self.step_count, self.cfg.bf16_encoder)
+            out = training_step(m.sae, x, self.dead_mask(m, global_rows), self.step_count, self.cfg.bf16_encoder,
+                                self.cfg.triton_kernels)
             if not torch.isfinite(out.loss):
                 raise TrainingError(f"loss of {m.site}/{m.tag} became {out.loss.item()} at step {self.step_count}")
             out.loss.backward()

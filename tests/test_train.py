@@ -13,7 +13,6 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from sae_lens import SAE
-from sae_lens.saes.sae import TrainStepInput
 
 from conftest import ROOT, TINY, compose_config, run_stage
 from activations.adapters import make_adapter
@@ -27,7 +26,6 @@ from activations.store import ActivationStore, StoreError
 from sae.training import train
 from sae.architectures import ARCHITECTURES, build_sae, learning_rate
 from sae.metrics import spliced_metrics
-from sae.step import topk_step
 from sae.trainer import Member, Trainer, TrainingError
 from pipeline.bench.train import synthetic_activations
 
@@ -44,24 +42,6 @@ def fresh_run(tiny_harvest, tmp_path, name="copy"):
 
     shutil.copytree(tiny_harvest / "demo", tmp_path / name / "demo")
     return tmp_path / name
-
-
-def test_fast_topk_step_equals_sae_lens_training_pass():
-    torch.manual_seed(0)
-    sae = build_sae(OmegaConf.structured(SAEConfig(k=16)), 48, {"model_name": "m", "hook_name": "L0.ffn_out"})
-    x = torch.randn(256, 48)
-    dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    dead[::3] = True
-    ours = topk_step(sae, x, dead, bf16_encoder=False)
-    ours.loss.backward()
-    our_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
-    sae.zero_grad()
-    theirs = sae.training_forward_pass(TrainStepInput(x, {}, dead, 0, False))
-    theirs.loss.backward()
-    torch.testing.assert_close(ours.loss, theirs.loss)
-    torch.testing.assert_close(ours.recon, theirs.sae_out.detach())
-    for name, p in sae.named_parameters():
-        torch.testing.assert_close(our_grads[name], p.grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))

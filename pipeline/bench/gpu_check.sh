@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One short check on a CUDA machine: harvest and train the tiny random DeepSeek-V4 on the GPU,
-# then bench-train at DeepSeek-V4-Flash width (d_in 4096, 65,536 latents, k=64, batch 4096): the step
+# One short check on a CUDA machine: the TopK step's Triton kernels against torch and sae-lens
+# (tests/test_topk_step.py, compiled for the GPU), harvest and train the tiny random DeepSeek-V4 on
+# the GPU, then bench-train at DeepSeek-V4-Flash width (d_in 4096, 65,536 latents, k=64, batch 4096): the step
 # against sae-lens, training from the store (threaded loader, pinned batches) against memory, the
-# step against the bf16 peak, and the store reader alone at width 4096.
+# step against the bf16 peak, the step with the Triton kernels against torch's, the decoder alone,
+# and the store reader alone at width 4096.
 #
 #   pipeline/bench/gpu_check.sh OUT_DIR
 #
@@ -16,6 +18,9 @@ export WANDB_MODE=disabled PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt" || true
 uptime | tee -a "$out/gpu.txt"  # the host's load: the loader's threads share its CPUs
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$out/gpu.txt"
+python3 -c 'import triton; print("triton", triton.__version__)' 2>&1 | tail -1 | tee -a "$out/gpu.txt"
+python3 -m pytest -q -x -p no:cacheprovider tests/test_topk_step.py 2>&1 | tail -4 | tee "$out/kernel-tests.log" \
+  || echo "FAILED: kernel tests"
 
 device=${DEVICE:-cuda} tokens=${TOKENS:-400000}  # DEVICE=cpu TOKENS=20000 BENCH=0 for a dry run
 runs=${RUNS:-$out/runs}

@@ -7,7 +7,9 @@ One TopK SAE configuration (AuxK on), one fixed set of synthetic activations, fo
 1. Dialbox's `Trainer.step` (the loop `make train` runs), batches from memory;
 2. sae-lens's `SAETrainer` in its default configuration, fed the same batches;
 3. the same with `autocast=True` (bf16);
-4. Dialbox again, reading the same rows back from an activation store on disk.
+4. Dialbox again, reading the same rows back from an activation store on disk;
+and on CUDA a fifth, Dialbox with `train.triton_kernels=false` (torch's decoder and dense encoder
+backward), plus the decoder alone, forward and backward, Triton against torch's embedding_bag.
 Each round times every way for `--steps` steps, in a rotating order; the table has the medians.
 """
 
@@ -36,6 +38,7 @@ from activations.harvesting import chunk_rows_for
 from activations.store import ActivationStore, ShardWriter
 from sae.training import training_batches
 from sae.architectures import build_sae, learning_rate
+from sae.step import torch_decode, triton_kernels
 from sae.trainer import Member, Trainer
 
 SITE = "L15.resid_post"
@@ -98,6 +101,35 @@ def matmul_peak(device: torch.device) -> float:
     return 2 * n**3 / statistics.median(times[1:])  # the first one warms up
 
 
+def decoder_seconds(decode, d_in: int, d_sae: int, k: int, batch: int, device: torch.device) -> float:
+    """Median seconds of one forward and backward of `decode` alone: `batch` tokens of k random latents."""
+    g = torch.Generator(device).manual_seed(0)
+    table = torch.randn(d_sae, d_in, generator=g, device=device, requires_grad=True)
+    latents = torch.randint(d_sae, (batch, k), generator=g, device=device)
+    weights = torch.rand(batch, k, generator=g, device=device, requires_grad=True)
+    grad_out = torch.randn(batch, d_in, generator=g, device=device)
+    times = []
+    for _ in range(11):
+        sync(device)
+        t = time.perf_counter()
+        decode(latents, table, weights).backward(grad_out)
+        sync(device)
+        times.append(time.perf_counter() - t)
+        table.grad = weights.grad = None
+    return statistics.median(times[1:])  # the first one compiles
+
+
+def cuda_notes(args, d_sae: int) -> str:
+    return f"""
+On CUDA the step runs the Triton kernels of `sae/triton_topk.py` (`train.triton_kernels`, on by default): the
+decoder, and the encoder's backward over the k active latents only, so of the three encoder matmuls counted
+above it runs the forward one (AuxK's dead latents get their own small dense product, forward and backward);
+the FLOPs per token stay those of the dense step, for comparison. "torch kernels" is the same step with
+`train.triton_kernels=false` (embedding_bag, dense encoder backward), timed in the same rotation. The decoder
+alone: {args.batch} tokens x k {args.k} random latents of a {d_sae} x {args.d_in} float32 decoder, one forward
+and backward, median of 10 after a first call that compiles."""
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -140,6 +172,10 @@ def main(argv=None) -> None:
     sae = new_sae()
     lr = learning_rate(sae_cfg, sae.cfg.d_sae)
     dialbox = Trainer([Member("base", SITE, sae, 1.0, lr)], total_steps=10**9, cfg=train_cfg.train)
+    dialboxes = {"dialbox": dialbox}
+    if cuda:  # the same step with torch's kernels: what the Triton kernels (sae/triton_topk.py) gain
+        torch_kernels = OmegaConf.merge(train_cfg.train, {"triton_kernels": False})
+        dialboxes["dialbox torch kernels"] = Trainer([Member("base", SITE, new_sae(), 1.0, lr)], 10**9, torch_kernels)
 
     def sae_lens(autocast: bool) -> SAETrainer:
         # sae-lens's defaults, but for what must match: lr (its runner sets lr_end = lr / 10), the
@@ -148,9 +184,11 @@ def main(argv=None) -> None:
                                device=args.device, autocast=autocast, logger=LoggingConfig(log_to_wandb=False))
         return SAETrainer(cfg, new_sae(), data_provider=itertools.cycle(data))
 
-    def dialbox_memory(n):
-        for _ in range(n):
-            dialbox.step({SITE: data[dialbox.step_count % len(data)]})
+    def memory_steps(trainer):
+        def run(n):
+            for _ in range(n):
+                trainer.step({SITE: data[trainer.step_count % len(data)]})
+        return run
 
     def fit_steps(trainer):
         def run(n):  # the body of SAETrainer.fit with wandb, evals and checkpoints off
@@ -180,12 +218,14 @@ def main(argv=None) -> None:
         dead = dead[:round(args.dead_frac * sae.cfg.d_sae)].to(device)
 
         def mark_dead():  # "has not fired for longer than the dead window", in each trainer's own counter
-            dialbox.members[0].steps_since_fired[dead] = 10**9
+            for trainer in dialboxes.values():
+                trainer.members[0].steps_since_fired[dead] = 10**9
             for trainer in (lens, lens_autocast):
                 trainer.n_forward_passes_since_fired[dead] = 10**9
 
-        ways = {"dialbox": dialbox_memory, "sae-lens": fit_steps(lens),
+        ways = {"dialbox": memory_steps(dialbox), "sae-lens": fit_steps(lens),
                 "sae-lens autocast": fit_steps(lens_autocast), "dialbox store": dialbox_store}
+        ways.update({name: memory_steps(trainer) for name, trainer in dialboxes.items() if name != "dialbox"})
         for run in ways.values():  # warm-up: allocator, kernels, the first dead-latent pass
             run(warmup)
         rates = {name: [] for name in ways}
@@ -200,6 +240,9 @@ def main(argv=None) -> None:
                 timed = store_steps if name == "dialbox store" else steps
                 rates[name].append(timed * B / (time.perf_counter() - start))
         peak = matmul_peak(device)
+        decoders = {"Triton": triton_kernels().decode, "torch embedding_bag": torch_decode} if cuda else {}
+        decoder_ms = {name: 1e3 * decoder_seconds(fn, args.d_in, sae.cfg.d_sae, args.k, B, device)
+                      for name, fn in decoders.items()}
     with tempfile.TemporaryDirectory() as tmp:
         reader = reader_rates(tmp, args.reader_width, args.reader_rows, B, args.rounds)
 
@@ -228,6 +271,14 @@ def main(argv=None) -> None:
         [f"store reader alone, width {args.reader_width} bf16, page cache", f"{reader_rows:,.0f} rows/s",
          f"**{reader_gbs:.2f} GB/s**", ">= 1.5 GB/s"],
     ]
+    if cuda:
+        rows[4:4] = [
+            ["Dialbox step, Triton kernels / torch kernels", f"{fmt('dialbox')} / {fmt('dialbox torch kernels')} tok/s",
+             f"**{tps['dialbox'] / tps['dialbox torch kernels']:.2f}x**", ""],
+            ["TopK decoder alone, forward + backward: torch embedding_bag / Triton",
+             f"{decoder_ms['torch embedding_bag']:.3g} / {decoder_ms['Triton']:.3g} ms",
+             f"**{decoder_ms['torch embedding_bag'] / decoder_ms['Triton']:.2f}x**", ""],
+        ]
     spread = "; ".join(f"{n}: " + ", ".join(f"{v:,.0f}" for v in rates[n]) for n in ways)
     notes = f"""
 TopK SAE d_in {d_in} -> d_sae {d_sae}, k {args.k}, AuxK coefficient {sae.cfg.aux_loss_coefficient:g}, with the
@@ -249,7 +300,7 @@ medians reported. Tokens/s per round: {spread}.
 FLOPs per token of the Dialbox step: 6 * d_in * (d_sae + k + k_aux) = {flops_per_token:,}: the encoder's
 three matmuls (forward, grad W_enc, grad of its input for b_dec), and the k decoder and k_aux = d_in/2 AuxK
 rows gathered forward and twice backward; elementwise work, topk and Adam are not counted. The peak is the
-median bf16 FLOP/s of a {"8192" if cuda else "2048"}^3 matmul measured in this run.
+median bf16 FLOP/s of a {"8192" if cuda else "2048"}^3 matmul measured in this run.{cuda_notes(args, d_sae) if cuda else ""}
 The reader alone: {args.reader_rows:,} random rows of width {args.reader_width} written as bf16 with `ShardWriter`,
 then read back as one shuffled epoch of batches of {B} per round (`ActivationStore.iter_batches`: chunk reads and
 row shuffles on {TrainConfig().loader_workers} threads), nothing consuming them; the rows were just written, so they
