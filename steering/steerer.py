@@ -20,7 +20,8 @@ from activations.models import load_model
 from activations.rundir import RunDir
 from activations.sites import FeatureId, Site
 from activations.store import StoreError
-from steering.interventions import Edit, Intervention, SteeringError, site_hook
+from steering.conditions import Gates, check_order
+from steering.interventions import Condition, Edit, Intervention, SteeringError, site_hook
 from steering.feature_vectors import max_activations
 from steering.vectors import SteeringVector, check_fits, unit_rows
 
@@ -159,11 +160,22 @@ class Steerer:
                 if bound is not None and iv.scale is not None and abs(iv.scale) > bound:
                     raise SteeringError(f"|scale| {iv.scale:g} for {iv.target} is over {bound:g}, the most allowed "
                                         f"for {edit.op} (max_scale): the output would be noise")
+                if iv.when is not None:
+                    self._check_condition(iv.when, site)
+                    edit.condition = iv.when
                 by_site.setdefault(site, []).append(edit)
         return by_site
 
-    def _feature_edit(self, iv: Intervention):
-        feature = FeatureId.parse(iv.target)
+    def hooks(self, interventions) -> dict:
+        """{site: hook function} for ModelAdapter.hooks: the interventions' edits and the conditions
+        they read (steering/conditions.py), for one generation."""
+        edits = self.resolve(interventions)
+        gates = Gates.of(edits, self.sae)
+        sites = set(edits) | (gates.sites if gates else set())
+        return {site: site_hook(site, edits.get(site, []), gates) for site in sites}
+
+    def feature_sae(self, feature: FeatureId):
+        """The SAE a feature belongs to, checked to fit the model's site and to have the feature."""
         hook_site = self.adapter.site(feature.site)
         sae = self.sae(feature.site)
         if sae.cfg.d_in != hook_site.width:
@@ -171,6 +183,15 @@ class Steerer:
                                 f"{hook_site.width}: retrain it on this model")
         if not 0 <= feature.index < sae.cfg.d_sae:
             raise SteeringError(f"unknown feature {feature}: the SAE at {feature.site} has features 0..{sae.cfg.d_sae - 1}")
+        return sae
+
+    def _check_condition(self, condition: Condition, edited: Site) -> None:
+        check_order(condition, edited)
+        self.feature_sae(condition.feature)
+
+    def _feature_edit(self, iv: Intervention):
+        feature = FeatureId.parse(iv.target)
+        sae = self.feature_sae(feature)
         if iv.layers is not None:
             raise SteeringError(f"layers is for vectors; feature {feature} is at layer {feature.site.layer} already")
         op, scale, units = self.setting(feature, iv)
@@ -217,8 +238,7 @@ class Steerer:
     @contextmanager
     def steering(self, interventions):
         """Hooks for the interventions for the duration of the block (validated before any is placed)."""
-        edits = self.resolve(interventions)
-        with self.adapter.hooks({site: site_hook(e) for site, e in edits.items()}):
+        with self.adapter.hooks(self.hooks(interventions)):
             yield
 
     def generate(self, prompts, interventions=(), max_new_tokens: int = 64, temperature: float = 0.0,
