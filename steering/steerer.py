@@ -56,8 +56,8 @@ class Generation:
 class Steerer:
     """A model, its run's SAEs and vectors, and generation under interventions.
 
-    One generation runs at a time (hooks belong to the model, not to a request), so one Steerer can
-    serve several threads.
+    One generation runs at a time (hooks belong to the model, not to a request; the lock), so one
+    Steerer can serve several threads; steering/batching.py runs many requests as one generation.
     """
 
     def __init__(self, run_dir, model_cfg=None, max_act_rows: int = 16384):
@@ -166,10 +166,10 @@ class Steerer:
                 by_site.setdefault(site, []).append(edit)
         return by_site
 
-    def hooks(self, interventions) -> dict:
+    def hooks(self, interventions, max_scale: dict[str, float] | None = None) -> dict:
         """{site: hook function} for ModelAdapter.hooks: the interventions' edits and the conditions
-        they read (steering/conditions.py), for one generation."""
-        edits = self.resolve(interventions)
+        they read (steering/conditions.py), for one generation (resolve says what max_scale does)."""
+        edits = self.resolve(interventions, max_scale)
         gates = Gates.of(edits, self.sae)
         sites = set(edits) | (gates.sites if gates else set())
         return {site: site_hook(site, edits.get(site, []), gates) for site in sites}
@@ -260,7 +260,7 @@ class Steerer:
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                       pad_token_id=self.pad_id, streamer=streamer, max_time=max_time, **sampling)
-        return [self._finish(row[ids.shape[1]:].tolist(), len(e), stop) for row, e in zip(out, encoded)]
+        return [self.finish(row[ids.shape[1]:].tolist(), len(e), stop) for row, e in zip(out, encoded)]
 
     def compare(self, prompt, interventions, **sampling) -> tuple[Generation, Generation]:
         """(unsteered, steered) for one prompt with the same sampling settings and seed."""
@@ -285,7 +285,8 @@ class Steerer:
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
-    def _finish(self, new: list[int], prompt_tokens: int, stop) -> Generation:
+    def finish(self, new: list[int], prompt_tokens: int, stop) -> Generation:
+        """The Generation of a row's new tokens: cut at the end of turn or the first stop string."""
         ends = [i for i, t in enumerate(new) if t in self.eos_ids]
         finish = "stop" if ends else "length"
         tokens = new[: ends[0]] if ends else new
