@@ -138,7 +138,7 @@ def generate_batch(steerer: Steerer, rows: list[Row]) -> None:
     live = list(rows)  # the rows still in the batch, in batch order
     started = time.monotonic()
     generators = {id(r): torch.Generator(device).manual_seed(r.seed) for r in rows}
-    cache = DynamicCache()
+    cache = DynamicCache(config=steerer.model.config)  # the layer kinds the model needs (DeepSeek-V4 compresses)
     with steerer.lock, torch.inference_mode(), steerer.adapter.hooks(batch_hooks(rows, lambda: live)):
         step_ids, positions = ids, (mask.cumsum(-1) - 1).clamp_min(0)
         while live:

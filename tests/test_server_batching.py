@@ -11,10 +11,11 @@ import openai
 import pytest
 
 from activations.errors import ConfigError
-from conftest import SMOL_SITE, live_feature, random_vector, serving
-from steering.batching import Scheduler
+from conftest import SMOL_SITE, compose_config, live_feature, random_vector, serving
+from steering.batching import Row, Scheduler, Ticket, generate_batch
 from steering.limits import ServerLimits
 from steering.server import SteeringServer
+from steering.steerer import Steerer, encode_prompt
 
 MODEL = "smollm2_135m"
 COUNTING = "1, 2, 3, 4, 5, 6,"  # goes on and on, with no end of turn
@@ -112,3 +113,13 @@ def test_requests_over_the_queue_limit_get_a_429(smol):
 def test_batching_limits_must_make_sense(smol):
     with pytest.raises(ConfigError, match="max_batch >= 1"):
         Scheduler(smol, max_batch=0)
+
+
+def test_deepseek_v4_rows_generate_through_the_models_own_cache(tmp_path):
+    """DeepSeek-V4 caches compressed attention state per layer: the batch builds the cache the model needs."""
+    steerer = Steerer(tmp_path / "run", compose_config("steer", ["model=tiny_deepseek_v4"]).model)
+    prompt = "Tell me about the sea."
+    alone = steerer.generate(prompt, (), max_new_tokens=8, chat=False)[0].tokens
+    rows = [Row(encode_prompt(steerer.tokenizer, prompt, False), {}, 8) for _ in range(2)]  # no padding: exact
+    generate_batch(steerer, rows)
+    assert [Ticket(row).result().tokens for row in rows] == [alone, alone]
