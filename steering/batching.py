@@ -137,13 +137,15 @@ def generate_batch(steerer: Steerer, rows: list[Row]) -> None:
     ids, mask = ids.to(device), mask.to(device)
     live = list(rows)  # the rows still in the batch, in batch order
     started = time.monotonic()
-    generators = {id(r): torch.Generator(device).manual_seed(r.seed) for r in rows}
+    generators = {}  # a seeded generator per row, made where the logits are (the last GPU of a device_map)
     cache = DynamicCache(config=steerer.model.config)  # the layer kinds the model needs (DeepSeek-V4 compresses)
     with steerer.lock, torch.inference_mode(), steerer.adapter.hooks(batch_hooks(rows, lambda: live)):
         step_ids, positions = ids, (mask.cumsum(-1) - 1).clamp_min(0)
         while live:
             logits = steerer.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
                                    cache=cache, use_cache=True).logits[:, -1].float()
+            if not generators:
+                generators = {id(r): torch.Generator(logits.device).manual_seed(r.seed) for r in rows}
             chosen = [choose(logits[j], r, generators[id(r)]) for j, r in enumerate(live)]
             keep = []
             for j, (row, token) in enumerate(zip(live, chosen)):

@@ -53,12 +53,12 @@ def test_eight_differently_steered_requests_share_forwards_and_each_generates_wh
                  ["batched scale=0.5", f"{feature} scale=-4 positions=generated"]]
     prompts = ["Tell me about the sea.", "Hi", "Write a sentence about the moon and the stars, please.",
                "Name three colours.", "What is 2+2?", "Describe a cat.", "Why is the sky blue?", "Say hello."]
-    alone = [smol.generate(p, s, max_new_tokens=16, chat=False)[0].text for p, s in zip(prompts, steerings)]
+    alone = [smol.generate(p, s, max_new_tokens=12, chat=False)[0].text for p, s in zip(prompts, steerings)]
     assert len(set(alone)) == len(alone)  # each steering is visible, so a leak between rows would show
     client = client_of(batching)
 
     def ask(i):
-        args = dict(model=MODEL, prompt=prompts[i], max_tokens=16, temperature=0, extra_body={"steering": steerings[i]})
+        args = dict(model=MODEL, prompt=prompts[i], max_tokens=12, temperature=0, extra_body={"steering": steerings[i]})
         if i % 2:  # stream and non-stream rows in the same batch
             return "".join(c.choices[0].text for c in client.completions.create(**args, stream=True))
         return client.completions.create(**args).choices[0].text
@@ -67,7 +67,7 @@ def test_eight_differently_steered_requests_share_forwards_and_each_generates_wh
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(ask, range(8)))
     assert together == alone
-    assert max(forwards) == 8 and len(forwards) <= 2 * 16  # one batch, not 8 x 16 forwards
+    assert max(forwards) == 8 and len(forwards) <= 2 * 12  # one batch, not 8 x 12 forwards
 
 
 def wait_until_idle(forwards, quiet_s: float = 1.0, within_s: float = 20.0) -> None:
@@ -123,3 +123,16 @@ def test_deepseek_v4_rows_generate_through_the_models_own_cache(tmp_path):
     rows = [Row(encode_prompt(steerer.tokenizer, prompt, False), {}, 8) for _ in range(2)]  # no padding: exact
     generate_batch(steerer, rows)
     assert [Ticket(row).result().tokens for row in rows] == [alone, alone]
+
+
+def test_a_sampled_row_draws_from_its_own_seed_whatever_shares_its_batch(smol):
+    ids = encode_prompt(smol.tokenizer, "Once upon a time", False)
+
+    def sampled(*seeds):
+        rows = [Row(ids, {}, 8, temperature=1.0, top_p=0.9, seed=seed) for seed in seeds]
+        generate_batch(smol, rows)
+        return [Ticket(row).result().tokens for row in rows]
+
+    alone = sampled(7)[0]
+    together = sampled(7, 8, 7)
+    assert together[0] == together[2] == alone and together[1] != alone
