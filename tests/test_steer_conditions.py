@@ -7,7 +7,7 @@ import openai
 import pytest
 import torch
 
-from conftest import SMOL_SITE, compose_config, live_feature, random_vector
+from conftest import SMOL_SITE, compose_config, random_vector
 from activations.sites import FeatureId, Site
 from steering.interventions import Condition, Intervention, SteeringError
 
