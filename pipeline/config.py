@@ -259,6 +259,10 @@ class ReportConfig:
 class BrowseConfig:
     host: str = "127.0.0.1"  # 0.0.0.0 exposes the report to the network
     port: int = 8765  # make browse ARGS='browse.port=9000'
+    # Serve the steering API beside the report (the feature pages' Steer panel) when the run's model
+    # loads; false serves the static report alone.
+    model: bool = True
+    max_tokens: int = 128  # the Steer panel's ceiling on max tokens per continuation
 
 
 @dataclass

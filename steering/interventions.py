@@ -17,6 +17,10 @@ an operation, a scale and the positions it acts on:
 positions: `prompt` (the prompt's rows), `generated` (the rows of generated tokens; the first new
 token is predicted from the last prompt row, so it is not yet affected), or `all`.
 
+when: a condition, `when=L12.resid_post/88>2.5` (or {"feature": ..., "above": 2.5}): the edit applies
+only at the token positions where that feature's activation, read through its SAE at its own site on
+the same forward, is above the threshold (steering/conditions.py). Elsewhere the rows are untouched.
+
 Every intervention runs as a hook from `ModelAdapter.hooks`, so it works at every site kind
 (hyper-connection sites included), several compose in the order given, and the hooks are gone
 when `steering()` exits, whether generation finished or failed.
@@ -36,7 +40,7 @@ from activations.sites import FeatureId
 OPS = ("add", "clamp", "project")
 POSITIONS = ("all", "prompt", "generated")
 UNITS = ("max_act", "norm", "raw", "fraction")
-FIELDS = ("feature", "vector", "op", "scale", "units", "positions", "layers")
+FIELDS = ("feature", "vector", "op", "scale", "units", "positions", "layers", "when")
 
 
 class SteeringError(DialboxError, ValueError):
@@ -51,6 +55,7 @@ class Intervention:
     units: str | None = None  # None: max_act for feature add/clamp, the vector's units otherwise
     positions: str = "all"
     layers: tuple | None = None  # vectors only: the layers to steer (None = all the vector has)
+    when: Condition | None = None  # None: every position (within `positions`)
 
     @property
     def is_feature(self) -> bool:
@@ -73,7 +78,40 @@ class Intervention:
         if "feature" in fields and fields["feature"] not in (None, ""):
             FeatureId.parse(target)  # a clear error for a malformed ID, before anything loads
         return cls(target, _choice(fields, "op", OPS), _scale(fields.get("scale")), _choice(fields, "units", UNITS),
-                   _choice(fields, "positions", POSITIONS) or "all", _layers(fields.get("layers")))
+                   _choice(fields, "positions", POSITIONS) or "all", _layers(fields.get("layers")),
+                   None if fields.get("when") in (None, "") else Condition.parse(fields["when"]))
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Where an edit applies: the positions at which `feature` is above `threshold`."""
+
+    feature: FeatureId
+    threshold: float
+
+    @classmethod
+    def parse(cls, spec) -> "Condition":
+        """From "L12.resid_post/88>2.5" or {"feature": "L12.resid_post/88", "above": 2.5}."""
+        if isinstance(spec, Condition):
+            return spec
+        if isinstance(spec, dict) and set(spec) == {"feature", "above"}:
+            feature, above = spec["feature"], spec["above"]
+        elif isinstance(spec, str) and ">" in spec:
+            feature, _, above = spec.partition(">")
+        else:
+            raise SteeringError(f"bad condition {spec!r}: write when=<feature>><threshold>, e.g. "
+                                "when=L12.resid_post/88>2.5, or {\"feature\": ..., \"above\": 2.5}")
+        try:
+            threshold = float(above)
+        except (TypeError, ValueError):
+            threshold = math.nan
+        if isinstance(above, bool) or not math.isfinite(threshold):
+            raise SteeringError(f"bad condition threshold {above!r} in {spec!r}: give a finite number, "
+                                "e.g. when=L12.resid_post/88>2.5")
+        return cls(FeatureId.parse(str(feature).strip()), threshold)
+
+    def __str__(self) -> str:
+        return f"{self.feature}>{self.threshold:g}"
 
 
 def _fields_of(spec) -> dict:
@@ -134,6 +172,7 @@ class Edit:
     positions: str
     sae: object = None  # clamp only
     index: int = -1  # clamp only
+    condition: Condition | None = None  # the positions it applies at (None: all of them)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.op == "add":
@@ -145,21 +184,27 @@ class Edit:
         return x + (self.amount - active)[..., None] * self.vector
 
 
-def site_hook(edits: list[Edit]):
+def site_hook(site, edits: list[Edit], gates=None):
     """The hook function for one site. With a KV cache, the first forward of a generation carries
-    the prompt and each later forward one generated token: that is how positions are told apart."""
+    the prompt and each later forward one generated token: that is how positions are told apart.
+
+    gates (steering/conditions.py Gates) first reads the conditions at this site, from the rows as
+    they arrive, then keeps each conditional edit to the positions where its condition holds."""
     calls = 0
 
     def fn(rows: torch.Tensor):
         nonlocal calls
         phase = "prompt" if calls == 0 else "generated"
         calls += 1
+        if gates is not None:
+            gates.read(site, rows)
         active = [e for e in edits if e.positions in ("all", phase)]
         if not active:
             return None
         x = rows.float()
         for edit in active:
-            x = edit.apply(x)
+            edited = edit.apply(x)
+            x = edited if edit.condition is None else gates.gate(edit.condition, x, edited)
         return x.to(rows.dtype)
 
     return fn

@@ -1,7 +1,8 @@
 """The bounds on the work one request can make the steering server do (`serve.limits`).
 
-Generation happens one request at a time, so whatever one request costs, every other client waits
-for: each limit below caps one way a single request could hold the server. They live here, apart
+Requests generate together in batches (steering/batching.py), so whatever one request costs, the
+requests beside it wait for: each limit below caps one way a single request could hold the server,
+and the batching limits bound how many rows share a forward and how long a request waits for company. They live here, apart
 from the server, so that the stage's config can hold them without importing torch.
 """
 
@@ -25,5 +26,10 @@ class ServerLimits:
     max_scale: dict[str, float] = field(default_factory=lambda: {"add": 1000.0, "clamp": 1000.0, "project": 10.0})
     # Seconds one generation may run; then it stops with finish_reason "length", as at max_tokens.
     max_generation_seconds: float = 120.0
+    max_batch: int = 8  # requests generating together in one batch (rows of one forward)
+    # Milliseconds the first request of a batch waits for others to join it: a little latency for throughput.
+    batch_wait_ms: float = 20.0
+    # Requests queued behind the running batch; one more is refused with a 429 (retry later).
+    max_waiting: int = 64
     # Seconds a connection may sit silent, and the most its request body may take to arrive in full.
     socket_timeout: float = 30.0

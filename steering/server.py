@@ -9,10 +9,13 @@ Python client). Interventions are those of steering/interventions.py: feature ID
 with op, scale, units, positions and layers. llama.cpp and ds4 fix their vectors at start-up; here
 `serve.steering` sets such fixed ones and each request adds its own.
 
-Requests are handled on threads but generate one at a time (the Steerer's lock): hooks belong to
-the model, so serialising is what keeps one request's steering out of another's. Whatever one request
-costs, every other client waits for, so `ServerLimits` (steering/limits.py, `serve.limits`) bounds
-each way a request can cost: its body, its JSON, its prompt, stop list, steering and time.
+Requests are handled on threads and generate together: the scheduler (steering/batching.py) runs
+the requests that arrive within `serve.limits.batch_wait_ms` of each other as one batch of at most
+`serve.limits.max_batch` rows, each row steered by its own interventions, greedy rows generating
+exactly what they would alone. A client that disconnects frees its row; with `max_waiting` requests
+already queued, the next is refused with a 429. Whatever one request costs, the rows beside it wait
+for, so `ServerLimits` (steering/limits.py, `serve.limits`) bounds each way a request can cost: its
+body, its JSON, its prompt, stop list, steering and time.
 
 Every refusal and failure is answered as JSON in OpenAI's error shape,
 {"error": {"message", "type", "param", "code"}}, checked before anything is generated; messages name
@@ -24,6 +27,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import select
+import socket
 import sys
 import time
 import traceback
@@ -31,10 +36,9 @@ import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from transformers.generation.streamers import BaseStreamer
-
+from steering.batching import Busy, Row, Scheduler
 from steering.limits import ServerLimits
-from steering.steerer import BAD_INPUT, Steerer
+from steering.steerer import BAD_INPUT, Steerer, encode_prompt
 
 ROUTES = {"/v1/chat/completions": True, "/chat/completions": True, "/v1/completions": False, "/completions": False}
 SEEDS = range(-2**63, 2**63)  # OpenAI's seed is a 64-bit integer, and torch takes all of them
@@ -59,13 +63,15 @@ class SteeringServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, steerer: Steerer, host: str = "127.0.0.1", port: int = 8000, max_tokens: int = 256,
-                 steering: list | None = None, limits: ServerLimits | None = None):
+                 steering: list | None = None, limits: ServerLimits | None = None, handler=None):
         self.steerer, self.max_tokens, self.limits = steerer, max_tokens, limits or ServerLimits()
         self.fixed_steering = list(steering or [])
         # A bad start-up vector fails now, not on the first request.
         steerer.resolve(self.fixed_steering, self.limits.max_scale)
         self.model_name = steerer.identity["model"]
-        super().__init__((host, port), Handler)
+        limits = self.limits
+        self.scheduler = Scheduler(steerer, limits.max_batch, limits.batch_wait_ms / 1000, limits.max_waiting)
+        super().__init__((host, port), handler or Handler)  # handler: a Handler subclass (steering/browse.py)
 
     def public(self, text: str) -> str:
         """Text fit for a client: the run's directory shown as <run>, since the server's paths are its own."""
@@ -75,8 +81,8 @@ class SteeringServer(ThreadingHTTPServer):
         return text
 
 
-def parse_request(body: dict, chat: bool, server: SteeringServer) -> dict:
-    """The generate() arguments of a request body, or an ApiError saying what to change."""
+def parse_request(body: dict, chat: bool, server: SteeringServer) -> Row:
+    """The batch row of a request body, or an ApiError saying what to change."""
     check_model(body, server.model_name)
     prompt = chat_prompt(body, server) if chat else text_prompt(body)
     if body.get("n", 1) != 1:
@@ -86,9 +92,8 @@ def parse_request(body: dict, chat: bool, server: SteeringServer) -> dict:
     temperature, top_p = number(body, "temperature", 1.0, 0, 2), number(body, "top_p", 1.0, 0, 1)
     if top_p == 0:
         raise BadRequest("top_p must be above 0")
-    return dict(prompts=prompt, interventions=steering_of(body, server), max_new_tokens=max_tokens,
-                temperature=temperature, top_p=top_p, stop=stop_of(body, server.limits), chat=chat,
-                seed=seed_of(body), max_time=server.limits.max_generation_seconds)
+    return Row(encode_prompt(server.steerer.tokenizer, prompt, chat), steering_of(body, server), max_tokens,
+               temperature, top_p, seed_of(body), stop_of(body, server.limits), server.limits.max_generation_seconds)
 
 
 def check_model(body: dict, served: str) -> None:
@@ -156,7 +161,8 @@ def stop_of(body: dict, limits: ServerLimits) -> list[str]:
     return stop
 
 
-def steering_of(body: dict, server: SteeringServer) -> list:
+def steering_of(body: dict, server: SteeringServer) -> dict:
+    """The hook functions of the request's interventions, serve.steering's first."""
     steering = body.get("steering") or []
     if not isinstance(steering, list):
         raise BadRequest("steering must be a list of interventions, e.g. [{\"feature\": \"L15.resid_post/1234\", \"scale\": 4}]")
@@ -165,10 +171,9 @@ def steering_of(body: dict, server: SteeringServer) -> list:
         raise BadRequest(f"steering takes at most {server.limits.max_interventions} interventions, serve.steering's "
                          "included (serve.limits.max_interventions)")
     try:
-        server.steerer.resolve(steering, server.limits.max_scale)
+        return server.steerer.hooks(steering, server.limits.max_scale)
     except BAD_INPUT as e:
         raise BadRequest(f"steering: {e}") from None
-    return steering
 
 
 def seed_of(body: dict) -> int:
@@ -201,8 +206,8 @@ def number(body: dict, key: str, default: float, low: float, high: float) -> flo
     return float(value)
 
 
-class TextDeltas(BaseStreamer):
-    """Calls emit(text) with each new piece of decoded text as generate produces tokens.
+class TextDeltas:
+    """Calls emit(text) with each new piece of decoded text as tokens come.
 
     Text that could be the start of a stop string is held back until it is clear it is not, and
     nothing from a stop string on is ever sent.
@@ -210,14 +215,12 @@ class TextDeltas(BaseStreamer):
 
     def __init__(self, tokenizer, eos_ids: list[int], stop: list[str], emit):
         self.tokenizer, self.eos_ids, self.stop, self.emit = tokenizer, set(eos_ids), stop, emit
-        self.tokens, self.sent, self.prompt_seen, self.stopped = [], 0, False, False
+        self.tokens, self.sent, self.stopped = [], 0, False
 
-    def put(self, value):
-        if not self.prompt_seen:  # generate hands over the prompt first
-            self.prompt_seen = True
-            return
-        self.tokens += [t for t in value.flatten().tolist() if t not in self.eos_ids]
-        self._flush(final=False)
+    def put(self, token: int):
+        if token not in self.eos_ids:
+            self.tokens.append(token)
+            self._flush(final=False)
 
     def end(self):
         self._flush(final=True)
@@ -292,15 +295,26 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(404, f"no route POST {self.path}: use /v1/chat/completions or /v1/completions",
                            "unknown_route")
         body = self.read_json()
-        request = parse_request(body, chat, self.server)
+        row = parse_request(body, chat, self.server)
         stream = body.get("stream") or False
         if not isinstance(stream, bool):
             raise BadRequest("stream must be true or false")
+        try:
+            ticket = self.server.scheduler.submit(row)
+        except Busy as e:
+            raise ApiError(429, str(e), "server_busy") from None
         if stream:
-            self.stream(request, chat)
+            self.stream(ticket, chat)
         else:
-            result = self.server.steerer.generate(**request)[0]
-            self.send_json(200, self.completion(result, chat))
+            self.send_json(200, self.completion(ticket.result(gone=self.client_gone), chat))
+
+    def client_gone(self) -> bool:
+        """Whether the client has closed its end (readable, with nothing to read), while it waits."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
 
     def read_json(self) -> dict:
         limit = self.server.limits.max_json_depth
@@ -358,7 +372,7 @@ class Handler(BaseHTTPRequestHandler):
                                                "completion_tokens": len(result.tokens),
                                                "total_tokens": result.prompt_tokens + len(result.tokens)}}
 
-    def stream(self, request: dict, chat: bool):
+    def stream(self, ticket, chat: bool):
         """Server-sent events: one chunk per piece of text, then the finish reason, then [DONE]."""
         ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
 
@@ -380,8 +394,9 @@ class Handler(BaseHTTPRequestHandler):
         self.headers_sent = True
         chunk("" if chat else None, first=True)
         steerer = self.server.steerer
-        streamer = TextDeltas(steerer.tokenizer, steerer.eos_ids, request["stop"], chunk)
-        result = steerer.generate(**request, streamer=streamer)[0]
+        deltas = TextDeltas(steerer.tokenizer, steerer.eos_ids, ticket.row.stop, chunk)
+        result = ticket.result(on_token=deltas.put, gone=self.client_gone)
+        deltas.end()
         chunk(None, result.finish_reason)
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()

@@ -20,7 +20,8 @@ from activations.models import load_model
 from activations.rundir import RunDir
 from activations.sites import FeatureId, Site
 from activations.store import StoreError
-from steering.interventions import Edit, Intervention, SteeringError, site_hook
+from steering.conditions import Gates, check_order
+from steering.interventions import Condition, Edit, Intervention, SteeringError, site_hook
 from steering.feature_vectors import max_activations
 from steering.vectors import SteeringVector, check_fits, unit_rows
 
@@ -55,8 +56,8 @@ class Generation:
 class Steerer:
     """A model, its run's SAEs and vectors, and generation under interventions.
 
-    One generation runs at a time (hooks belong to the model, not to a request), so one Steerer can
-    serve several threads.
+    One generation runs at a time (hooks belong to the model, not to a request; the lock), so one
+    Steerer can serve several threads; steering/batching.py runs many requests as one generation.
     """
 
     def __init__(self, run_dir, model_cfg=None, max_act_rows: int = 16384):
@@ -159,11 +160,22 @@ class Steerer:
                 if bound is not None and iv.scale is not None and abs(iv.scale) > bound:
                     raise SteeringError(f"|scale| {iv.scale:g} for {iv.target} is over {bound:g}, the most allowed "
                                         f"for {edit.op} (max_scale): the output would be noise")
+                if iv.when is not None:
+                    self._check_condition(iv.when, site)
+                    edit.condition = iv.when
                 by_site.setdefault(site, []).append(edit)
         return by_site
 
-    def _feature_edit(self, iv: Intervention):
-        feature = FeatureId.parse(iv.target)
+    def hooks(self, interventions, max_scale: dict[str, float] | None = None) -> dict:
+        """{site: hook function} for ModelAdapter.hooks: the interventions' edits and the conditions
+        they read (steering/conditions.py), for one generation (resolve says what max_scale does)."""
+        edits = self.resolve(interventions, max_scale)
+        gates = Gates.of(edits, self.sae)
+        sites = set(edits) | (gates.sites if gates else set())
+        return {site: site_hook(site, edits.get(site, []), gates) for site in sites}
+
+    def feature_sae(self, feature: FeatureId):
+        """The SAE a feature belongs to, checked to fit the model's site and to have the feature."""
         hook_site = self.adapter.site(feature.site)
         sae = self.sae(feature.site)
         if sae.cfg.d_in != hook_site.width:
@@ -171,6 +183,15 @@ class Steerer:
                                 f"{hook_site.width}: retrain it on this model")
         if not 0 <= feature.index < sae.cfg.d_sae:
             raise SteeringError(f"unknown feature {feature}: the SAE at {feature.site} has features 0..{sae.cfg.d_sae - 1}")
+        return sae
+
+    def _check_condition(self, condition: Condition, edited: Site) -> None:
+        check_order(condition, edited)
+        self.feature_sae(condition.feature)
+
+    def _feature_edit(self, iv: Intervention):
+        feature = FeatureId.parse(iv.target)
+        sae = self.feature_sae(feature)
         if iv.layers is not None:
             raise SteeringError(f"layers is for vectors; feature {feature} is at layer {feature.site.layer} already")
         op, scale, units = self.setting(feature, iv)
@@ -217,8 +238,7 @@ class Steerer:
     @contextmanager
     def steering(self, interventions):
         """Hooks for the interventions for the duration of the block (validated before any is placed)."""
-        edits = self.resolve(interventions)
-        with self.adapter.hooks({site: site_hook(e) for site, e in edits.items()}):
+        with self.adapter.hooks(self.hooks(interventions)):
             yield
 
     def generate(self, prompts, interventions=(), max_new_tokens: int = 64, temperature: float = 0.0,
@@ -240,7 +260,7 @@ class Steerer:
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                       pad_token_id=self.pad_id, streamer=streamer, max_time=max_time, **sampling)
-        return [self._finish(row[ids.shape[1]:].tolist(), len(e), stop) for row, e in zip(out, encoded)]
+        return [self.finish(row[ids.shape[1]:].tolist(), len(e), stop) for row, e in zip(out, encoded)]
 
     def compare(self, prompt, interventions, **sampling) -> tuple[Generation, Generation]:
         """(unsteered, steered) for one prompt with the same sampling settings and seed."""
@@ -265,7 +285,8 @@ class Steerer:
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
-    def _finish(self, new: list[int], prompt_tokens: int, stop) -> Generation:
+    def finish(self, new: list[int], prompt_tokens: int, stop) -> Generation:
+        """The Generation of a row's new tokens: cut at the end of turn or the first stop string."""
         ends = [i for i, t in enumerate(new) if t in self.eos_ids]
         finish = "stop" if ends else "length"
         tokens = new[: ends[0]] if ends else new

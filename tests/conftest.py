@@ -12,6 +12,7 @@ tests get their own copy (smol_run, tiny_run), since steering saves vectors into
   windows/split synthetic stores as harvests lay them out (tests/store_fixtures.py)
 """
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -157,6 +158,17 @@ def server(smol):
     yield server
     server.shutdown()
     server.server_close()
+
+
+@contextlib.contextmanager
+def serving(server):
+    """A SteeringServer answering on its own thread for the block."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="module")

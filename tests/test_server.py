@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import random
@@ -19,7 +18,7 @@ from steering.limits import ServerLimits
 from steering.server import SteeringServer
 from pipeline import serve as serve_stage
 from pipeline.config import ServeConfig
-from conftest import SMOL_SITE, compose_config, live_feature, random_vector
+from conftest import SMOL_SITE, compose_config, live_feature, random_vector, serving
 
 MODEL = "smollm2_135m"
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
@@ -264,16 +263,6 @@ def tight(smol):
     limits = ServerLimits(max_generation_seconds=0.1, socket_timeout=1.0)
     with serving(SteeringServer(smol, "127.0.0.1", 0, max_tokens=2000, limits=limits)) as server:
         yield server
-
-
-@contextlib.contextmanager
-def serving(server: SteeringServer):
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_generation_stops_at_its_wall_time_as_length(tight):

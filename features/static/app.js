@@ -256,7 +256,107 @@ async function featureView(site, index, chunkSize) {
     el("section", {}, el("h2", {}, "Activations"), stats(f, site), histogram(f.hist_counts, site.hist_edges)),
     el("div", { class: "columns" }, logitTable("Promoted tokens", f.logit_pos),
       logitTable("Suppressed tokens", f.logit_neg), neighbours(site.site, f.neighbours)),
-    steeringBlock(f), contexts(f));
+    steerPanel(f), steeringBlock(f), contexts(f));
+}
+
+// ---- steering from the page (make browse serves the steering API beside the report) -------------
+
+const STEER_OPS = ["add", "clamp"];
+
+// Prompt, interventions (this feature first, more can be added), max tokens; the unsteered and the
+// steered continuation stream side by side. Without an API behind the page it says how to start one.
+function steerPanel(f) {
+  const calibrated = STEER_OPS.includes(f.steer_op) && f.steer_scale !== null && f.steer_scale !== undefined;
+  const prompt = el("input", { type: "text", id: "steer-prompt", value: "Tell me about", "aria-label": "Prompt" });
+  const rows = el("div", { id: "steer-rows" });
+  const tokens = el("input", { type: "number", id: "steer-tokens", value: "32", min: "1", "aria-label": "Max tokens" });
+  const button = el("button", { type: "button", id: "steer-go" }, "Steer");
+  const more = el("button", { type: "button", id: "steer-more" }, "+ feature");
+  const plain = el("p", { class: "generated", id: "steer-plain" });
+  const steered = el("p", { class: "generated", id: "steer-steered" });
+  const status = el("p", { class: "muted", id: "steer-status" });
+  rows.append(steerRow(f.id, calibrated ? f.steer_op : "add", calibrated ? f.steer_scale : "",
+    calibrated ? f.steer_units : null));
+  more.addEventListener("click", () => rows.append(steerRow("", "add", "", null)));
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    plain.textContent = steered.textContent = status.textContent = "";
+    const body = { prompt: prompt.value, max_tokens: Number(tokens.value), temperature: 0, stream: true };
+    try {
+      await Promise.all([streamInto(plain, body), streamInto(steered, { ...body, steering: interventions(rows) })]);
+    } catch (err) {
+      status.textContent = String(err.message);
+    }
+    button.disabled = false;
+  });
+  const panel = el("section", { id: "steer" }, el("h2", {}, "Steer"),
+    el("div", { class: "steer-controls" }, el("label", {}, "Prompt ", prompt), rows, more,
+      el("label", {}, "Max tokens ", tokens), button),
+    status, el("div", { class: "columns" }, el("div", {}, el("h3", {}, "Unsteered"), plain),
+      el("div", {}, el("h3", {}, "Steered"), steered)));
+  apiAvailable().then((ok) => {
+    if (ok) return;
+    panel.querySelector(".steer-controls").remove();
+    status.id = "steer-hint";
+    status.textContent = "This copy of the report has no steering API behind it. To steer from this page, serve it "
+      + "with the run's model: `make browse RUN=<run>` (the report and the API on one 127.0.0.1 port), or steer from "
+      + `the command line: make steer ARGS='steer.interventions=["${f.id} scale=4"]'.`;
+  });
+  return panel;
+}
+
+// One intervention: a feature ID, add or clamp, and a scale (empty: the calibrated or default setting).
+function steerRow(id, op, scale, units) {
+  const feature = el("input", { type: "text", class: "steer-feature", value: id, placeholder: "L3.resid_post/12",
+    "aria-label": "Feature" });
+  const select = el("select", { class: "steer-op", "aria-label": "Op" }, ...STEER_OPS.map((o) => el("option", { value: o }, o)));
+  select.value = op;
+  const amount = el("input", { type: "number", class: "steer-scale", step: "any", value: String(scale),
+    placeholder: "default", "aria-label": "Scale" });
+  const row = el("div", { class: "steer-row" }, feature, select, amount);
+  if (units) row.dataset.units = units; // a calibrated scale is in its own units
+  return row;
+}
+
+function interventions(rows) {
+  return [...rows.querySelectorAll(".steer-row")].filter((r) => r.querySelector(".steer-feature").value.trim())
+    .map((r) => {
+      const iv = { feature: r.querySelector(".steer-feature").value.trim(), op: r.querySelector(".steer-op").value };
+      const scale = r.querySelector(".steer-scale").value;
+      if (scale !== "") iv.scale = Number(scale);
+      if (scale !== "" && r.dataset.units) iv.units = r.dataset.units;
+      return iv;
+    });
+}
+
+let api = null; // a promise: whether the steering API answers beside the report
+function apiAvailable() {
+  api ??= fetch("v1/models").then((r) => r.ok && r.headers.get("Content-Type") === "application/json")
+    .catch(() => false);
+  return api;
+}
+
+// POST a streaming completion and append its text to `node` as it comes (as text, never as HTML).
+async function streamInto(node, body) {
+  const response = await fetch("v1/completions", { method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body) });
+  if (!response.ok) {
+    const error = await response.json().catch(() => ({}));
+    throw new Error(error.error?.message || `the steering API answered HTTP ${response.status}`);
+  }
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let pending = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    pending += value;
+    const events = pending.split("\n\n");
+    pending = events.pop();
+    for (const event of events) {
+      const data = event.replace(/^data: /, "");
+      if (data !== "[DONE]") node.append(JSON.parse(data).choices[0].text || "");
+    }
+  }
 }
 
 // make steer-features' verdict in the index: the score, marked when the feature steers.

@@ -7,21 +7,30 @@ with no intervention, with one `add` and with one `project` of a random vector a
 rounds with the order rotated; medians reported. Target: steered / unsteered >= 0.95.
 Also the wall time of one `python -m pipeline.steer` as a user runs it (imports, model load, one prompt
 unsteered and steered, 64 tokens each). Target: at most 30 s on an idle 2-core machine.
+And the steering server's batching: 8 clients at once, each with its own steering, 64 tokens each
+(greedy), against the same requests sent one at a time. Target: >= 2.5x the throughput, and every
+output identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from steering.limits import ServerLimits
+from steering.server import SteeringServer
 from steering.steerer import Steerer
 from steering.vectors import SteeringVector
 from activations.markdown import table
@@ -36,6 +45,45 @@ def tokens_per_s(steerer: Steerer, prompts: list[str], interventions: list, toke
     seconds = time.perf_counter() - start
     assert all(len(g.tokens) == tokens for g in out), "every prompt must generate the same number of tokens"
     return len(prompts) * tokens / seconds
+
+
+def served_tokens_per_s(server: SteeringServer, bodies: list[dict], clients: int) -> tuple[float, list[str]]:
+    """(completion tokens per second, the texts) of the requests sent by `clients` clients at once."""
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/completions"
+
+    def send(body):
+        request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            answer = json.loads(response.read())
+        return answer["usage"]["completion_tokens"], answer["choices"][0]["text"]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        answers = list(pool.map(send, bodies))
+    return sum(n for n, _ in answers) / (time.perf_counter() - start), [text for _, text in answers]
+
+
+def batching(steerer: Steerer, site: Site, prompts: list[str], tokens: int) -> dict:
+    """Concurrent against one-at-a-time throughput of the server, each request with its own steering."""
+    width = steerer.adapter.site(site).width
+    for i in range(len(prompts)):
+        direction = torch.randn(width, generator=torch.Generator().manual_seed(100 + i))
+        layer = site.layer - i % 3
+        SteeringVector(f"client{i}", site.kind, "add", "raw", {layer: direction * 4 / direction.norm()},
+                       steerer.identity).save(steerer.run.vectors)
+    bodies = [{"prompt": p, "max_tokens": tokens, "temperature": 0, "steering": [f"client{i} scale={1 + i % 4}"]}
+              for i, p in enumerate(prompts)]
+    server = SteeringServer(steerer, "127.0.0.1", 0, max_tokens=tokens,
+                            limits=ServerLimits(max_batch=len(prompts)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        served_tokens_per_s(server, bodies[:1], 1)  # warm-up
+        alone, alone_texts = served_tokens_per_s(server, bodies, 1)
+        together, together_texts = served_tokens_per_s(server, bodies, len(bodies))
+    finally:
+        server.shutdown()
+        server.server_close()
+    return dict(alone=alone, together=together, identical=alone_texts == together_texts, clients=len(bodies))
 
 
 def one_prompt_seconds(runs: Path, model: str) -> float:
@@ -72,16 +120,24 @@ def main(argv=None) -> None:
             order = list(ways)[r % len(ways):] + list(ways)[: r % len(ways)]
             for way in order:
                 rates[way].append(tokens_per_s(steerer, prompts, ways[way], args.tokens))
+        served = batching(steerer, site, prompts, args.tokens)
         one_prompt = one_prompt_seconds(Path(tmp), args.model)
     median = {way: statistics.median(v) for way, v in rates.items()}
     rows = [[f"one `{way}` at {args.site} / none", f"{median[way]:,.1f} / {median['none']:,.1f} tok/s",
              f"**{median[way] / median['none']:.3f}**", ">= 0.95"] for way in ("add", "project")]
+    rows.append([f"server: {served['clients']} clients at once, each its own steering / one at a time",
+                 f"{served['together']:,.1f} / {served['alone']:,.1f} tok/s, outputs "
+                 + ("identical" if served["identical"] else "**DIFFERENT**"),
+                 f"**{served['together'] / served['alone']:.2f}**", ">= 2.5, identical"])
     rows.append(["one-prompt `python -m pipeline.steer` (imports, model load, 2 x 64 tokens)",
                  f"{one_prompt:.1f} s wall", "", "<= 30 s"])
     per_round = "; ".join(f"{way}: " + ", ".join(f"{x:,.1f}" for x in v) for way, v in rates.items())
     notes = (f"\nModel {args.model}, {len(prompts)} held-out prompts in one left-padded batch, {args.tokens} new tokens "
              f"each (greedy, end of turn suppressed so every way generates the same tokens count), KV cache on. "
              f"{args.rounds} rounds, order rotated each round, medians reported. Tokens/s per round: {per_round}. "
+             f"Server: {served['clients']} HTTP clients, each steering with its own random `add` vector (one of 3 "
+             f"layers, scale 1-4), greedy /v1/completions of up to {args.tokens} tokens, against the same requests "
+             "sent one after another to the same server; tokens/s counts completion tokens. "
              f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
              + (" (above the CPU count: other jobs shared the machine and the ratios are noise)" if os.getloadavg()[0] > os.cpu_count() else "")
              + ".\n")
