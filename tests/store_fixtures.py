@@ -1,5 +1,5 @@
 """Synthetic stores laid out as harvests lay them out, and ways to damage one, for the store tests
-(test_store_tool, test_store_remote, test_store_damage)."""
+(test_store, test_loader, test_store_tool, test_store_remote, test_store_damage)."""
 
 import json
 
@@ -13,6 +13,7 @@ SITES = {"L1.resid_post": 8, "L2.ffn_out": 4}
 A, B = SITES
 CONTEXT = 12
 IDENTITY = {"model": "tiny", "d_model": 8, "hc_reduce": "mean", "data": "f00d", "context_length": CONTEXT}
+ROWS_IDENTITY = {"model": "tiny", "d_model": 8}  # the stores of make_rows
 
 
 def corpus(n_windows=23, seed=0) -> list[dict]:
@@ -111,4 +112,28 @@ def run_main(capsys, *argv) -> tuple[int, list[str], str]:
 
 
 # ----------------------------------------------------------------------------------------
-# info
+# rows whose tokens are their input index (test_store, test_loader)
+
+
+def make_rows(n, start=0, seed=0, sites=SITES, doc_len=10):
+    """n input rows whose tokens are their input index, so every row is recognisable."""
+    index = np.arange(start, start + n)
+    g = torch.Generator().manual_seed(seed)
+    rows = {"tokens": index + 1000, "doc_ids": index // doc_len, "positions": index % doc_len}
+    rows |= {site: torch.randn(n, width, generator=g) for site, width in sites.items()}
+    return rows
+
+
+def cut(rows, lo, hi):
+    return {k: v[lo:hi] for k, v in rows.items()}
+
+
+def writer(root, rank=0, world_size=1, **kw):
+    kw = {"sites": SITES, "identity": ROWS_IDENTITY, "chunk_rows": 16, "background": False} | kw
+    return ShardWriter(root, rank, world_size, **kw)
+
+
+def append_in_batches(w, rows, batch, lo=0):
+    n = len(rows["tokens"])
+    for i in range(lo, n, batch):
+        w.append(cut(rows, i, min(i + batch, n)))

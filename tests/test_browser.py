@@ -4,55 +4,21 @@ A screenshot of a feature page is saved under the test's tmp dir, and also as
 $DIALBOX_SCREENSHOT_DIR/feature-browser.png when that is set (DIALBOX_SCREENSHOT_DIR=docs/img).
 """
 
-import contextlib
 import functools
 import json
 import os
 import shutil
-import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from browser_fixtures import browser, check_inert, csp_violations, serving, wait_for  # noqa: F401 (browser: a fixture)
 from conftest import make_trained_run, run_stage
 from features.report import build_report
-from features.report_server import make_server
 from report_fixtures import MARKUP, write_site
-
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).exists()]
-    if missing:
-        pytest.fail(f"the browser tests need {' and '.join(missing)}: run `make setup` (installs Debian's chromium)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # where CSP violations are reported
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    yield driver
-    driver.quit()
-
-
-@contextlib.contextmanager
-def serving(root: Path, server=None):
-    """`root` over HTTP on 127.0.0.1 (a free port); yields the base URL."""
-    server = server or make_server(root, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def report(tmp_path: Path, sites: dict, **fixture) -> Path:
@@ -60,11 +26,6 @@ def report(tmp_path: Path, sites: dict, **fixture) -> Path:
         write_site(tmp_path / "features", site, n, **fixture)
     build_report(tmp_path / "features", tmp_path / "report")
     return tmp_path / "report"
-
-
-def wait_for(driver, css: str, timeout: float = 10):
-    """The elements matching `css`, once there are some."""
-    return WebDriverWait(driver, timeout).until(lambda d: d.find_elements(By.CSS_SELECTOR, css))
 
 
 def table_rows(driver):
@@ -114,11 +75,6 @@ def test_browse_search_open_follow(browser, tmp_path):
         assert csp_violations(browser) == []  # under make browse's Content-Security-Policy header
 
 
-def csp_violations(browser) -> list[str]:
-    """The console's Content-Security-Policy complaints since the last call."""
-    return [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
-
-
 def screenshot(browser, tmp_path):
     path = tmp_path / "feature-browser.png"
     assert browser.save_screenshot(str(path))
@@ -164,16 +120,6 @@ def test_corpus_text_renders_as_text(browser, tmp_path):
         wait_for(browser, ".contexts .tok")
         check_inert(browser, MARKUP)
         assert browser.find_element(By.ID, "feature-label").text == MARKUP[1]
-
-
-def check_inert(browser, texts):
-    with pytest.raises(NoAlertPresentException):
-        browser.switch_to.alert.text  # an alert() that ran would still be open
-    visible = browser.find_element(By.TAG_NAME, "main").text
-    assert all(text in visible for text in texts)
-    assert browser.execute_script("return window.pwned") is None
-    assert csp_violations(browser) == []  # nothing even tried to run
-    assert browser.find_elements(By.CSS_SELECTOR, "main img, main script, main textarea") == []
 
 
 def test_plain_static_server(browser, tmp_path):

@@ -23,7 +23,7 @@ from pipeline.browse import load_steerer
 from report_fixtures import write_site
 from steering.feature_vectors import max_activations
 from steering.browse import browse_server
-from test_browser import browser, check_inert, csp_violations, serving, wait_for  # noqa: F401 (fixture)
+from browser_fixtures import browser, check_inert, csp_violations, serving, wait_for  # noqa: F401 (fixture)
 
 HOSTILE = '<img src=x onerror=window.pwned=1> <b>bold</b> ' * 6
 

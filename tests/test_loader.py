@@ -8,7 +8,7 @@ import torch
 
 from activations.store import ActivationStore
 from activations.store.loader import THREAD_PREFIX, shuffled_batches
-from test_store import A, B, append_in_batches, make_rows, writer
+from store_fixtures import A, B, append_in_batches, make_rows, writer
 
 
 def two_shard_store(root, dtype="float32"):

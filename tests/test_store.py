@@ -11,35 +11,7 @@ import zarr
 
 from activations.store import ActivationStore, ShardWriter, StoreError
 from activations.store.chunks import is_plain, read_rows
-
-SITES = {"L1.resid_post": 8, "L2.ffn_out": 4}
-IDENTITY = {"model": "tiny", "d_model": 8}
-A, B = SITES
-
-
-def make_rows(n, start=0, seed=0, sites=SITES, doc_len=10):
-    """n input rows whose tokens are their input index, so every row is recognisable."""
-    index = np.arange(start, start + n)
-    g = torch.Generator().manual_seed(seed)
-    rows = {"tokens": index + 1000, "doc_ids": index // doc_len, "positions": index % doc_len}
-    rows |= {site: torch.randn(n, width, generator=g) for site, width in sites.items()}
-    return rows
-
-
-def cut(rows, lo, hi):
-    return {k: v[lo:hi] for k, v in rows.items()}
-
-
-def writer(root, rank=0, world_size=1, **kw):
-    kw = {"sites": SITES, "identity": IDENTITY, "chunk_rows": 16, "background": False} | kw
-    return ShardWriter(root, rank, world_size, **kw)
-
-
-def append_in_batches(w, rows, batch, lo=0):
-    n = len(rows["tokens"])
-    for i in range(lo, n, batch):
-        w.append(cut(rows, i, min(i + batch, n)))
-
+from store_fixtures import A, B, SITES, append_in_batches, cut, make_rows, writer
 
 def as_stored(x, dtype):
     """What the store keeps of a float32 tensor: bf16 rounding, or nothing for float32."""
