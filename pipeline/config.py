@@ -85,6 +85,11 @@ class HarvestConfig:
     world_size: int = 1  # writers harvesting the same store (each its own shard)
     # Windows in flight between the forward and the background writer.
     queue_batches: int = 4
+    # Store each token's routed experts (ids int16 + gate weights bf16, 4 B x top_k per layer; 24 B on
+    # DeepSeek-V4-Flash) for every MoE layer up to the deepest site's layer. Mixture-of-experts models only.
+    router: bool = False
+    # The MoE layers whose routing to store (hash-routed layers too, marked as such); non-empty overrides `router`.
+    router_layers: list = field(default_factory=list)
 
 
 @dataclass
