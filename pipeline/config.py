@@ -340,6 +340,10 @@ class ExportConfig:
     operation: VectorOperation = VectorOperation.add  # for a feature: add | project
     format: ExportFormat = ExportFormat.native  # native (safetensors + JSON) | ds4 (.f32 + sidecar) | gguf (llama.cpp control vector)
     out_dir: str = ""  # empty = runs/<run>/vectors/exports
+    # Or expert routes (e.g. ["route L5/E37 bias=2", "route L7/E3 off"]), exported as a per-layer x expert bias
+    # table (safetensors + JSON, steering/routing.py); mixture-of-experts models only.
+    routes: list = field(default_factory=list)
+    name: str = "routes"  # the file stem of an export of routes
 
 
 @dataclass

@@ -22,6 +22,7 @@ from activations.sites import FeatureId, Site
 from activations.store import StoreError
 from steering.interventions import Edit, Intervention, SteeringError, site_hook
 from steering.feature_vectors import max_activations
+from steering.routing import is_route, resolve_routes, routing
 from steering.vectors import SteeringVector, check_fits, unit_rows
 
 # Every kind of bad input a request can carry: the CLI prints it in one line, the server answers 400.
@@ -152,7 +153,8 @@ class Steerer:
 
         max_scale ({op: bound}, the server's limits) refuses a |scale| above its op's bound."""
         by_site: dict[Site, list[Edit]] = {}
-        for spec in interventions:
+        resolve_routes(self.adapter, interventions)  # expert routes act on routers, not sites (steering/routing.py)
+        for spec in filter(lambda spec: not is_route(spec), interventions):
             iv = Intervention.parse(spec)
             for site, edit in self._feature_edit(iv) if iv.is_feature else self._vector_edits(iv):
                 bound = (max_scale or {}).get(edit.op)
@@ -218,7 +220,7 @@ class Steerer:
     def steering(self, interventions):
         """Hooks for the interventions for the duration of the block (validated before any is placed)."""
         edits = self.resolve(interventions)
-        with self.adapter.hooks({site: site_hook(e) for site, e in edits.items()}):
+        with self.adapter.hooks({site: site_hook(e) for site, e in edits.items()}), routing(self.adapter, interventions):
             yield
 
     def generate(self, prompts, interventions=(), max_new_tokens: int = 64, temperature: float = 0.0,
