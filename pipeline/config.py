@@ -238,6 +238,11 @@ class LabelConfig:
     output_contexts: int = 2  # stretches of the stored corpus the output score is measured on
     output_context_tokens: int = 16  # tokens per stretch (after a BOS)
     output_strength: float = 0.5  # the push, in units of the site's mean row norm
+    # Mixture-of-experts stores with routing (harvest.router): count each feature's experts at this many routed
+    # layers from the site's on (0 = off); features.parquet and experts.parquet get the lifts (features/experts.py).
+    expert_layers: int = 2
+    top_experts: int = 8  # experts kept per feature, by the lift's lower confidence bound
+    expert_features: int = 16  # features kept per expert in experts.parquet
 
 
 @dataclass
