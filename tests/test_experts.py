@@ -90,6 +90,7 @@ def test_label_writes_expert_columns_and_a_per_site_expert_table(tiny_labelled):
     assert set(ffn) == {2}  # at L2 only layer 2 is routed at or after the site
 
 
+@pytest.mark.slow
 def test_label_split_in_two_feature_ranges_merges_the_expert_table(tiny_labelled, tmp_path):
     runs = copy_run(tiny_labelled.parent, tmp_path / "runs")
     site_dir = runs / "demo" / "features" / SITE

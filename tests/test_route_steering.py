@@ -111,6 +111,7 @@ def test_native_export_is_a_layer_by_expert_bias_table(tiny, tmp_path):
     assert sidecar["routes"][0] == str(parse_route(routes[0])) == "route L2/E5 bias=+2"
 
 
+@pytest.mark.slow
 def test_cli_steers_and_exports_routes(tiny_run):
     runs = f"run.runs_dir={tiny_run.parent}"
     out = run_stage("pipeline.steer", runs, "steer.prompt=Hello", "steer.max_new_tokens=4",
