@@ -119,3 +119,18 @@ def test_router_layers_beyond_the_model_are_refused(runs_dir):
     with pytest.raises(ConfigError, match="router_layers has layer 7"):
         harvest(compose_config("harvest", [f"run.runs_dir={runs_dir}", *TINY, "harvest.router_layers=[7]",
                                            "harvest.sites=[L1.resid_post]", "harvest.max_tokens=64"]))
+
+
+def test_router_arrays_on_object_storage_equal_a_local_store(runs_dir, tmp_path):
+    """store.url on fsspec's memory:// (the code path of s3://): the same ids and weights, verified and merged."""
+    common = [*TINY, "harvest.router=true", "harvest.sites=[L2.ffn_out]", "harvest.max_tokens=512"]
+    local = harvest(compose_config("harvest", [f"run.runs_dir={runs_dir}", *common]))
+    remote = harvest(compose_config("harvest", [f"run.runs_dir={tmp_path / 'remote-runs'}", *common,
+                                                f"store.url=memory://{tmp_path.name}/run/activations"]))
+    assert str(remote.root).startswith("memory://") and remote.router == local.router
+    for layer in local.router:
+        for a, b in zip(local.read_router(layer, 0, local.n_tokens), remote.read_router(layer, 0, remote.n_tokens)):
+            np.testing.assert_array_equal(a, b)
+    assert verify(remote.root, progress=False).ok
+    merged = merge(remote.root, tmp_path / "merged" / "activations", progress=False)
+    np.testing.assert_array_equal(merged.read_router(2, 0, merged.n_tokens)[0], local.read_router(2, 0, local.n_tokens)[0])
