@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from activations.config import ModelConfig
+from activations.routing import gate_spec, reading_routes
+from activations.store.format import router_key
 from activations.sites import Site, SiteError
 from activations.errors import ConfigError
 
@@ -113,6 +115,15 @@ class ModelAdapter:
     def _hook_site(self, site: Site, layer: nn.Module) -> HookSite:
         raise NotImplementedError
 
+    def gate(self, layer: int) -> nn.Module:
+        """The router of a mixture-of-experts layer (activations/routing.py)."""
+        raise ConfigError(f"model {self.cfg.name} ({self.family} family) has no router: expert routing exists only "
+                          "in mixture-of-experts models such as model.family=deepseek_v4; drop harvest.router")
+
+    def router_layout(self, layers) -> dict[int, dict]:
+        """{layer: {"top_k", "n_experts", "hashed"}} of routed layers, as a store records them."""
+        return {layer: gate_spec(self.gate(layer)) for layer in layers}
+
     @contextmanager
     def hooks(self, fns: dict):
         """Run fns[site](rows) at each site during forwards inside this block.
@@ -129,34 +140,47 @@ class ModelAdapter:
             for handle in handles:
                 handle.remove()
 
-    def capture(self, sites, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
-        """Return {site: rows [batch, seq, width]} for one forward over input_ids.
+    def capture(self, sites, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                routes=()) -> dict:
+        """Return {site: rows [batch, seq, width]} for one forward over input_ids, and for each layer
+        in `routes` its router's choice, {router.L<layer>.ids / .weights: [batch * seq, top_k]}.
 
-        The forward stops once every site has been produced: later layers and the LM head never run.
+        The forward stops once everything asked for has been produced: later layers and the LM head never run.
         """
         sites = {Site.parse(s) if isinstance(s, str) else s for s in sites}
         if not sites:
             raise SiteError("capture needs at least one site, e.g. [L15.resid_post]")
+        gates = {layer: self.gate(layer) for layer in routes}
         captured = {}
+        wanted = len(sites) + 2 * len(gates)
+
+        def stop_when_complete():
+            if len(captured) == wanted:
+                raise _StopForward
 
         def store(site):
             def fn(rows):
                 captured[site] = rows.clone()  # the capture owns its rows, not a view into the forward
-                if len(captured) == len(sites):
-                    raise _StopForward
+                stop_when_complete()
 
             return fn
+
+        def store_route(layer, ids, weights):
+            captured[router_key(layer, "ids")], captured[router_key(layer, "weights")] = ids, weights
+            stop_when_complete()
 
         # Inputs go where the embeddings are (the first GPU when a device_map spreads the model).
         device = self.model.get_input_embeddings().weight.device
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
-        with torch.inference_mode(), self.hooks({site: store(site) for site in sites}):
+        with torch.inference_mode(), self.hooks({site: store(site) for site in sites}), \
+                reading_routes(gates, store_route):
             try:
                 self.model(input_ids=input_ids.to(device), attention_mask=attention_mask, use_cache=False)
             except _StopForward:
                 pass
-        missing = sorted(str(s) for s in sites - captured.keys())
+        missing = sorted(str(s) for s in sites - captured.keys()) + [f"router L{layer}" for layer in gates
+                                                                     if router_key(layer, "ids") not in captured]
         if missing:
             raise RuntimeError(f"the forward never reached sites {missing}: is the adapter family right?")
         return captured
@@ -275,6 +299,12 @@ class DeepseekV4Adapter(ModelAdapter):
         }
         module, on_input, read, write, width = where[site.kind]
         return HookSite(site, module, on_input, width, read, write)
+
+    def gate(self, layer: int) -> nn.Module:
+        if not 0 <= layer < self.loaded_layers:
+            raise SiteError(f"layer {layer} has no loaded router: the model has layers 0..{self.loaded_layers - 1} "
+                            "loaded")
+        return self.layers[layer].mlp.gate
 
 
 ADAPTERS = {"llama": LlamaAdapter, "deepseek_v4": DeepseekV4Adapter}

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from activations.adapters import make_adapter
 from activations.corpus import CorpusError, Window, fingerprint, iter_windows, windows_for_tokens
 from activations.models import load_model
+from activations.routing import router_layers
 from activations.rundir import RunDir
 from activations.sites import SiteError, parse_sites
 from activations.store import ActivationStore, ShardWriter, StoreError
@@ -93,7 +94,8 @@ def harvest(cfg: DictConfig) -> ActivationStore:
     """Load the model (only the blocks the sites need) and harvest."""
     sites = parse_sites(cfg.harvest.sites)
     check_same_model(cfg)
-    model, tokenizer = load_model(cfg.model, max_layer=max(s.layer for s in sites))
+    deepest = max([s.layer for s in sites] + [int(layer) for layer in cfg.harvest.router_layers])
+    model, tokenizer = load_model(cfg.model, max_layer=deepest)
     store, _ = harvest_with(cfg, model, tokenizer)
     return store
 
@@ -114,6 +116,7 @@ def harvest_with(cfg: DictConfig, model, tokenizer) -> tuple[ActivationStore, fl
     windows = itertools.chain([first] if first else [], windows)
 
     widths = {str(s): adapter.width(s) for s in sites}
+    router = adapter.router_layout(router_layers(h.router, h.router_layers, sites, adapter.n_layers))
     identity = {**adapter.describe(), "model": cfg.model.name, "data": fingerprint(cfg.data, tokenizer),
                 "context_length": cfg.data.context_length}
     location, storage_options = run.store_location(cfg.store)
@@ -121,7 +124,7 @@ def harvest_with(cfg: DictConfig, model, tokenizer) -> tuple[ActivationStore, fl
         location, h.rank, h.world_size, widths, identity, dtype=cfg.store.dtype,
         chunk_rows=chunk_rows_for(list(widths.values()), cfg.store.dtype, cfg.store.chunk_rows, cfg.store.chunk_mib),
         compression=cfg.store.compression, fsync=cfg.store.fsync, queue_size=h.queue_batches,
-        storage_options=storage_options,
+        storage_options=storage_options, router=router,
     )
     if writer.done:
         writer.close()
@@ -135,7 +138,7 @@ def harvest_with(cfg: DictConfig, model, tokenizer) -> tuple[ActivationStore, fl
                       desc=f"harvest r{h.rank}", dynamic_ncols=True) as bar:
         for batch in batches(skip_committed(windows, writer.consumed), h.batch_size):
             input_ids = torch.from_numpy(np.stack([w.tokens for w in batch])).to(device)
-            rows = rows_of(batch, adapter.capture(sites, input_ids))
+            rows = rows_of(batch, adapter.capture(sites, input_ids, routes=router))
             writer.append(rows)
             bar.update(len(rows["tokens"]))
         writer.finish()

@@ -22,10 +22,11 @@ from activations.errors import ConfigError
 from activations.adapters import make_adapter
 from activations.models import load_model, load_tokenizer, resolve_device
 from activations.rundir import RunDir
-from activations.sites import SiteError
+from activations.sites import Site, SiteError
 from activations.store import StoreError
 from features import explain, score
 from features.examples import ExamplePlan, attach_tokens, feature_examples
+from features.experts import counted_layers, expert_table, feature_columns, write_experts
 from features.lens import logit_lens, nearest_features
 from features.llm import ChatModel, LLMError, LocalChat, OpenAIChat, ResponseCache, map_with_progress
 from features.mining import HIST_EDGES, FeatureMiner, MiningPlan
@@ -46,11 +47,11 @@ class SiteInputs:
     contexts: torch.Tensor | None = None  # [c, T] token ids the output score is measured on
 
 
-def mining_plan(cfg) -> MiningPlan:
+def mining_plan(cfg, expert_layers: list[int] = ()) -> MiningPlan:
     return MiningPlan(context_tokens=cfg.context_tokens, top_examples=cfg.top_examples,
                       sampled_examples=cfg.sampled_examples, pool_blocks=cfg.pool_blocks,
                       batch_blocks=max(1, cfg.batch_tokens // cfg.context_tokens), max_tokens=cfg.max_tokens,
-                      outlier_norm=cfg.outlier_norm, seed=cfg.seed)
+                      outlier_norm=cfg.outlier_norm, seed=cfg.seed, expert_layers=tuple(expert_layers))
 
 
 def label_site(inputs: SiteInputs, cfg, explainer, chat: ChatModel | None, site_dir: Path, device) -> tuple[Path, dict]:
@@ -67,7 +68,8 @@ def label_site(inputs: SiteInputs, cfg, explainer, chat: ChatModel | None, site_
                          f"of {inputs.site}")
     out = site_dir if (lo, hi) == (0, n) else site_dir / "parts" / f"{lo:07d}-{hi:07d}"
     out.mkdir(parents=True, exist_ok=True)
-    plan = mining_plan(cfg)
+    layers = counted_layers(inputs.store.router, Site.parse(inputs.site).layer, cfg.expert_layers)
+    plan = mining_plan(cfg, layers)
     miner = FeatureMiner(inputs.store, inputs.site, inputs.sae, plan, device, (lo, hi))
     state = {k: v.cpu() if torch.is_tensor(v) else v for k, v in
              miner.run(out / "mining.pt", cfg.checkpoint_seconds).items()}
@@ -105,13 +107,17 @@ def label_site(inputs: SiteInputs, cfg, explainer, chat: ChatModel | None, site_
     writer.close()
 
     columns = _feature_columns(inputs, state, lo, hi, described, lens, neighbours, neighbour_cos, outputs)
-    write_features(out, columns)
+    write_features(out, columns | feature_columns(state, layers, cfg.top_experts))
+    if layers:
+        write_experts(out, expert_table(state, layers, lo, cfg.expert_features))
     write_meta(out, {
         "site": inputs.site, "n_features": n, "features": [lo, hi], "tokens_mined": int(state["tokens"]),
         "hist_edges": HIST_EDGES.tolist(), "context_tokens": plan.context_tokens,
         "explainer": f"llm:{chat.name}" if chat else "heuristic", "llm_features": len(use_llm),
         "scorer": "detection and fuzzing (balanced accuracy) on examples the explainer did not see",
         "model": inputs.sae.cfg.metadata.model_name, "sae": f"saes/{inputs.site}",
+        "expert_layers": layers, "expert_features": cfg.expert_features,
+        "n_experts": {layer: inputs.store.router[layer]["n_experts"] for layer in layers},
     })
     if out != site_dir and merge_parts(site_dir):
         print(f"label: {inputs.site}: every slice is done; merged {site_dir / 'parts'} into {site_dir}")

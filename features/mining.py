@@ -8,7 +8,10 @@ The store's rows are cut into fixed blocks of `context_tokens` consecutive rows 
   - the top blocks by peak activation, with the per-token activations of each;
   - a uniform sample of the blocks where it fires (a reservoir with random keys), with their
     per-token activations: later split into activation quantiles;
-  - for a fixed pool of random blocks, whether it fires there: its non-activating contexts.
+  - for a fixed pool of random blocks, whether it fires there: its non-activating contexts;
+  - for each routed layer in `expert_layers` (a store with router arrays), how often each expert
+    is chosen on the tokens where it fires, and each expert's load over all tokens
+    (features/experts.py turns these into lifts).
 
 Everything is a tensor of shape [features, slots, ...], merged per batch with one `topk`, so the
 pass costs little more than the SAE encode itself (see `make bench-label`). The state is a plain
@@ -44,6 +47,7 @@ class MiningPlan:
     max_tokens: int = 0  # mine the first rows only (0 = the whole store)
     outlier_norm: float = 10.0  # rows above this multiple of the site's mean norm count as not firing
     seed: int = 0
+    expert_layers: tuple = ()  # routed layers whose expert choices are counted per feature
 
 
 class FeatureMiner:
@@ -92,7 +96,17 @@ class FeatureMiner:
             **slots("sample", p.sampled_examples),
             "pool": torch.from_numpy(np.sort(pool)).to(dev),
             "pool_fires": torch.zeros(len(pool), F, dtype=torch.bool, device=dev),
+            **{key: torch.zeros(shape, dtype=torch.long, device=dev) for key, shape in self._expert_shapes().items()},
         }
+
+    def _expert_shapes(self) -> dict:
+        """experts_L<l> [features, experts]: tokens where the feature fires and layer l chose the expert;
+        load_L<l> [experts]: tokens where layer l chose it."""
+        shapes = {}
+        for layer in self.plan.expert_layers:
+            n_experts = self.store.router[layer]["n_experts"]
+            shapes |= {f"experts_L{layer}": (self.n_features, n_experts), f"load_L{layer}": (n_experts,)}
+        return shapes
 
     def run(self, checkpoint: Path | None = None, checkpoint_seconds: float = 180.0) -> dict:
         """Mine every remaining batch (resuming from `checkpoint` when it exists) and return the state."""
@@ -112,7 +126,9 @@ class FeatureMiner:
                 first = b * self.plan.batch_blocks
                 n = min(self.plan.batch_blocks, self.n_blocks - first)
                 x = torch.from_numpy(self.store.read(self.site, first * W, (first + n) * W)).to(self.device)
-                self.update(first, self.encode(x).view(n, W, -1), b)
+                routes = {layer: torch.from_numpy(self.store.read_router(layer, first * W, (first + n) * W)[0])
+                          for layer in self.plan.expert_layers}
+                self.update(first, self.encode(x).view(n, W, -1), b, routes)
                 bar.update(n * W)
                 if checkpoint is not None and time.monotonic() - saved > checkpoint_seconds:
                     save_state(self.state, checkpoint)
@@ -132,8 +148,9 @@ class FeatureMiner:
         return acts
 
     @torch.no_grad()
-    def update(self, first_block: int, acts: torch.Tensor, batch_index: int) -> None:
-        """Fold one batch of blocks [n, W, F] (blocks first_block.. first_block+n-1) into the state."""
+    def update(self, first_block: int, acts: torch.Tensor, batch_index: int, routes: dict | None = None) -> None:
+        """Fold one batch of blocks [n, W, F] (blocks first_block.. first_block+n-1) into the state;
+        routes: {layer: chosen expert ids [n * W, top_k]} of the same rows, for plan.expert_layers."""
         s, n, F = self.state, acts.shape[0], acts.shape[2]
         flat = acts.view(-1, F)
         # One pass finds the firing entries; counts, sums and the histogram use only those.
@@ -144,6 +161,12 @@ class FeatureMiner:
         bins = (torch.bucketize(values, self.edges) - 1).clamp_(0, len(HIST_EDGES) - 2)
         s["hist"].view(-1).index_add_(0, feats * (len(HIST_EDGES) - 1) + bins, torch.ones_like(bins))
         s["tokens"] += flat.shape[0]
+        for layer, ids in (routes or {}).items():
+            ids = ids.to(self.device).long()
+            load = s[f"load_L{layer}"]
+            load += torch.bincount(ids.flatten(), minlength=len(load))
+            pairs = (feats[:, None] * len(load) + ids[rows]).flatten()  # (feature, expert) of each firing token
+            s[f"experts_L{layer}"].view(-1).index_add_(0, pairs, torch.ones_like(pairs))
 
         peaks = acts.amax(dim=1).T.contiguous()  # [F, n]
         _merge(s, "top", peaks.masked_fill(peaks <= 0, -math.inf), peaks, first_block, acts)

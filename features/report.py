@@ -6,6 +6,7 @@
     runs/<run>/report/data/sites.json                 every site: its meta.json plus counts
     runs/<run>/report/data/<site>/index.json          columnar arrays for the index table
     runs/<run>/report/data/<site>/chunk-<k>.json      everything about features k*chunk_size ..
+    runs/<run>/report/data/<site>/experts.json        MoE runs with routing: each expert's load and top features
 
 The page fetches one site's index when it opens it and one chunk when it opens a feature,
 so a site of 65,536 features opens fast however many example contexts it has.
@@ -84,6 +85,8 @@ def write_site(src: Path, dst: Path, chunk_size: int, index_top_tokens: int) -> 
     steering = read_steering_results(src)
     for k, chunk in enumerate(feature_chunks(features, labels, examples, chunk_size, steering)):
         write_json(dst / f"chunk-{k}.json", chunk)
+    if (src / "experts.parquet").is_file():
+        write_json(dst / "experts.json", expert_records(pq.read_table(src / "experts.parquet"), labels))
     n_dead, n_labelled = sum(index["dead"]), sum(label is not None for label in labels)
     return {**meta, "n_dead": n_dead, "n_labelled": n_labelled, "n_unlabelled": len(labels) - n_labelled - n_dead}
 
@@ -155,7 +158,20 @@ def feature_record(row: dict, labels: list, steering: dict | None = None) -> dic
         row[side] = [[tok, sig(v, 3)] for tok, v in zip(row[side], row.pop(f"{side}_values"))]
     row["neighbours"] = [[n, sig(c, 3), labels[n]] for n, c in zip(row["neighbours"], row.pop("neighbour_cos"))]
     row["examples"] = {kind: [] for kind in KINDS}
+    if "experts" in row:  # [expert ID, lift, lift's lower bound, co-occurrences], best first
+        row["experts"] = [[e, sig(lift, 3), sig(low, 3), n] for e, lift, low, n in
+                          zip(row["experts"], row.pop("expert_lift"), row.pop("expert_lift_low"), row.pop("expert_count"))]
+        row["expert_entropy"] = [sig(h, 3) for h in row["expert_entropy"]]
     return row
+
+
+def expert_records(experts: pa.Table, labels: list) -> list[dict]:
+    """The site's expert view: per (layer, expert) its load and its top features, with their labels."""
+    return [{"id": e["expert_id"], "layer": e["layer"], "expert": e["expert"], "load": e["load"],
+             "load_frac": sig(e["load_frac"], 3),
+             "features": [[f, sig(lift, 3), sig(low, 3), n, labels[f]] for f, lift, low, n in
+                          zip(e["features"], e["feature_lift"], e["feature_lift_low"], e["feature_count"])]}
+            for e in experts.to_pylist()]
 
 
 def steering_record(r: dict) -> dict:

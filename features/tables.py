@@ -3,6 +3,8 @@
   features.parquet  one row per feature: stats, label, label source, scores, top tokens, logit
                     lens, neighbours, activation histogram (bin edges in meta.json)
   examples.parquet  one row per example context, sorted by feature, with its split
+  experts.parquet   MoE models with stored routing: one row per (routed layer, expert), its load and
+                    the features that most select it (features/experts.py)
   meta.json         what was mined with what
   steering.jsonl    make steer-features' result per feature, one JSON line each (appended as it goes)
 """
@@ -17,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.examples import Example
+from features.experts import FEATURE_FIELDS, merge_expert_tables, write_experts
 
 FEATURE_SCHEMA = pa.schema([
     ("index", pa.int32()), ("feature_id", pa.string()), ("density", pa.float64()), ("max_act", pa.float32()),
@@ -59,7 +62,8 @@ class ExampleWriter:
 
 
 def write_features(out: Path, columns: dict) -> None:
-    write_features_table(out, pa.table(columns, schema=FEATURE_SCHEMA))
+    schema = pa.schema([*FEATURE_SCHEMA, *FEATURE_FIELDS]) if "experts" in columns else FEATURE_SCHEMA
+    write_features_table(out, pa.table(columns, schema=schema))
 
 
 def write_features_table(out: Path, table: pa.Table) -> None:
@@ -113,6 +117,9 @@ def merge_parts(site_dir: Path) -> bool:
             for batch in pq.ParquetFile(d / "examples.parquet").iter_batches():
                 writer.write_batch(batch)
     os.replace(tmp, site_dir / "examples.parquet")
+    if (parts[0][1] / "experts.parquet").exists():
+        write_experts(site_dir, merge_expert_tables([pq.read_table(d / "experts.parquet") for _, d in parts],
+                                                    parts[0][0]["expert_features"]))
     meta = {**parts[0][0], "features": [0, covered], "llm_features": sum(m["llm_features"] for m, _ in parts),
             "parts": [m["features"] for m, _ in parts]}
     write_meta(site_dir, meta)

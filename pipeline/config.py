@@ -85,6 +85,11 @@ class HarvestConfig:
     world_size: int = 1  # writers harvesting the same store (each its own shard)
     # Windows in flight between the forward and the background writer.
     queue_batches: int = 4
+    # Store each token's routed experts (ids int16 + gate weights bf16, 4 B x top_k per layer; 24 B on
+    # DeepSeek-V4-Flash) for every MoE layer up to the deepest site's layer. Mixture-of-experts models only.
+    router: bool = False
+    # The MoE layers whose routing to store (hash-routed layers too, marked as such); non-empty overrides `router`.
+    router_layers: list = field(default_factory=list)
 
 
 @dataclass
@@ -237,6 +242,11 @@ class LabelConfig:
     output_contexts: int = 2  # stretches of the stored corpus the output score is measured on
     output_context_tokens: int = 16  # tokens per stretch (after a BOS)
     output_strength: float = 0.5  # the push, in units of the site's mean row norm
+    # Mixture-of-experts stores with routing (harvest.router): count each feature's experts at this many routed
+    # layers from the site's on (0 = off); features.parquet and experts.parquet get the lifts (features/experts.py).
+    expert_layers: int = 2
+    top_experts: int = 8  # experts kept per feature, by the lift's lower confidence bound
+    expert_features: int = 16  # features kept per expert in experts.parquet
 
 
 @dataclass
@@ -343,6 +353,10 @@ class ExportConfig:
     operation: VectorOperation = VectorOperation.add  # for a feature: add | project
     format: ExportFormat = ExportFormat.native  # native (safetensors + JSON) | ds4 (.f32 + sidecar) | gguf (llama.cpp control vector)
     out_dir: str = ""  # empty = runs/<run>/vectors/exports
+    # Or expert routes (e.g. ["route L5/E37 bias=2", "route L7/E3 off"]), exported as a per-layer x expert bias
+    # table (safetensors + JSON, steering/routing.py); mixture-of-experts models only.
+    routes: list = field(default_factory=list)
+    name: str = "routes"  # the file stem of an export of routes
 
 
 @dataclass

@@ -35,6 +35,7 @@ from steering.feature_eval import evaluate_features, summary
 from steering.exports import EXPORTS
 from steering.feature_vectors import save_feature_vector
 from steering.interventions import SteeringError
+from steering.routing import export_routes
 from steering.steerer import Steerer
 from steering.vectors import SteeringVector, nearest_features
 
@@ -129,13 +130,25 @@ def project(cfg: DictConfig) -> list[str]:
 
 def export(cfg: DictConfig) -> list[Path]:
     e, run = cfg.export, RunDir.from_config(cfg)
-    if bool(e.vector) == bool(e.feature):
-        raise SteeringError("give exactly one of export.vector (a vector name) or export.feature (a feature ID)")
+    if [bool(e.vector), bool(e.feature), bool(e.routes)].count(True) != 1:
+        raise SteeringError("give exactly one of export.vector (a vector name), export.feature (a feature ID) or "
+                            "export.routes (expert routes such as \"route L5/E37 bias=2\")")
+    if e.routes:
+        return export_expert_routes(cfg)
     vector = SteeringVector.load(run.vectors, e.vector) if e.vector else save_feature_vector(run, e.feature, e.operation)
     out_dir = Path(e.out_dir) if e.out_dir else run.exports
     paths = EXPORTS[e.format](vector, out_dir)
     print(f"export: {vector.name} ({vector.operation} at {vector.kind}, layers {vector.layers}) -> "
           + ", ".join(map(str, paths)))
+    return paths
+
+
+def export_expert_routes(cfg: DictConfig) -> list[Path]:
+    """The native per-layer x expert bias table of export.routes (the model is loaded to check them)."""
+    e, steerer = cfg.export, steerer_for(cfg)
+    paths = export_routes(steerer.adapter, steerer.identity, list(e.routes), e.name,
+                          Path(e.out_dir) if e.out_dir else steerer.run.exports)
+    print(f"export: expert routes {', '.join(map(str, e.routes))} -> " + ", ".join(map(str, paths)))
     return paths
 
 

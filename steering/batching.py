@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from activations.errors import ConfigError
+from steering.routing import routing
 from steering.steerer import Generation, Steerer, left_pad
 
 
@@ -45,6 +46,7 @@ class Row:
     seed: int = 0
     stop: list[str] = field(default_factory=list)
     max_time: float | None = None  # seconds; then it finishes as "length"
+    routes: list = field(default_factory=list)  # its expert routes (steering/routing.py): it then runs alone
     tokens: list[int] = field(default_factory=list)  # generated so far
     events: queue.Queue = field(default_factory=queue.Queue)  # token ids, then a Generation or an exception
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -96,6 +98,7 @@ class Scheduler:
                               f"{max_waiting} and {wait_s:g} s: fix serve.limits")
         self.steerer, self.max_batch, self.wait_s = steerer, max_batch, wait_s
         self.waiting: queue.Queue[Row] = queue.Queue(max_waiting)
+        self.held: Row | None = None  # a row taken from the queue that must start a batch of its own
         threading.Thread(target=self._serve, daemon=True, name="dialbox-scheduler").start()
 
     def submit(self, row: Row) -> Ticket:
@@ -116,14 +119,20 @@ class Scheduler:
                     row.events.put(e)
 
     def _gather(self) -> list[Row]:
-        """The next batch: the first waiting row, and whatever else arrives within wait_s of it."""
-        batch = [self.waiting.get()]
+        """The next batch: the first waiting row, and whatever else arrives within wait_s of it. A row
+        with expert routes runs alone: a route re-chooses the router's experts for every row of a forward."""
+        first, self.held = self.held or self.waiting.get(), None
+        batch = [first]
         deadline = time.monotonic() + self.wait_s
-        while len(batch) < self.max_batch:
+        while len(batch) < self.max_batch and not first.routes:
             try:
-                batch.append(self.waiting.get(timeout=max(deadline - time.monotonic(), 0)))
+                row = self.waiting.get(timeout=max(deadline - time.monotonic(), 0))
             except queue.Empty:
                 break
+            if row.routes:
+                self.held = row  # the next batch's first
+                break
+            batch.append(row)
         return [row for row in batch if not row.cancelled.is_set()]
 
 
@@ -139,7 +148,8 @@ def generate_batch(steerer: Steerer, rows: list[Row]) -> None:
     started = time.monotonic()
     generators = {}  # a seeded generator per row, made where the logits are (the last GPU of a device_map)
     cache = DynamicCache(config=steerer.model.config)  # the layer kinds the model needs (DeepSeek-V4 compresses)
-    with steerer.lock, torch.inference_mode(), steerer.adapter.hooks(batch_hooks(rows, lambda: live)):
+    with (steerer.lock, torch.inference_mode(), steerer.adapter.hooks(batch_hooks(rows, lambda: live)),
+          routing(steerer.adapter, [route for row in rows for route in row.routes])):
         step_ids, positions = ids, (mask.cumsum(-1) - 1).clamp_min(0)
         while live:
             logits = steerer.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,

@@ -38,6 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from steering.batching import Busy, Row, Scheduler
 from steering.limits import ServerLimits
+from steering.routing import is_route
 from steering.steerer import BAD_INPUT, Steerer, encode_prompt
 
 ROUTES = {"/v1/chat/completions": True, "/chat/completions": True, "/v1/completions": False, "/completions": False}
@@ -92,8 +93,10 @@ def parse_request(body: dict, chat: bool, server: SteeringServer) -> Row:
     temperature, top_p = number(body, "temperature", 1.0, 0, 2), number(body, "top_p", 1.0, 0, 1)
     if top_p == 0:
         raise BadRequest("top_p must be above 0")
-    return Row(encode_prompt(server.steerer.tokenizer, prompt, chat), steering_of(body, server), max_tokens,
-               temperature, top_p, seed_of(body), stop_of(body, server.limits), server.limits.max_generation_seconds)
+    steering = steering_of(body, server)
+    return Row(encode_prompt(server.steerer.tokenizer, prompt, chat), hooks_of(steering, server), max_tokens,
+               temperature, top_p, seed_of(body), stop_of(body, server.limits), server.limits.max_generation_seconds,
+               routes=[spec for spec in steering if is_route(spec)])
 
 
 def check_model(body: dict, served: str) -> None:
@@ -161,8 +164,8 @@ def stop_of(body: dict, limits: ServerLimits) -> list[str]:
     return stop
 
 
-def steering_of(body: dict, server: SteeringServer) -> dict:
-    """The hook functions of the request's interventions, serve.steering's first."""
+def steering_of(body: dict, server: SteeringServer) -> list:
+    """The request's interventions, serve.steering's first."""
     steering = body.get("steering") or []
     if not isinstance(steering, list):
         raise BadRequest("steering must be a list of interventions, e.g. [{\"feature\": \"L15.resid_post/1234\", \"scale\": 4}]")
@@ -170,6 +173,11 @@ def steering_of(body: dict, server: SteeringServer) -> dict:
     if len(steering) > server.limits.max_interventions:
         raise BadRequest(f"steering takes at most {server.limits.max_interventions} interventions, serve.steering's "
                          "included (serve.limits.max_interventions)")
+    return steering
+
+
+def hooks_of(steering: list, server: SteeringServer) -> dict:
+    """The interventions' hook functions (expert routes checked too), or a BadRequest saying what is wrong."""
     try:
         return server.steerer.hooks(steering, server.limits.max_scale)
     except BAD_INPUT as e:

@@ -23,6 +23,7 @@ from activations.store import StoreError
 from steering.conditions import Gates, check_order
 from steering.interventions import Condition, Edit, Intervention, SteeringError, site_hook
 from steering.feature_vectors import max_activations
+from steering.routing import is_route, resolve_routes, routing
 from steering.vectors import SteeringVector, check_fits, unit_rows
 
 # Every kind of bad input a request can carry: the CLI prints it in one line, the server answers 400.
@@ -153,7 +154,8 @@ class Steerer:
 
         max_scale ({op: bound}, the server's limits) refuses a |scale| above its op's bound."""
         by_site: dict[Site, list[Edit]] = {}
-        for spec in interventions:
+        resolve_routes(self.adapter, interventions)  # expert routes act on routers, not sites (steering/routing.py)
+        for spec in filter(lambda spec: not is_route(spec), interventions):
             iv = Intervention.parse(spec)
             for site, edit in self._feature_edit(iv) if iv.is_feature else self._vector_edits(iv):
                 bound = (max_scale or {}).get(edit.op)
@@ -238,7 +240,7 @@ class Steerer:
     @contextmanager
     def steering(self, interventions):
         """Hooks for the interventions for the duration of the block (validated before any is placed)."""
-        with self.adapter.hooks(self.hooks(interventions)):
+        with self.adapter.hooks(self.hooks(interventions)), routing(self.adapter, interventions):
             yield
 
     def generate(self, prompts, interventions=(), max_new_tokens: int = 64, temperature: float = 0.0,

@@ -5,7 +5,8 @@ tests get their own copy (smol_run, tiny_run), since steering saves vectors into
 
   smol_runs     runs dir: SmolLM2 harvested at L3.resid_post (8,192 tokens), a small TopK SAE
   smol_run      run dir: a copy of smol_runs/demo for steering; `smol` is its Steerer
-  tiny_harvest  runs dir: the tiny random DeepSeek-V4 harvested at L1.resid_post and L2.ffn_out
+  tiny_harvest  runs dir: the tiny random DeepSeek-V4 harvested at L1.resid_post and L2.ffn_out, with
+                its routing (layers 0-2)
   tiny_run      run dir: a copy of tiny_harvest/demo with SAEs trained; `tiny` is its Steerer
   smol_labelled runs dir: a copy of smol_runs with every feature labelled (heuristic labels)
   server        the steering server over `smol`, on 127.0.0.1
@@ -90,12 +91,12 @@ def smol_labelled(smol_runs, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_harvest(tmp_path_factory) -> Path:
-    """A finished tiny DeepSeek-V4 harvest at a hyper-connection site and an FFN output."""
+    """A finished tiny DeepSeek-V4 harvest at a hyper-connection site and an FFN output, routing stored."""
     from activations.harvesting import harvest
 
     runs = tmp_path_factory.mktemp("tiny_runs")
     harvest(compose_config("harvest", [f"run.runs_dir={runs}", *TINY, f"harvest.sites=[{','.join(TINY_SITES)}]",
-                                       "harvest.max_tokens=8192", "store.chunk_rows=256"]))
+                                       "harvest.max_tokens=8192", "store.chunk_rows=256", "harvest.router=true"]))
     return runs
 
 

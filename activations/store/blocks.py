@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from activations.store.format import TOKEN_COLUMNS
 from activations.store.reader import ActivationStore
 
 
@@ -13,9 +12,8 @@ ORDERS = ("ranks", "windows")
 
 
 def row_bytes(store: ActivationStore) -> int:
-    """Bytes of one row over all columns (the token columns take 24)."""
-    token_bytes = sum(np.dtype(dt).itemsize for dt in TOKEN_COLUMNS.values())
-    return token_bytes + sum(store.width(s) for s in store.sites) * (2 if store.dtype == "bfloat16" else 4)
+    """Bytes of one row over all columns (the token columns take 24, a routed layer 4 x top_k)."""
+    return sum(int(np.prod(tail)) * dtype.itemsize for tail, dtype in store.columns().values())
 
 
 def block_rows(store: ActivationStore) -> int:
@@ -29,7 +27,7 @@ def row_blocks(start: int, stop: int, size: int):
 
 
 def all_columns(store: ActivationStore) -> list[str]:
-    return [*TOKEN_COLUMNS, *store.sites]
+    return list(store.columns())
 
 
 def human_size(n: float) -> str:

@@ -19,6 +19,8 @@ TOKEN_COLUMNS = {"tokens": np.int32, "doc_ids": np.int64, "positions": np.int32,
 # Columns a writer may be given without: stores written before they existed read them as this.
 OPTIONAL_COLUMNS = {"windows": -1}
 STORAGE_OPTIONS_ENV = "DIALBOX_STORAGE_OPTIONS"
+# Per routed layer, two [n, top_k] arrays: the chosen expert ids and their gate weights (bf16 bits).
+ROUTER_PARTS = {"ids": np.int16, "weights": np.uint16}
 
 
 class StoreError(DialboxError, RuntimeError):
@@ -29,6 +31,18 @@ def shard_name(rank: int, world_size: int) -> str:
     return f"r{rank:05d}-of-{world_size:05d}"
 
 
+
+
+def router_key(layer: int, part: str) -> str:
+    """The array name of a routed layer's ids or weights, e.g. router.L5.ids."""
+    return f"router.L{layer}.{part}"
+
+
+def router_columns(router: dict) -> dict[str, tuple[tuple, np.dtype]]:
+    """Array name -> (row shape, stored dtype) of the router arrays of a store's router layout
+    ({layer: {"top_k", "n_experts", "hashed"}})."""
+    return {router_key(int(layer), part): ((spec["top_k"],), np.dtype(dt))
+            for layer, spec in router.items() for part, dt in ROUTER_PARTS.items()}
 
 
 def decode(stored: np.ndarray) -> np.ndarray:
@@ -91,7 +105,7 @@ def check_same(root, stored: dict, wanted: dict) -> None:
             f"store at {root} has format version {stored.get('format_version')}, this code writes "
             f"{FORMAT_VERSION}: use another run_name"
         )
-    layout = ("dtype", "sites", "world_size", "origin")
+    layout = ("dtype", "sites", "router", "world_size", "origin")
     flat_stored = {**stored["identity"], **{k: stored.get(k) for k in layout}}
     flat_wanted = {**wanted["identity"], **{k: wanted.get(k) for k in layout}}
     differ = [k for k in {**flat_stored, **flat_wanted} if flat_stored.get(k) != flat_wanted.get(k)]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+from activations.store.format import router_key
 from activations.store.blocks import human_size
 from activations.store.reader import ActivationStore, ShardRecord
 
@@ -21,10 +24,13 @@ def describe(store: ActivationStore) -> dict:
     sites = {site: {"width": store.width(site),
                     "bytes": sum(bytes_under(f"shards/{rec.name}/{site}/") for rec in store.shard_records)}
              for site in store.sites}
+    router = {layer: {**spec, "bytes": sum(bytes_under(f"shards/{rec.name}/{router_key(layer, part)}/")
+                                           for rec in store.shard_records for part in ("ids", "weights"))}
+              for layer, spec in store.router.items()}
     return {
         "store": str(store.root), "identity": store.identity, "origin": store.origin, "dtype": store.dtype,
         "chunk_rows": store.chunk_rows, "codecs": codecs_of(store), "world_size": store.world_size,
-        "tokens": store.n_tokens, "complete": store.complete, "sites": sites, "shards": shards,
+        "tokens": store.n_tokens, "complete": store.complete, "sites": sites, "router": router, "shards": shards,
         "bytes": sum(sizes.values()),
     }
 
@@ -62,9 +68,20 @@ def format_info(d: dict) -> str:
         "",
         f"{'site':<20} {'width':>7} {'bytes':>12}",
         *(f"{site:<20} {s['width']:>7} {human_size(s['bytes']):>12}" for site, s in d["sites"].items()),
+        *_router_lines(d["router"]),
         "",
         f"{'shard':<20} {'rows':>12} {'consumed':>12} {'done':>5} {'bytes':>12}",
         *(f"{s['name']:<20} {s['rows']:>12} {s['consumed']:>12} {str(s['done']).lower():>5} {human_size(s['bytes']):>12}"
           for s in d["shards"]),
     ]
     return "\n".join(lines)
+
+
+def _router_lines(router: dict) -> list[str]:
+    """The router arrays: per routed layer its choice (hashed or learned), top_k of n experts, bytes."""
+    if not router:
+        return []
+    return ["", f"{'router':<20} {'routing':>7} {'top_k':>6} {'experts':>8} {'B/token':>8} {'bytes':>12}",
+            *(f"{'L' + str(layer):<20} {'hash' if spec['hashed'] else 'learned':>7} {spec['top_k']:>6} "
+              f"{spec['n_experts']:>8} {4 * spec['top_k']:>8} {human_size(spec['bytes']):>12}"
+              for layer, spec in router.items())]

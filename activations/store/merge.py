@@ -75,7 +75,8 @@ def _copy(store: ActivationStore, plan, writer: ShardWriter, bar: tqdm) -> None:
 
     def flush():
         rows = {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
-        writer.append({name: as_tensor(v) if name in store.sites else v for name, v in rows.items()})
+        # Site and router arrays (2-D) go in as tensors: bf16 bits read back as bf16, not as numbers.
+        writer.append({name: as_tensor(v) if v.ndim == 2 else v for name, v in rows.items()})
         bar.update(len(rows["tokens"]))
 
     for shard, lo, hi in _skip(plan, writer.consumed):
@@ -129,7 +130,7 @@ def merge(src, dst, order: str = "ranks", storage_options: dict | None = None,
     _check_destination(dst, dst_storage_options, origin)
     writer = ShardWriter(dst, 0, 1, {s: source.width(s) for s in source.sites}, source.identity, dtype=source.dtype,
                          chunk_rows=source.chunk_rows, compression=_compression(source),
-                         fsync=fsync, storage_options=dst_storage_options, origin=origin)
+                         fsync=fsync, storage_options=dst_storage_options, origin=origin, router=source.router)
     with writer, tqdm(total=source.n_tokens, initial=writer.consumed, unit="tok", unit_scale=True, desc="merge",
                       disable=not progress, dynamic_ncols=True) as bar:
         if not writer.done:

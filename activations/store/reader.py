@@ -9,7 +9,8 @@ import numpy as np
 import zarr
 
 from activations.store.format import (
-    FORMAT, OPTIONAL_COLUMNS, TOKEN_COLUMNS, StoreError, chunk_keys, decode, read_manifest, shard_name,
+    FORMAT, OPTIONAL_COLUMNS, TOKEN_COLUMNS, StoreError, chunk_keys, decode, read_manifest, router_columns,
+    router_key, shard_name,
 )
 from activations.store.loader import shuffled_batches
 from activations.store.chunks import is_plain, read_rows
@@ -58,6 +59,8 @@ class ActivationStore:
         self.world_size: int = attrs["world_size"]
         self._widths: dict = attrs["sites"]
         self.origin: dict | None = attrs.get("origin")  # set on a merged store
+        # Routed layers whose choices are stored: layer -> {"top_k", "n_experts", "hashed"}.
+        self.router: dict[int, dict] = {int(layer): spec for layer, spec in attrs.get("router", {}).items()}
         self._arrays = {}
         self._plain_arrays = {}  # shard array key -> whether its chunk files are read directly
         self._shards = []
@@ -86,6 +89,13 @@ class ActivationStore:
 
     def shape(self, site: str) -> tuple[int, int]:
         return (self.n_tokens, self.width(site))
+
+    def columns(self) -> dict[str, tuple[tuple, np.dtype]]:
+        """Every array of a shard: name -> (row shape, stored dtype)."""
+        stored = np.uint16 if self.dtype == "bfloat16" else np.float32
+        return ({name: ((), np.dtype(dt)) for name, dt in TOKEN_COLUMNS.items()}
+                | {site: ((width,), np.dtype(stored)) for site, width in self._widths.items()}
+                | router_columns(self.router))
 
     @property
     def shards(self) -> list[tuple[str, int, int, bool]]:
@@ -122,6 +132,15 @@ class ActivationStore:
         """Rows [start, stop) of a site as float32 [stop - start, width]."""
         self._check_site(site)
         return decode(self._read(site, start, stop))
+
+    def read_router(self, layer: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [start, stop) of a routed layer: the chosen expert ids (int16 [n, top_k], heaviest
+        first) and their gate weights as the router returned them (float32 from bf16)."""
+        if layer not in self.router:
+            held = f"route-captured layers {sorted(self.router)}" if self.router else "no router arrays"
+            raise StoreError(f"layer {layer} is not route-captured in the store at {self.root} (it has {held}): "
+                             f"harvest with harvest.router_layers=[{layer}]")
+        return self._read(router_key(layer, "ids"), start, stop), decode(self._read(router_key(layer, "weights"), start, stop))
 
     def tokens(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Per-row columns: tokens, doc_ids, positions and windows (-1 where not recorded)."""
@@ -216,9 +235,8 @@ class ActivationStore:
                 pieces.append(self.read_shard(s.name, name, lo - s.offset, hi - s.offset))
         if pieces:
             return np.concatenate(pieces)
-        if name in TOKEN_COLUMNS:
-            return np.zeros(0, TOKEN_COLUMNS[name])
-        return np.zeros((0, self._widths[name]), np.uint16 if self.dtype == "bfloat16" else np.float32)
+        tail, dtype = self.columns()[name]
+        return np.zeros((0, *tail), dtype)
 
     def shard_array(self, shard: str, name: str) -> zarr.Array | None:
         """One shard's zarr array; None for an optional column the store predates."""

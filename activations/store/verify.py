@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from activations.store.blocks import block_rows, human_size, row_blocks, row_bytes
-from activations.store.format import TOKEN_COLUMNS, StoreError, shard_name
+from activations.store.format import TOKEN_COLUMNS, StoreError, router_key, shard_name
 from activations.store.reader import ActivationStore, ShardRecord, unreadable
 
 
@@ -50,15 +50,14 @@ class _ShardCheck:
         for lo, hi in row_blocks(0, self.rec.rows, block_rows(self.store)):
             block = {name: self.read(name, array, lo, hi, missing[name]) for name, array in arrays.items()}
             self.check_sites(block, lo)
+            self.check_router(block, lo)
             self.check_tokens(block, lo)
             bar.update(hi - lo)
         return self.problems
 
     def arrays(self) -> dict | None:
         """The shard's arrays, if their shapes hold the committed rows; None when they cannot be read."""
-        expected = {name: ((), np.dtype(dt)) for name, dt in TOKEN_COLUMNS.items()}
-        stored = np.uint16 if self.store.dtype == "bfloat16" else np.float32
-        expected |= {site: ((self.store.width(site),), np.dtype(stored)) for site in self.store.sites}
+        expected = self.store.columns()
         arrays, rows, before = {}, self.rec.rows, len(self.problems)
         for name, (tail, dtype) in expected.items():
             try:
@@ -114,6 +113,17 @@ class _ShardCheck:
                 a, b = self.chunk_of(lo + i * self.store.chunk_rows)
                 n = int(bad[a - lo : b - lo].sum())
                 self.problem(site, a, b, f"{n} non-finite rows (writers drop those, so the chunk is damaged)")
+
+    def check_router(self, block: dict, lo: int) -> None:
+        """Expert ids name experts of the layer; gate weights are finite."""
+        for layer, spec in self.store.router.items():
+            ids, weights = block.get(router_key(layer, "ids")), block.get(router_key(layer, "weights"))
+            if ids is not None:
+                self.first_bad(router_key(layer, "ids"), lo, ((ids < 0) | (ids >= spec["n_experts"])).any(axis=1),
+                               f"expert ids outside [0, {spec['n_experts']})")
+            if weights is not None:
+                self.first_bad(router_key(layer, "weights"), lo, ((weights & 0x7F80) == 0x7F80).any(axis=1),
+                               "non-finite gate weights")
 
     def check_tokens(self, block: dict, lo: int) -> None:
         """The order a harvest writes in: documents and windows move forward, positions rise

@@ -15,10 +15,12 @@ from zarr.errors import ContainsGroupError
 from activations.sites import Site, SiteError
 from activations.store.format import (
     DTYPES, FORMAT, FORMAT_VERSION, OPTIONAL_COLUMNS, PREVIOUS, TOKEN_COLUMNS, StoreError, check_same, decode,
-    chunk_keys, manifest_key, read_manifest, shard_name,
+    chunk_keys, manifest_key, read_manifest, router_columns, shard_name,
 )
 from activations.store.roots import store_root
 from activations.store.stats import SiteStats
+
+LOGICAL = {np.dtype(np.uint16): "bfloat16", np.dtype(np.float32): "float32"}  # stored dtype -> what it holds
 
 
 class ShardWriter:
@@ -28,7 +30,9 @@ class ShardWriter:
     committed rows: a resumed harvest skips that many input rows and appends the rest.
     One writer per shard at a time; opening a shard throws away its uncommitted rows.
     `root` is a local path or an fsspec URL (see store_root); `origin`, recorded in the root's
-    attributes, says where a store that was not harvested (a merge) came from.
+    attributes, says where a store that was not harvested (a merge) came from. `router`
+    ({layer: {"top_k", "n_experts", "hashed"}}) adds each routed layer's expert ids and gate
+    weights, `router.L<layer>.ids` (int16) and `.weights` (bf16), [rows, top_k], to every row.
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class ShardWriter:
         queue_size: int = 4,
         storage_options: dict | None = None,
         origin: dict | None = None,
+        router: dict | None = None,
     ):
         if not 0 <= rank < world_size:
             raise StoreError(f"rank {rank} out of range for world_size {world_size}: use 0 <= rank < world_size")
@@ -75,7 +80,9 @@ class ShardWriter:
             "chunk_rows": chunk_rows,
             "sites": self.sites,
             "world_size": world_size,
-        } | ({"origin": json.loads(json.dumps(origin))} if origin else {})
+        } | ({"origin": json.loads(json.dumps(origin))} if origin else {}) | (
+            {"router": json.loads(json.dumps(router))} if router else {})
+        self.router = router_columns(settings.get("router", {}))
         group = self._open_root(settings)
         # The layout is fixed by whoever created the store, so all shards chunk alike.
         self.chunk_rows = group.attrs["chunk_rows"]
@@ -109,6 +116,7 @@ class ShardWriter:
         columns = {name: ((), np.dtype(dt)) for name, dt in TOKEN_COLUMNS.items()}
         stored = np.uint16 if self.dtype == "bfloat16" else np.float32
         columns |= {site: ((width,), np.dtype(stored)) for site, width in self.sites.items()}
+        columns |= self.router
         existing = set(shard.array_keys())
         # The checksum lets verify tell a damaged chunk from data; zstd goes before it.
         codecs = [ZstdCodec(level=3), Crc32cCodec()] if compression == "zstd" else [Crc32cCodec()]
@@ -125,7 +133,7 @@ class ShardWriter:
                     # A shard from before an optional column existed reads it as unknown.
                     fill_value=OPTIONAL_COLUMNS.get(name, 0),
                     compressors=codecs,
-                    attributes={"logical_dtype": self.dtype} if tail else {},
+                    attributes={"logical_dtype": LOGICAL[dt]} if tail and dt in LOGICAL else {},
                 )
             # Write every chunk as a file even if all zeros, so fsync finds what it expects.
             arrays[name] = array.with_config({"write_empty_chunks": True})
@@ -214,8 +222,8 @@ class ShardWriter:
 
     def _to_cpu(self, rows: dict) -> dict:
         """Check rows and copy them to CPU now, so the caller may reuse its tensors."""
-        missing = [k for k in [*TOKEN_COLUMNS, *self.sites] if k not in rows and k not in OPTIONAL_COLUMNS]
-        extra = [k for k in rows if k not in TOKEN_COLUMNS and k not in self.sites]
+        missing = [k for k in [*TOKEN_COLUMNS, *self.sites, *self.router] if k not in rows and k not in OPTIONAL_COLUMNS]
+        extra = [k for k in rows if k not in TOKEN_COLUMNS and k not in self.sites and k not in self.router]
         if missing or extra:
             raise StoreError(
                 f"rows for shard {self.name}: missing {missing}, unexpected {extra}; the store's sites are {list(self.sites)}"
@@ -237,6 +245,8 @@ class ShardWriter:
                 raise StoreError(f"site {site} rows are {x.dtype} {tuple(x.shape)}; expected float [{n}, {width}]")
             # Converting on the source device halves a GPU->CPU copy for bf16.
             out[site] = x.to(target).to("cpu", copy=True).contiguous()
+        for name, (tail, dt) in self.router.items():
+            out[name] = _router_rows(name, rows[name], (n, *tail), dt)
         return out
 
     def _work(self) -> None:
@@ -342,3 +352,13 @@ class ShardWriter:
             keys.append(f"{shard}/{name}/zarr.json")
             keys += [f"{shard}/{name}/{key}" for key in chunk_keys(array, start, stop)]
         self.root.sync(keys)
+
+
+def _router_rows(name: str, x, shape: tuple, stored: np.dtype) -> np.ndarray:
+    """A router array's rows as stored: ids as int16, weights as bf16 bits."""
+    x = x.detach() if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
+    if tuple(x.shape) != shape:
+        raise StoreError(f"{name} rows are {tuple(x.shape)}; expected {list(shape)}")
+    if stored == np.int16:
+        return x.to("cpu", torch.int16).numpy()
+    return x.to(torch.bfloat16).to("cpu").contiguous().view(torch.int16).numpy().view(np.uint16)

@@ -3,6 +3,7 @@
 //   #                             the sites (or, when there is one, that site's index)
 //   #L15.resid_post?q=cat&page=2  a site's index: search, filter, sort, one page of rows at a time
 //   #L15.resid_post/12            one feature (the hash is its feature ID)
+//   #L15.resid_post/experts?e=L16/E37  a MoE site's experts: load and the features that most select each
 //
 // Tokens and labels are corpus text and may hold markup: they reach the page only as text
 // nodes and attribute values (el() below), never through innerHTML.
@@ -83,6 +84,7 @@ async function route() {
     if (name && !site) throw new Error(`no site ${name} in this report`);
     if (!site) view = sitesView(sites);
     else if (index === undefined) view = await siteView(site, new URLSearchParams(query));
+    else if (index === "experts") view = await expertsView(site, new URLSearchParams(query).get("e"));
     else view = await featureView(site, Number(index), chunkSize);
   } catch (err) {
     view = el("p", { class: "error" }, String(err.message));
@@ -150,6 +152,8 @@ function matchingRows(site, data, state) {
   const wanted = { all: () => true, labelled: (i) => data.label[i] !== null,
     unlabelled: (i) => data.label[i] === null && !data.dead[i], dead: (i) => data.dead[i] === 1 }[state.show];
   const text = q ? searchText(data) : null;
+  const expert = expertQuery(site, state.q.trim());
+  if (expert) return expert.features.map(([i]) => i).filter(wanted); // L5/E37: its features, by lift
   const rows = sortedOrder(data, state.sort, state.desc)
     .filter((i) => wanted(i) && (!q || i === id || text[i].includes(q)));
   const at = rows.indexOf(id);
@@ -178,10 +182,12 @@ function writeState(site, state) {
 
 async function siteView(site, params) {
   const data = await getJSON(`data/${site.site}/index.json`);
+  if (site.expert_layers?.length) site.experts = await getJSON(`data/${site.site}/experts.json`);
   document.title = `${site.site} · Dialbox features`;
   const state = readState(params);
   const search = el("input", { type: "search", id: "search", value: state.q, autocomplete: "off",
-    placeholder: `Search labels, tokens or a feature ID (12, ${site.site}/12)` });
+    placeholder: `Search labels, tokens, a feature ID (12, ${site.site}/12)`
+      + (site.experts ? ` or an expert (${site.experts[0].id})` : "") });
   const show = el("select", { id: "show", "aria-label": "Which features" },
     ...SHOW.map((v) => el("option", { value: v }, v)));
   show.value = state.show;
@@ -236,7 +242,9 @@ async function siteView(site, params) {
   search.addEventListener("input", () => { state.q = search.value; state.page = 0; render(); });
   show.addEventListener("change", () => { state.show = show.value; state.page = 0; render(); });
   render();
-  return el("section", {}, el("h1", {}, site.site), siteSummary(site), el("div", { class: "controls" }, search, show),
+  const expertsLink = site.experts ? el("a", { href: `#${site.site}/experts`, id: "experts-link" }, "Experts") : null;
+  return el("section", {}, el("h1", {}, site.site), siteSummary(site),
+    el("div", { class: "controls" }, search, show, expertsLink),
     el("table", { class: "grid features", id: "feature-table" }, el("thead", {}, headers), body), pager);
 }
 
@@ -256,7 +264,7 @@ async function featureView(site, index, chunkSize) {
     el("section", {}, el("h2", {}, "Activations"), stats(f, site), histogram(f.hist_counts, site.hist_edges)),
     el("div", { class: "columns" }, logitTable("Promoted tokens", f.logit_pos),
       logitTable("Suppressed tokens", f.logit_neg), neighbours(site.site, f.neighbours)),
-    steerPanel(f), steeringBlock(f), contexts(f));
+    steerPanel(f), steeringBlock(f), expertsBlock(f, site), contexts(f));
 }
 
 // ---- steering from the page (make browse serves the steering API beside the report) -------------
@@ -500,6 +508,55 @@ function context(example, maxAct) {
     title: example.split === "explain" ? "shown to the explainer" : "used by the scorer" }, example.split) : null;
   return el("div", { class: "context" },
     el("span", { class: "peak" }, num(example.max_act), split), el("span", { class: "text" }, ...tokens));
+}
+
+// ---- experts (MoE runs whose routing was harvested) -------------------------------------------
+
+function expertQuery(site, q) {
+  if (!site.experts || !/^L\d+\/E\d+$/i.test(q)) return null;
+  return site.experts.find((e) => e.id.toLowerCase() === q.toLowerCase()) ?? { features: [] };
+}
+
+function expertLink(site, id) {
+  return el("a", { href: `#${site}/experts?e=${encodeURIComponent(id)}` }, id);
+}
+
+// The feature's top experts by lift: bars of the lift, with the numbers beside them.
+function expertsBlock(f, site) {
+  if (!f.experts) return null;
+  const top = Math.max(1, ...f.experts.map(([, lift]) => lift));
+  const rows = f.experts.map(([id, lift, low, n]) => el("tr", {},
+    el("td", {}, expertLink(site.site, id)),
+    el("td", { class: "bar" }, el("span", { class: "expert-bar", style: `width: ${(100 * lift / top).toFixed(1)}%` })),
+    el("td", { class: "num" }, `×${num(lift)}`), el("td", { class: "num muted" }, `≥ ×${num(low)}`),
+    el("td", { class: "num" }, count(n))));
+  const entropy = site.expert_layers.map((layer, i) => `L${layer} ${num(f.expert_entropy[i])} bits`).join(" · ");
+  return el("section", { class: "experts" }, el("h2", {}, "Experts"),
+    el("p", { class: "muted" }, "Lift = P(expert | feature fires) / P(expert); ranked by its 95% lower bound. "
+      + `Entropy of its experts: ${entropy}. `, el("a", { href: `#${site.site}/experts` }, "All experts")),
+    el("table", { class: "grid experts", id: "expert-table" }, el("thead", {}, el("tr", {},
+      ...["Expert", "Lift", "", "Lower bound", "Tokens"].map((h) => el("th", {}, h)))), el("tbody", {}, ...rows)));
+}
+
+// Every counted expert of the site: its load, and the features that most select it.
+async function expertsView(site, focus) {
+  if (!site.expert_layers?.length) throw new Error(`${site.site} has no expert counts: harvest with harvest.router=true`);
+  const experts = await getJSON(`data/${site.site}/experts.json`);
+  document.title = `${site.site} experts · Dialbox features`;
+  const listed = focus ? experts.filter((e) => e.id.toLowerCase() === focus.toLowerCase()) : experts;
+  if (focus && !listed.length) throw new Error(`${site.site} counts no expert ${focus}`);
+  const sections = listed.map((e) => el("section", { class: "expert", id: e.id },
+    el("h2", {}, expertLink(site.site, e.id), el("span", { class: "muted" },
+      ` load ${percent(e.load_frac)} of tokens (${count(e.load)})`)),
+    el("table", { class: "grid" }, el("tbody", {}, ...e.features.map(([index, lift, low, n, label]) => el("tr", {},
+      el("td", {}, featureLink(site.site, index)), el("td", { class: "num" }, `×${num(lift)}`),
+      el("td", { class: "num muted" }, `≥ ×${num(low)}`), el("td", { class: "num" }, count(n)),
+      el("td", { class: "label" }, label ?? el("span", { class: "muted" }, "no label"))))))));
+  const nav = el("nav", { class: "crumbs" }, el("a", { href: `#${site.site}` }, `← ${site.site} index`),
+    focus ? el("a", { href: `#${site.site}/experts` }, "all experts") : null);
+  return el("article", {}, nav, el("h1", {}, `${site.site} · experts`), el("p", { class: "muted" },
+    `Routed layers ${site.expert_layers.join(", ")}: each expert's share of tokens and the features that `
+    + "most select it (lift, its 95% lower bound, tokens together)."), ...sections);
 }
 
 window.addEventListener("hashchange", route);
