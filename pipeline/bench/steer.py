@@ -49,13 +49,13 @@ def tokens_per_s(steerer: Steerer, prompts: list[str], interventions: list, toke
 
 def served_tokens_per_s(server: SteeringServer, bodies: list[dict], clients: int) -> tuple[float, list[str]]:
     """(completion tokens per second, the texts) of the requests sent by `clients` clients at once."""
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1/completions"
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
 
     def send(body):
         request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=600) as response:
             answer = json.loads(response.read())
-        return answer["usage"]["completion_tokens"], answer["choices"][0]["text"]
+        return answer["usage"]["completion_tokens"], answer["choices"][0]["message"]["content"]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -71,8 +71,10 @@ def batching(steerer: Steerer, site: Site, prompts: list[str], tokens: int) -> d
         layer = site.layer - i % 3
         SteeringVector(f"client{i}", site.kind, "add", "raw", {layer: direction * 4 / direction.norm()},
                        steerer.identity).save(steerer.run.vectors)
-    bodies = [{"prompt": p, "max_tokens": tokens, "temperature": 0, "steering": [f"client{i} scale={1 + i % 4}"]}
-              for i, p in enumerate(prompts)]
+    # Chat requests: the instruct model answers the held-out prompts at length (as plain completions
+    # most of them end at once), so the batch is not mostly rows that left after one token.
+    bodies = [{"messages": [{"role": "user", "content": p}], "max_tokens": tokens, "temperature": 0,
+               "steering": [f"client{i} scale={1 + i % 4}"]} for i, p in enumerate(prompts)]
     server = SteeringServer(steerer, "127.0.0.1", 0, max_tokens=tokens,
                             limits=ServerLimits(max_batch=len(prompts)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -136,7 +138,7 @@ def main(argv=None) -> None:
              f"each (greedy, end of turn suppressed so every way generates the same tokens count), KV cache on. "
              f"{args.rounds} rounds, order rotated each round, medians reported. Tokens/s per round: {per_round}. "
              f"Server: {served['clients']} HTTP clients, each steering with its own random `add` vector (one of 3 "
-             f"layers, scale 1-4), greedy /v1/completions of up to {args.tokens} tokens, against the same requests "
+             f"layers, scale 1-4), greedy /v1/chat/completions of up to {args.tokens} tokens, against the same requests "
              "sent one after another to the same server; tokens/s counts completion tokens. "
              f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
              + (" (above the CPU count: other jobs shared the machine and the ratios are noise)" if os.getloadavg()[0] > os.cpu_count() else "")
