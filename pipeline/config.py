@@ -417,10 +417,11 @@ class SteerFeaturesConfig:
     prompts: str = "neutral.txt"  # neutral prompts, one a line: a file, or a name in steering/prompts/
     dev_prompts: int = 16  # the first ones after a seeded shuffle choose the setting ...
     test_prompts: int = 32  # ... and the next ones report it
-    # The sweep: add in units of the site's mean row norm (the Eiffel study's best sat near 0.5), clamp in
-    # units of the feature's max activation.
-    add_scales: list = field(default_factory=lambda: [0.25, 0.5, 1.0])
-    clamp_scales: list = field(default_factory=lambda: [4.0, 8.0])  # clamp targets, x the feature's max activation
+    # The sweep: add in units of the site's mean row norm, clamp in units of the feature's max activation,
+    # around where the demo SAE's answers cross 2x the unsteered perplexity (add 0.25 -> 1.4x, 0.5 -> 3.8x;
+    # clamp 4 -> 3.7x): the Eiffel study's best, half the norm, is past it on SmolLM2.
+    add_scales: list = field(default_factory=lambda: [0.15, 0.25, 0.4])
+    clamp_scales: list = field(default_factory=lambda: [2.0, 4.0])  # clamp targets, x the feature's max activation
     max_new_tokens: int = 32  # per answer, greedy
     batch_size: int = 16  # prompts per generate and per scoring forward
     max_ppl_ratio: float = 2.0  # a feature steers only if its perplexity is at most this times unsteered
