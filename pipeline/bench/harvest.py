@@ -33,7 +33,7 @@ from activations.harvesting import batches, harvest_with
 from activations.models import load_model
 from activations.sites import parse_sites
 from activations.store import ActivationStore
-from activations.store.format import ROUTER_PARTS, router_key
+from activations.store.format import ROUTER_PARTS, TOKEN_COLUMNS, router_key
 
 
 def time_batches(fn, batch_ids: list[torch.Tensor]) -> float:
@@ -116,7 +116,8 @@ def main(argv=None) -> None:
         written = store_bytes(Path(tmp) / "demo" / "activations")
         # zarr stores the last chunk whole, so the arithmetic counts rows up to a chunk boundary.
         padded_rows = math.ceil(store.n_tokens / store.chunk_rows) * store.chunk_rows
-        row_bytes = sum(store.width(s) * 2 for s in store.sites) + 4 + 8 + 4  # + tokens, doc_ids, positions
+        row_bytes = (sum(store.width(s) * 2 for s in store.sites)
+                     + sum(np.dtype(dtype).itemsize for dtype in TOKEN_COLUMNS.values()))  # + tokens, doc_ids, ...
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     rows = [
