@@ -1,6 +1,8 @@
 """Headless Chromium for the browser tests (test_browser, test_browser_steer), and the helpers they share."""
 
 import contextlib
+import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -61,3 +63,11 @@ def check_inert(browser, texts):
     assert browser.execute_script("return window.pwned") is None
     assert csp_violations(browser) == []  # nothing even tried to run
     assert browser.find_elements(By.CSS_SELECTOR, "main img, main script, main textarea") == []
+
+
+def publish(screenshot: Path) -> None:
+    """Copy a screenshot a test took into $DIALBOX_SCREENSHOT_DIR when set (DIALBOX_SCREENSHOT_DIR=docs/img)."""
+    if os.environ.get("DIALBOX_SCREENSHOT_DIR"):
+        target = Path(os.environ["DIALBOX_SCREENSHOT_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, target / screenshot.name)

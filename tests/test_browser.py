@@ -6,8 +6,6 @@ $DIALBOX_SCREENSHOT_DIR/feature-browser.png when that is set (DIALBOX_SCREENSHOT
 
 import functools
 import json
-import os
-import shutil
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from browser_fixtures import browser, check_inert, csp_violations, serving, wait_for  # noqa: F401 (browser: a fixture)
+from browser_fixtures import browser, check_inert, csp_violations, publish, serving, wait_for  # noqa: F401 (browser: a fixture)
 from conftest import make_trained_run, run_stage
 from features.report import build_report
 from report_fixtures import MARKUP, write_site
@@ -78,10 +76,7 @@ def test_browse_search_open_follow(browser, tmp_path):
 def screenshot(browser, tmp_path):
     path = tmp_path / "feature-browser.png"
     assert browser.save_screenshot(str(path))
-    if os.environ.get("DIALBOX_SCREENSHOT_DIR"):
-        target = Path(os.environ["DIALBOX_SCREENSHOT_DIR"])
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, target / path.name)
+    publish(path)
 
 
 def test_filter_and_sort(browser, tmp_path):

@@ -5,10 +5,6 @@ A screenshot of the panel is saved under the test's tmp dir, and also as
 $DIALBOX_SCREENSHOT_DIR/steer-panel.png when that is set (DIALBOX_SCREENSHOT_DIR=docs/img).
 """
 
-import os
-import shutil
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -23,7 +19,7 @@ from pipeline.browse import load_steerer
 from report_fixtures import write_site
 from steering.feature_vectors import max_activations
 from steering.browse import browse_server
-from browser_fixtures import browser, check_inert, csp_violations, serving, wait_for  # noqa: F401 (fixture)
+from browser_fixtures import browser, check_inert, csp_violations, publish, serving, wait_for  # noqa: F401 (fixture)
 
 HOSTILE = '<img src=x onerror=window.pwned=1> <b>bold</b> ' * 6
 
@@ -111,10 +107,7 @@ def screenshot(browser, tmp_path):
     browser.execute_script("arguments[0].scrollIntoView()", panel)
     path = tmp_path / "steer-panel.png"
     assert panel.screenshot(str(path))
-    if os.environ.get("DIALBOX_SCREENSHOT_DIR"):
-        target = Path(os.environ["DIALBOX_SCREENSHOT_DIR"])
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, target / path.name)
+    publish(path)
 
 
 def test_browse_falls_back_to_the_static_report_when_the_model_cannot_load(tmp_path, capsys):
