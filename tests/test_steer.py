@@ -141,7 +141,7 @@ def test_every_site_kind_steers_and_leaves_the_model_as_it_was(which, request):
     plain = steerer.generate(prompt, (), **GREEDY)[0].text
     for kind in SITE_KINDS:
         norm = 40.0 if which == "smol" else 8.0
-        # a fixed seed per kind (str hash() differs between processes: one seed in a few left attn_in unchanged)
+        # a fixed seed per kind (str hash() differs between processes: one draw left the attn_in text unchanged)
         random_vector(steerer, f"rand-{kind}", kind, [1, 2], norm, seed=SITE_KINDS.index(kind))
         steered = steerer.generate(prompt, [f"rand-{kind} scale=1"], **GREEDY)[0].text
         assert steered != plain, kind
