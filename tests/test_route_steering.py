@@ -14,9 +14,11 @@ from safetensors.torch import load_file
 
 from conftest import live_feature, run_stage
 from activations.store.format import router_key
+from steering.batching import Row, Scheduler
 from steering.interventions import SteeringError
 from steering.routing import export_routes, parse_route
 from steering.server import SteeringServer
+from steering.steerer import encode_prompt
 
 PROMPT = "In the beginning God created the heaven and the earth. And the earth was without form"
 
@@ -151,3 +153,17 @@ def test_the_server_steers_experts_and_refuses_a_hash_layer(tiny):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_routed_request_is_batched_alone_so_its_route_touches_no_other_row(tiny):
+    """Routes act on the router for every row of a forward: the scheduler runs a routed row in a batch
+    of its own, and the rows submitted with it generate what they would alone."""
+    prompt, force = "Tell me about the sea.", ["route L2/E6 force"]
+    ids = encode_prompt(tiny.tokenizer, prompt, False)
+    want = {"plain": tiny.generate(prompt, (), max_new_tokens=6, chat=False)[0].tokens,
+            "forced": tiny.generate(prompt, force, max_new_tokens=6, chat=False)[0].tokens}
+    assert want["plain"] != want["forced"]
+    scheduler = Scheduler(tiny, max_batch=4, wait_s=0.5)
+    tickets = [scheduler.submit(Row(ids, {}, 6)), scheduler.submit(Row(ids, tiny.hooks(force), 6, routes=force)),
+               scheduler.submit(Row(ids, {}, 6))]
+    assert [t.result().tokens for t in tickets] == [want["plain"], want["forced"], want["plain"]]
