@@ -415,7 +415,7 @@ class SteerFeaturesConfig:
     n: int = 64  # live labelled features sampled (seeded) ...
     features: list = field(default_factory=list)  # ... plus these (feature IDs or indices at the site)
     prompts: str = "neutral.txt"  # neutral prompts, one a line: a file, or a name in steering/prompts/
-    dev_prompts: int = 16  # the first ones after a seeded shuffle choose the setting ...
+    dev_prompts: int = 8  # the first ones after a seeded shuffle choose the setting ...
     test_prompts: int = 32  # ... and the next ones report it
     # The sweep: add in units of the site's mean row norm, clamp in units of the feature's max activation,
     # around where the demo SAE's answers cross 2x the unsteered perplexity (add 0.25 -> 1.4x, 0.5 -> 3.8x;
@@ -423,7 +423,8 @@ class SteerFeaturesConfig:
     add_scales: list = field(default_factory=lambda: [0.15, 0.25, 0.4])
     clamp_scales: list = field(default_factory=lambda: [2.0, 4.0])  # clamp targets, x the feature's max activation
     max_new_tokens: int = 32  # per answer, greedy
-    batch_size: int = 16  # prompts per generate and per scoring forward
+    # answers generated together (every setting of the sweep shares batches) and read per scoring forward
+    batch_size: int = 48
     max_ppl_ratio: float = 2.0  # a feature steers only if its perplexity is at most this times unsteered
     bootstrap: int = 1000  # resamples for the 95% intervals
     seed: int = 0  # the feature sample, the dev/test split, the random controls and the bootstrap

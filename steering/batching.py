@@ -174,6 +174,14 @@ def generate_batch(steerer: Steerer, rows: list[Row]) -> None:
             positions = mask.sum(-1, keepdim=True) - 1
 
 
+def generate_rows(steerer: Steerer, rows: list[Row], max_batch: int) -> list[Generation]:
+    """Every row generated to its end, `max_batch` rows at a time, without the scheduler's thread: for a
+    batch job whose rows each carry their own interventions (make steer-features sweeps settings this way)."""
+    for i in range(0, len(rows), max_batch):
+        generate_batch(steerer, rows[i: i + max_batch])
+    return [row.events.queue[-1] for row in rows]  # a row's events: its tokens, then its Generation
+
+
 def batch_hooks(rows: list[Row], live) -> dict:
     """{site: hook} for the batch: each live row's slice goes through that row's own hook at the site."""
     sites = {site for row in rows for site in row.hooks}

@@ -169,10 +169,12 @@ def read_answers(steerer: Steerer, contexts: list, answers: list, batch_size: in
 
         with torch.inference_mode(), steerer.adapter.hooks({site: keep} if site else {}):
             logits = steerer.model(input_ids=ids.to(steerer.device), attention_mask=mask.to(steerer.device),
-                                   use_cache=False).logits.float().log_softmax(-1).cpu()
+                                   use_cache=False).logits
         for row, (c, a) in enumerate(pairs):
+            # only the answer's positions are normalised: the whole [batch, seq, vocab] would be most of the cost
             positions = torch.arange(len(c) - 1, len(c) + len(a) - 1)
-            logprob = float(logits[row, positions, a].sum()) if len(a) else 0.0
+            picked = logits[row, positions.to(logits.device)].float().log_softmax(-1).cpu()
+            logprob = float(picked[torch.arange(len(a)), a].sum()) if len(a) else 0.0
             rows = captured["rows"][row, len(c): len(c) + len(a)] if site else None
             out.append((logprob, rows))
     return out

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from activations.sites import FeatureId, Site
 from features.tables import append_steering_result, read_steering_results, set_feature_columns
+from steering.batching import Row, generate_rows
 from steering.contrast import read_prompts
 from steering.evaluation import bootstrap, make_judge, read_answers
 from steering.interventions import SteeringError
@@ -90,13 +91,17 @@ class FeatureEvaluation:
         self._cache: dict[tuple, Answers] = {}
         self.judge = make_judge(cfg.judge, steerer.run)  # None without an endpoint
 
-    def answers(self, prompts: list[str], interventions: list, suffix: str = "") -> Answers:
-        """Generate, then read every answer after its plain prompt (the suffix is the baseline's method,
-        not part of the task) with the watched features' SAE activations."""
-        generated = []
-        for i in range(0, len(prompts), self.cfg.batch_size):
-            batch = [p + suffix for p in prompts[i: i + self.cfg.batch_size]]
-            generated += self.steerer.generate(batch, interventions, max_new_tokens=self.cfg.max_new_tokens)
+    def answers(self, conditions: list[tuple]) -> list[Answers]:
+        """Greedy answers for each condition (prompts, interventions, suffix), all generated as rows of
+        shared batches, then read after their plain prompts (the suffix is the baseline's method, not part
+        of the task) with the watched features' SAE activations."""
+        rows = [Row(encode_prompt(self.steerer.tokenizer, p + suffix, self.steerer.chat_default),
+                    self.steerer.hooks(interventions), max_new_tokens=self.cfg.max_new_tokens)
+                for prompts, interventions, suffix in conditions for p in prompts]
+        generated = iter(generate_rows(self.steerer, rows, self.cfg.batch_size))
+        return [self.read(prompts, [next(generated) for _ in prompts]) for prompts, _, _ in conditions]
+
+    def read(self, prompts: list[str], generated: list) -> Answers:
         contexts = [encode_prompt(self.steerer.tokenizer, p, self.steerer.chat_default) for p in prompts]
         tokens = [torch.tensor(g.tokens, dtype=torch.long) for g in generated]
         read = read_answers(self.steerer, contexts, tokens, self.cfg.batch_size, site=self.site)
@@ -113,7 +118,7 @@ class FeatureEvaluation:
     def shared(self, key: tuple, prompts: list[str], interventions: list) -> Answers:
         """Answers that do not depend on the feature evaluated (unsteered, random control): made once."""
         if key not in self._cache:
-            self._cache[key] = self.answers(prompts, interventions)
+            self._cache[key] = self.answers([(prompts, interventions, "")])[0]
         return self._cache[key]
 
     def scores(self, answers: Answers, plain: Answers, column: int) -> dict:
@@ -126,14 +131,14 @@ class FeatureEvaluation:
         """One feature: the dev sweep, then the test report against its controls."""
         feature, column = f"{self.site}/{index}", self.watch.index(index)
         plain_dev = self.shared(("plain", "dev"), self.dev, [])
-        sweep = [(s, self.scores(self.answers(self.dev, [s.intervention(feature)]), plain_dev, column))
-                 for s in self.settings]
+        swept = self.answers([(self.dev, [s.intervention(feature)], "") for s in self.settings])
+        sweep = [(s, self.scores(answers, plain_dev, column)) for s, answers in zip(self.settings, swept)]
         best, dev_scores = max(sweep, key=lambda item: item[1]["score"])
         plain = self.shared(("plain", "test"), self.test, [])
-        steered = self.answers(self.test, [best.intervention(feature)])
+        steered, baseline = self.answers([(self.test, [best.intervention(feature)], ""),
+                                          (self.test, [], " " + baseline_instruction(label))])
         control_id = f"{self.site}/{control}"
         random_control = self.shared(("control", best, control), self.test, [best.intervention(control_id)])
-        baseline = self.answers(self.test, [], suffix=" " + baseline_instruction(label))
         draws, seed = self.cfg.bootstrap, self.cfg.seed
         gain = steered.fires[:, column] - plain.fires[:, column]
         over_control = steered.fires[:, column] - random_control.fires[:, column]

@@ -259,10 +259,16 @@ def test_label_stage_with_an_openai_endpoint_end_to_end(smol_runs, tmp_path, end
     assert secret not in result.stdout + result.stderr
 
 
+@pytest.fixture(scope="module")
+def small_labelled(smol_runs, tmp_path_factory):
+    """The smol run labelled once by the stage with LABEL_SMALL: (runs, the stage's result)."""
+    runs = copy_run(smol_runs, tmp_path_factory.mktemp("small_labelled") / "runs")
+    return runs, run_stage("pipeline.label", f"run.runs_dir={runs}", *LABEL_SMALL)
+
+
 @pytest.mark.slow
-def test_label_stage_writes_the_tables(smol_runs, tmp_path):
-    runs = copy_run(smol_runs, tmp_path / "runs")
-    result = run_stage("pipeline.label", f"run.runs_dir={runs}", *LABEL_SMALL)
+def test_label_stage_writes_the_tables(small_labelled):
+    runs, result = small_labelled
     assert "heuristic" in result.stdout
     out = runs / "demo" / "features" / SITE
     table = pq.read_table(out / "features.parquet").to_pandas()
@@ -285,10 +291,9 @@ def test_label_stage_writes_the_tables(smol_runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_label_split_in_two_feature_ranges_equals_one_pass(smol_runs, tmp_path):
-    whole = copy_run(smol_runs, tmp_path / "whole")
+def test_label_split_in_two_feature_ranges_equals_one_pass(smol_runs, small_labelled, tmp_path):
+    whole, _ = small_labelled
     split = copy_run(smol_runs, tmp_path / "split")
-    run_stage("pipeline.label", f"run.runs_dir={whole}", *LABEL_SMALL)
     first = run_stage("pipeline.label", f"run.runs_dir={split}", *LABEL_SMALL, "label.features=[600,1152]")
     assert "merged" not in first.stdout and not (split / "demo/features" / SITE / "features.parquet").exists()
     second = run_stage("pipeline.label", f"run.runs_dir={split}", *LABEL_SMALL, "label.features=[0,600]")

@@ -57,16 +57,28 @@ def plan_windows(store, seed: int, shuffle_chunks: int, stop_row: int, skip_rows
 
 
 def read_window(store, sites: list[str], window: Window, seed: int, pin_memory: bool) -> dict[str, torch.Tensor]:
-    """A window's rows of every site in its permuted order, in the store's dtype (bf16: a view of the stored bits)."""
-    perm = np.random.default_rng([seed, window.number]).permutation(window.rows)[window.skip:]
+    """A window's rows of every site in its permuted order, in the store's dtype (bf16: a view of the stored bits).
+
+    Each chunk's rows are scattered straight to their permuted places in the window's buffer: no
+    concatenated copy of the window is made first, which would be a second pass over its bytes and a
+    second fresh block of memory to fault in per window."""
+    permutation = np.random.default_rng([seed, window.number]).permutation(window.rows)
+    place = np.empty(window.rows, np.intp)  # where each of the window's rows goes; < 0: skipped
+    place[permutation] = np.arange(window.rows) - window.skip
     out = {}
     for site in sites:
-        whole = np.concatenate([store.read_shard(shard, site, start, stop) for shard, start, stop in window.chunks])
-        bits = whole.dtype == np.uint16
-        dest = window_buffer((len(perm), whole.shape[1]), torch.int16 if bits else torch.float32, pin_memory)
-        # mode="clip" (the indices are all valid): under the default "raise", numpy buffers `out`.
-        np.take(whole, perm, axis=0, out=dest.numpy().view(whole.dtype), mode="clip")
-        out[site] = dest.view(torch.bfloat16) if bits else dest
+        (width,), stored = store.columns()[site]
+        bits = stored == np.uint16
+        buffer = window_buffer((window.rows - window.skip, width), torch.int16 if bits else torch.float32, pin_memory)
+        dest, offset = buffer.numpy().view(stored), 0
+        for shard, start, stop in window.chunks:
+            rows, to = store.read_shard(shard, site, start, stop), place[offset: offset + stop - start]
+            if window.skip:
+                kept = to >= 0
+                rows, to = rows[kept], to[kept]
+            dest[to] = rows
+            offset += stop - start
+        out[site] = buffer.view(torch.bfloat16) if bits else buffer
     return out
 
 
