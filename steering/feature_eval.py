@@ -8,7 +8,8 @@ For each feature of a seeded sample of live labelled features (plus any IDs give
               in the unsteered model over prompt + answer;
      fluency  unsteered perplexity / the answers' perplexity under the unsteered model (at most 1),
               times the share of 4-grams that do not repeat: a degenerate loop is not fluent.
-   The setting with the best harmonic mean of the two is chosen, as AxBench chooses a factor.
+   The setting with the best harmonic mean of the two is chosen, as AxBench chooses a factor, among
+   the settings whose perplexity is within the limit below (all of them when none is).
 2. test prompts: the chosen setting is reported next to the unsteered model, a random live
    feature at the same setting (the control), and the prompt baseline, the bar to beat (the prompt
    plus "Mention <label> in your answer.", or "Use the words ..." for a token-list label).
@@ -133,7 +134,12 @@ class FeatureEvaluation:
         plain_dev = self.shared(("plain", "dev"), self.dev, [])
         swept = self.answers([(self.dev, [s.intervention(feature)], "") for s in self.settings])
         sweep = [(s, self.scores(answers, plain_dev, column)) for s, answers in zip(self.settings, swept)]
-        best, dev_scores = max(sweep, key=lambda item: item[1]["score"])
+        # Only a setting within the perplexity limit can count as steering, so the best harmonic mean is
+        # taken among those: unconstrained, the concept share (a few hundredths) dominates the mean and
+        # picks the strongest push, which then fails the limit on the test prompts.
+        limit = self.cfg.max_ppl_ratio * plain_dev.perplexity()
+        best, dev_scores = max([item for item in sweep if item[1]["perplexity"] <= limit] or sweep,
+                               key=lambda item: item[1]["score"])
         plain = self.shared(("plain", "test"), self.test, [])
         steered, baseline = self.answers([(self.test, [best.intervention(feature)], ""),
                                           (self.test, [], " " + baseline_instruction(label))])
