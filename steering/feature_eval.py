@@ -134,12 +134,7 @@ class FeatureEvaluation:
         plain_dev = self.shared(("plain", "dev"), self.dev, [])
         swept = self.answers([(self.dev, [s.intervention(feature)], "") for s in self.settings])
         sweep = [(s, self.scores(answers, plain_dev, column)) for s, answers in zip(self.settings, swept)]
-        # Only a setting within the perplexity limit can count as steering, so the best harmonic mean is
-        # taken among those: unconstrained, the concept share (a few hundredths) dominates the mean and
-        # picks the strongest push, which then fails the limit on the test prompts.
-        limit = self.cfg.max_ppl_ratio * plain_dev.perplexity()
-        best, dev_scores = max([item for item in sweep if item[1]["perplexity"] <= limit] or sweep,
-                               key=lambda item: item[1]["score"])
+        best, dev_scores = choose_setting(sweep, self.cfg.max_ppl_ratio * plain_dev.perplexity())
         plain = self.shared(("plain", "test"), self.test, [])
         steered, baseline = self.answers([(self.test, [best.intervention(feature)], ""),
                                           (self.test, [], " " + baseline_instruction(label))])
@@ -173,6 +168,14 @@ class FeatureEvaluation:
             "judge": {name: self.judge(self.test, answers.texts, label or feature)
                       for name, answers in (("steered", steered), ("baseline", baseline))} if self.judge else None,
         }
+
+
+def choose_setting(sweep: list[tuple], max_perplexity: float) -> tuple:
+    """The (setting, scores) of the sweep with the best harmonic mean, among those within the perplexity
+    limit (all of them when none is). Only such a setting can count as steering; unconstrained, the
+    concept share (a few hundredths) dominates the mean and the strongest push wins, then fails the limit."""
+    within = [item for item in sweep if item[1]["perplexity"] <= max_perplexity]
+    return max(within or sweep, key=lambda item: item[1]["score"])
 
 
 def harmonic(a: float, b: float) -> float:

@@ -12,7 +12,7 @@ from activations.rundir import RunDir
 from conftest import SMOL_SITE, compose_config, copy_run, run_stage
 from features.report import build_report
 from pipeline.steer import run_action
-from steering.feature_eval import auroc, baseline_instruction, evaluate_features, repeat_share
+from steering.feature_eval import auroc, baseline_instruction, choose_setting, evaluate_features, repeat_share
 from steering.interventions import SteeringError
 from steering.steerer import Steerer
 
@@ -191,3 +191,10 @@ def test_a_feature_built_to_steer_steers_and_a_random_direction_does_not(tmp_pat
     assert by_index[planted]["steers"], by_index[planted]
     assert by_index[planted]["gain_over_control_ci95"][0] > 0
     assert not by_index[random_index]["steers"], by_index[random_index]
+
+
+def test_the_setting_is_chosen_within_the_perplexity_limit():
+    sweep = [("mild", {"score": 0.10, "perplexity": 3.0}), ("strong", {"score": 0.30, "perplexity": 9.0}),
+             ("middle", {"score": 0.20, "perplexity": 4.0})]
+    assert choose_setting(sweep, max_perplexity=5.0)[0] == "middle"  # the strong push is past the limit
+    assert choose_setting(sweep, max_perplexity=2.0)[0] == "strong"  # none within: the best of all
