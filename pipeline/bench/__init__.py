@@ -16,7 +16,8 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {threads} thread{'s' if threads != 1 else ''}, {gpu}, torch {torch.__version__}"
 
 
 def write_section(name: str, command: str, body: str) -> None:
