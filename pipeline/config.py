@@ -425,7 +425,10 @@ class SteerFeaturesConfig:
     max_new_tokens: int = 32  # per answer, greedy
     # answers generated together (every setting of the sweep shares batches) and read per scoring forward
     batch_size: int = 48
-    max_ppl_ratio: float = 2.0  # a feature steers only if its perplexity is at most this times unsteered
+    max_ppl_ratio: float = 2.0  # a feature steers only if its perplexity is at most this times unsteered ...
+    # ... and at most this share of its answers' 4-grams repeat an earlier one: a loop ("1111...") reads as
+    # likely to the model, so perplexity alone lets it through (unsteered answers repeat about 0.01)
+    max_repeats: float = 0.2
     bootstrap: int = 1000  # resamples for the 95% intervals
     seed: int = 0  # the feature sample, the dev/test split, the random controls and the bootstrap
     # An OpenAI-compatible endpoint that also rates the test answers (AxBench's 0-2 concept, relevance, fluency).

@@ -193,7 +193,7 @@ def steer_features_report(results: list[dict], s: dict, f: DictConfig) -> str:
         f"{f.max_new_tokens} new tokens; sweep add {list(f.add_scales)} (x mean row norm), clamp "
         f"{list(f.clamp_scales)} (x max activation). Concept = share of answer tokens on which the feature fires.", "",
         f"- **steer: {s['steer_share']:.0%}** of the features (gain over a random live feature at the same setting "
-        f"excludes 0, perplexity <= {f.max_ppl_ratio:g}x unsteered)",
+        f"excludes 0, perplexity <= {f.max_ppl_ratio:g}x unsteered, repeated 4-grams <= {f.max_repeats:g})",
         f"- chosen op: add {s['by_op']['add']['chosen']} (steer {s['by_op']['add']['steer']}), clamp "
         f"{s['by_op']['clamp']['chosen']} (steer {s['by_op']['clamp']['steer']})",
         f"- mean concept gain over unsteered {s['mean_gain']:+.3f}; over the prompt baseline "

@@ -15,7 +15,9 @@ For each feature of a seeded sample of live labelled features (plus any IDs give
    plus "Mention <label> in your answer.", or "Use the words ..." for a token-list label).
 
 A feature steers when the 95% bootstrap interval (over test prompts) of its concept gain over the
-control excludes 0 and its perplexity is at most `max_ppl_ratio` times the unsteered one.
+control excludes 0, its perplexity is at most `max_ppl_ratio` times the unsteered one and at most
+`max_repeats` of its answers' 4-grams repeat (a loop reads as likely to the model). `steers` is derived
+again from the stored scores on every run, so a changed limit applies to features already evaluated.
 
 Each finished feature is one JSON line in features/<site>/steering.jsonl, so a killed run resumes
 and a rerun evaluates only the features not done; the steer_* columns of features.parquet are
@@ -134,7 +136,7 @@ class FeatureEvaluation:
         plain_dev = self.shared(("plain", "dev"), self.dev, [])
         swept = self.answers([(self.dev, [s.intervention(feature)], "") for s in self.settings])
         sweep = [(s, self.scores(answers, plain_dev, column)) for s, answers in zip(self.settings, swept)]
-        best, dev_scores = choose_setting(sweep, self.cfg.max_ppl_ratio * plain_dev.perplexity())
+        best, dev_scores = choose_setting(sweep, self.cfg.max_ppl_ratio * plain_dev.perplexity(), self.cfg.max_repeats)
         plain = self.shared(("plain", "test"), self.test, [])
         steered, baseline = self.answers([(self.test, [best.intervention(feature)], ""),
                                           (self.test, [], " " + baseline_instruction(label))])
@@ -160,7 +162,6 @@ class FeatureEvaluation:
             "gain_over_control": float(over_control.mean()), "gain_over_control_ci95": interval,
             "gain_over_baseline": float(over_baseline.mean()),
             "gain_over_baseline_ci95": bootstrap(lambda i: over_baseline[i].mean(), len(over_baseline), draws, seed),
-            "steers": bool(interval[0] > 0 and ppl_ratio <= self.cfg.max_ppl_ratio),
             "prompts": len(self.test),
             "examples": [{"prompt": self.test[k], "unsteered": plain.texts[k], "steered": steered.texts[k]}
                          for k in range(min(2, len(self.test)))],
@@ -170,12 +171,18 @@ class FeatureEvaluation:
         }
 
 
-def choose_setting(sweep: list[tuple], max_perplexity: float) -> tuple:
+def choose_setting(sweep: list[tuple], max_perplexity: float, max_repeats: float) -> tuple:
     """The (setting, scores) of the sweep with the best harmonic mean, among those within the perplexity
-    limit (all of them when none is). Only such a setting can count as steering; unconstrained, the
-    concept share (a few hundredths) dominates the mean and the strongest push wins, then fails the limit."""
-    within = [item for item in sweep if item[1]["perplexity"] <= max_perplexity]
+    and repeat limits (all of them when none is). Only such a setting can count as steering; unconstrained,
+    the concept share (a few hundredths) dominates the mean and the strongest push wins, then fails a limit."""
+    within = [item for item in sweep if item[1]["perplexity"] <= max_perplexity and item[1]["repeats"] <= max_repeats]
     return max(within or sweep, key=lambda item: item[1]["score"])
+
+
+def steers(result: dict, cfg: DictConfig) -> bool:
+    """Whether an evaluated feature steers: its gain over the random control excludes 0 within the limits."""
+    return bool(result["gain_over_control_ci95"][0] > 0 and result["perplexity_ratio"] <= cfg.max_ppl_ratio
+                and result["repeats"] <= cfg.max_repeats)
 
 
 def harmonic(a: float, b: float) -> float:
@@ -244,8 +251,11 @@ def evaluate_features(steerer: Steerer, cfg: DictConfig) -> dict:
     pairs = controls(table, watch, cfg.seed)
     for index in tqdm(todo, desc=f"steer features {site}", unit="feature", dynamic_ncols=True):
         result = evaluation.evaluate(index, labels[index] or "", pairs[index])
+        result["steers"] = steers(result, cfg)
         append_steering_result(site_dir, result)
         done[index] = result
+    for result in done.values():  # derived again: a changed limit applies to the features evaluated before
+        result["steers"] = steers(result, cfg)
     results = [done[i] for i in watch]
     set_feature_columns(site_dir, feature_columns(list(done.values())), COLUMNS)
     return {"site": str(site), "results": results, "evaluated_now": len(todo)}

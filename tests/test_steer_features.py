@@ -183,8 +183,9 @@ def test_a_feature_built_to_steer_steers_and_a_random_direction_does_not(tmp_pat
         f"steer_features.features=[{planted},{random_index}]", "steer_features.dev_prompts=4",
         "steer_features.test_prompts=16", "steer_features.add_scales=[0.15]", "steer_features.clamp_scales=[]",
         # Two blocks before the output a push of 0.15 x the mean norm already floods some answers with the word
-        # (perplexity 2-2.5x); the limit is loosened so that the test is about the concept, not the limit.
-        "steer_features.max_ppl_ratio=3",
+        # (perplexity 2-2.5x, a quarter of the 4-grams repeated); the limits are loosened so that the test is
+        # about the concept, not the limits.
+        "steer_features.max_ppl_ratio=3", "steer_features.max_repeats=0.5",
         "steer_features.max_new_tokens=16", "steer_features.batch_size=16", "steer_features.bootstrap=500"])
     outcome = evaluate_features(steerer, cfg.steer_features)  # the steerer loads the SAE now: the planted one
     by_index = {r["index"]: r for r in outcome["results"]}
@@ -194,7 +195,9 @@ def test_a_feature_built_to_steer_steers_and_a_random_direction_does_not(tmp_pat
 
 
 def test_the_setting_is_chosen_within_the_perplexity_limit():
-    sweep = [("mild", {"score": 0.10, "perplexity": 3.0}), ("strong", {"score": 0.30, "perplexity": 9.0}),
-             ("middle", {"score": 0.20, "perplexity": 4.0})]
-    assert choose_setting(sweep, max_perplexity=5.0)[0] == "middle"  # the strong push is past the limit
-    assert choose_setting(sweep, max_perplexity=2.0)[0] == "strong"  # none within: the best of all
+    sweep = [("mild", {"score": 0.10, "perplexity": 3.0, "repeats": 0.0}),
+             ("strong", {"score": 0.30, "perplexity": 9.0, "repeats": 0.0}),
+             ("middle", {"score": 0.20, "perplexity": 4.0, "repeats": 0.0}),
+             ("loop", {"score": 0.25, "perplexity": 2.5, "repeats": 0.7})]  # "1111...": likely, and a loop
+    assert choose_setting(sweep, max_perplexity=5.0, max_repeats=0.2)[0] == "middle"
+    assert choose_setting(sweep, max_perplexity=2.0, max_repeats=0.2)[0] == "strong"  # none within: the best of all
