@@ -42,7 +42,8 @@ from sae.step import torch_decode, triton_kernels
 from sae.trainer import Member, Trainer
 
 SITE = "L15.resid_post"
-QUICK = dict(d_in=64, d_sae=512, k=8, batch=256, steps=2, rounds=2, batches=6, reader_width=256, reader_rows=4096)
+QUICK = dict(d_in=64, d_sae=512, k=8, batch=256, steps=2, rounds=2, batches=6, reader_width=256, reader_rows=4096,
+             reader_epochs=1)
 
 
 def synthetic_activations(rows: int, d_in: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -72,15 +73,18 @@ def write_store(root, blocks, width: int) -> ActivationStore:
     return ActivationStore(root)
 
 
-def reader_rates(root, width: int, rows: int, batch: int, rounds: int) -> list[float]:
-    """Rows/s of the training loader alone (`ActivationStore.iter_batches`, default threads), one
-    shuffled epoch per round over a bf16 store of `rows` x `width` that was just written (page cache)."""
+def reader_rates(root, width: int, rows: int, batch: int, rounds: int, epochs: int) -> list[float]:
+    """Rows/s of the training loader alone (`ActivationStore.iter_batches`, default threads), `epochs`
+    shuffled epochs per round over a bf16 store of `rows` x `width` that was just written (page cache).
+    The store is synced to disk first, so that no round competes with the kernel writing it back."""
     store = write_store(root, (torch.randn(min(4096, rows - i), width) for i in range(0, rows, 4096)), width)
+    os.sync()
     rates = []
     for r in range(rounds):
         start, n = time.perf_counter(), 0
-        for b in store.iter_batches(SITE, batch, seed=r):
-            n += len(b[SITE])
+        for epoch in range(epochs):  # one epoch of 65,536 rows is a third of a second: too short to time alone
+            for b in store.iter_batches(SITE, batch, seed=r * epochs + epoch):
+                n += len(b[SITE])
         rates.append(n / (time.perf_counter() - start))
     return rates
 
@@ -149,6 +153,7 @@ def main(argv=None) -> None:
                         help="latents counted dead at the start of each round, the same in every trainer (1 = all)")
     parser.add_argument("--reader-width", type=int, default=4096, help="site width of the reader-alone row (DeepSeek-V4-Flash's)")
     parser.add_argument("--reader-rows", type=int, default=65536, help="rows of the reader-alone store")
+    parser.add_argument("--reader-epochs", type=int, default=4, help="epochs over it per round of the reader-alone row")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:  # quick sizes become the defaults; flags given still win
@@ -244,7 +249,7 @@ def main(argv=None) -> None:
         decoder_ms = {name: 1e3 * decoder_seconds(fn, args.d_in, sae.cfg.d_sae, args.k, B, device)
                       for name, fn in decoders.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        reader = reader_rates(tmp, args.reader_width, args.reader_rows, B, args.rounds)
+        reader = reader_rates(tmp, args.reader_width, args.reader_rows, B, args.rounds, args.reader_epochs)
 
     tps = {name: statistics.median(v) for name, v in rates.items()}
     # FLOPs of one Dialbox step per token: the three encoder matmuls (forward, grad W_enc, grad of
@@ -302,7 +307,7 @@ three matmuls (forward, grad W_enc, grad of its input for b_dec), and the k deco
 rows gathered forward and twice backward; elementwise work, topk and Adam are not counted. The peak is the
 median bf16 FLOP/s of a {"8192" if cuda else "2048"}^3 matmul measured in this run.{cuda_notes(args, d_sae) if cuda else ""}
 The reader alone: {args.reader_rows:,} random rows of width {args.reader_width} written as bf16 with `ShardWriter`,
-then read back as one shuffled epoch of batches of {B} per round (`ActivationStore.iter_batches`: chunk reads and
+synced to disk, then read back as {args.reader_epochs} shuffled epochs of batches of {B} per round (`ActivationStore.iter_batches`: chunk reads and
 row shuffles on {TrainConfig().loader_workers} threads), nothing consuming them; the rows were just written, so they
 come from the page cache. Rows/s per round: {", ".join(f"{v:,.0f}" for v in reader)}. Load average at the end:
 {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.
