@@ -67,3 +67,14 @@ def test_closing_the_loader_stops_its_threads(tmp_path):
     next(batches)
     batches.close()
     assert not [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+
+
+def test_window_buffers_are_reused_only_when_no_batch_holds_them(tmp_path):
+    store = two_shard_store(tmp_path / "activations")
+    want = reference_order(store, 8, 1, 1, store.n_tokens, True)  # 17 windows of one chunk, a batch each
+    held = list(shuffled_batches(store, [A, B], 8, seed=1, shuffle_chunks=1, workers=2))
+    assert ids(held) == want  # every batch kept: none was overwritten by a later window
+    seen = set()
+    for batch in shuffled_batches(store, [A, B], 8, seed=1, shuffle_chunks=1, workers=2):
+        seen.add(batch[A].untyped_storage().data_ptr())
+    assert len(seen) < len(want)  # each batch dropped before the next: its window's buffer came round again
