@@ -230,7 +230,8 @@ def test_label_stage_with_an_openai_endpoint_end_to_end(smol_runs, tmp_path, end
     env = {**os.environ, "DIALBOX_TEST_KEY": secret}
     args = [f"run.runs_dir={runs}", *LABEL_SMALL, "explainer=openai", f"explainer.base_url={endpoint.url}",
             "explainer.model=fake-model", "explainer.api_key_env=DIALBOX_TEST_KEY", "explainer.max_features=6",
-            "explainer.backoff_s=0.01", "explainer.retries=1"]
+            "explainer.backoff_s=0.01", "explainer.retries=1",
+            "label.output_score=false"]  # the LLM path is under test; output scores cost 12 s of each of 3 runs
     endpoint.down = True  # first run: the endpoint is down
     result = run_stage("pipeline.label", *args, env=env)
     out = runs / "demo" / "features" / SITE
