@@ -105,6 +105,7 @@ class FeatureEvaluation:
         return [self.read(prompts, [next(generated) for _ in prompts]) for prompts, _, _ in conditions]
 
     def read(self, prompts: list[str], generated: list) -> Answers:
+        """The generations' scores: where the watched features fire, their likelihood and repeats."""
         contexts = [encode_prompt(self.steerer.tokenizer, p, self.steerer.chat_default) for p in prompts]
         tokens = [torch.tensor(g.tokens, dtype=torch.long) for g in generated]
         read = read_answers(self.steerer, contexts, tokens, self.cfg.batch_size, site=self.site)

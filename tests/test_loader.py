@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from activations.store import ActivationStore
-from activations.store.loader import THREAD_PREFIX, shuffled_batches
+from activations.store.loader import THREAD_PREFIX, WindowBuffers, shuffled_batches
 from store_fixtures import A, B, append_in_batches, make_rows, writer
 
 
@@ -71,10 +71,17 @@ def test_closing_the_loader_stops_its_threads(tmp_path):
 
 def test_window_buffers_are_reused_only_when_no_batch_holds_them(tmp_path):
     store = two_shard_store(tmp_path / "activations")
-    want = reference_order(store, 8, 1, 1, store.n_tokens, True)  # 17 windows of one chunk, a batch each
+    want = reference_order(store, 8, 1, 1, store.n_tokens, True)  # windows of one chunk, about a batch each
     held = list(shuffled_batches(store, [A, B], 8, seed=1, shuffle_chunks=1, workers=2))
     assert ids(held) == want  # every batch kept: none was overwritten by a later window
-    seen = set()
-    for batch in shuffled_batches(store, [A, B], 8, seed=1, shuffle_chunks=1, workers=2):
-        seen.add(batch[A].untyped_storage().data_ptr())
-    assert len(seen) < len(want)  # each batch dropped before the next: its window's buffer came round again
+
+    buffers = WindowBuffers(most=2)
+    first = buffers.take((8, 4), torch.int16, pin_memory=False)
+    view = first[2:5]  # a batch cut from the window
+    del first
+    second = buffers.take((8, 4), torch.int16, pin_memory=False)
+    assert not np.shares_memory(view.numpy(), second.numpy())  # the view still holds the first buffer
+    del view
+    again = buffers.take((8, 4), torch.int16, pin_memory=False)
+    assert np.shares_memory(again.numpy(), buffers.kept[0])  # nothing holds it now: it comes round
+    assert len(buffers.kept) == 2
