@@ -9,7 +9,7 @@ For each feature of a seeded sample of live labelled features (plus any IDs give
      fluency  unsteered perplexity / the answers' perplexity under the unsteered model (at most 1),
               times the share of 4-grams that do not repeat: a degenerate loop is not fluent.
    The setting with the best harmonic mean of the two is chosen, as AxBench chooses a factor, among
-   the settings whose perplexity is within the limit below (all of them when none is).
+   the settings within the perplexity and repeat limits below (all of them when none is).
 2. test prompts: the chosen setting is reported next to the unsteered model, a random live
    feature at the same setting (the control), and the prompt baseline, the bar to beat (the prompt
    plus "Mention <label> in your answer.", or "Use the words ..." for a token-list label).
