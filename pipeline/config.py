@@ -165,8 +165,9 @@ class TrainConfig:
     # Run the TopK encoder matmul in bf16 (AMX / tensor cores); the rest stays float32.
     bf16_encoder: bool = True
     # On CUDA, with triton installed, run the TopK decoder and the encoder's backward with the
-    # Triton kernels of sae/triton_topk.py (over the k active latents only); false = torch's
-    # embedding_bag and a dense encoder backward, which CPU always uses.
+    # Triton kernels of sae/triton_topk.py (over the k active latents only), and the encoder forward
+    # fused with its top k (sae/triton_encode.py) where that times faster; false = torch's
+    # embedding_bag and a dense encoder, which CPU always uses.
     triton_kernels: bool = True
     # A latent is dead when it has not fired in this many tokens.
     # 0 = a tenth of the training tokens, at most 10M (AuxK must get to work within short runs).

@@ -5,8 +5,9 @@ The fast TopK step computes exactly the loss of sae-lens's TopKTrainingSAE
 [batch, d_sae] activation matrix for the decoder: the encoder runs in bf16 and the
 decoder gathers the k active rows of W_dec, forward and backward. On CUDA, with triton
 installed, the Triton kernels of sae/triton_topk.py run the decoder and also the encoder's
-backward over the k active latents only; elsewhere torch's embedding_bag decodes and the
-encoder back-propagates through its dense product.
+backward over the k active latents only, and the encoder's forward is fused with its top k
+(sae/triton_encode.py) where that times faster than cuBLAS + torch.topk on the GPU at hand;
+elsewhere torch's embedding_bag decodes and the encoder back-propagates through its dense product.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ sum over k (token, latent) pairs. Three kernels compute them, and never build a 
   (the gradients of W_dec and of W_enc): the pairs are sorted by latent, each program walks a
   run of them, sums while the latent stays the same, and adds the sum into that latent's row
   once (an atomic add only where a run of a latent ends, or the program's share does).
-Accumulation is in float32. sae/step.py uses them on CUDA; under TRITON_INTERPRET=1 the same
+Accumulation is in float32. The encoder's forward (its matmul and top k) is sae/triton_encode.py's.
+sae/step.py uses them on CUDA; under TRITON_INTERPRET=1 the same
 kernels run on CPU tensors, which is how tests/test_topk_step.py checks them.
 """
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from sae import triton_encode
 
 BLOCK_D = 128  # columns (d_in) per program
 BLOCK_K = 16  # active latents loaded at once
@@ -135,8 +138,10 @@ class SparseTopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, k, dtype):
-        pre = torch.addmm(b_enc.to(dtype), x.to(dtype), W_enc.to(dtype))
-        values, latents = pre.topk(k, dim=-1, sorted=False)
+        # On a GPU the faster of the fused kernel and cuBLAS + torch.topk, as timed there; the
+        # interpreter (tests, on CPU) runs the fused kernel.
+        top_k = triton_encode.fastest_forward if x.is_cuda else triton_encode.fused_topk
+        values, latents = top_k(x.to(dtype), W_enc.to(dtype), b_enc, k)
         ctx.save_for_backward(x, W_enc, latents)
         ctx.mark_non_differentiable(latents)
         return values, latents
@@ -152,6 +157,6 @@ class SparseTopKEncode(torch.autograd.Function):
 
 
 def sparse_topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, dtype: torch.dtype):
-    """(values in `dtype`, latents) of the k largest pre-activations of each row of x (float32
-    [tokens, d_in]); the product runs in `dtype`, the backward in float32."""
+    """(float32 values, latents) of the k largest pre-activations of each row of x (float32
+    [tokens, d_in]); the product runs in `dtype` (sae/triton_encode.py), the backward in float32."""
     return SparseTopKEncode.apply(x, W_enc, b_enc, k, dtype)

@@ -15,7 +15,7 @@ import torch
 
 from conftest import ROOT
 from sae.step import TORCH_KERNELS, kernels_for
-from triton_kernel_checks import SHAPES, assert_step_equals_sae_lens
+from triton_kernel_checks import FUSED_SHAPES, SHAPES, assert_step_equals_sae_lens
 
 CHECKS = ROOT / "tests" / "triton_kernel_checks.py"
 
@@ -30,7 +30,10 @@ def test_triton_kernels_equal_torchs_and_sae_lens():
     interpret = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(CHECKS)],
                          cwd=ROOT, env={**os.environ, **interpret}, capture_output=True, text=True)
-    assert run.returncode == 0 and f"{2 * len(SHAPES) + 1} passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+    # the bf16 forward check runs compiled only (the interpreter's bf16 products are wrong)
+    outcome = f"{2 * len(SHAPES) + len(FUSED_SHAPES) + 2} passed" if interpret == {} else \
+        f"{2 * len(SHAPES) + len(FUSED_SHAPES) + 1} passed, 1 skipped"
+    assert run.returncode == 0 and outcome in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
 
 
 def test_cpu_steps_run_torch_kernels():

@@ -18,19 +18,26 @@ from pipeline.config import SAEConfig
 from sae.architectures import build_sae
 from sae.step import dense_encode, topk_step, torch_decode, triton_kernels
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
 
 @pytest.fixture
 def kernel_device():
     """Where the Triton kernels run: the GPU when there is one, else the interpreter on the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda")
-    assert os.environ.get("TRITON_INTERPRET") == "1", "on CPU this file runs under TRITON_INTERPRET=1"
+    assert INTERPRETED, "on CPU this file runs under TRITON_INTERPRET=1"
     return torch.device("cpu")
 
 
 def triton_topk():
     from sae import triton_topk  # imported by the tests only: test_topk_step imports this file's helper
     return triton_topk
+
+
+def triton_encode():
+    from sae import triton_encode
+    return triton_encode
 
 
 # (tokens, k, latents, d_in): d_in across two column blocks and short of a block; k over one block of 16
@@ -61,15 +68,54 @@ def test_triton_encoder_backward_equals_the_dense_one(kernel_device, tokens, k, 
     g = torch.Generator().manual_seed(tokens)
     x, W_enc, b_enc = (torch.randn(*shape, generator=g).to(kernel_device).requires_grad_()
                        for shape in ((tokens, d_in), (d_in, latents), (latents,)))
-    grad_values = torch.randn(tokens, k, generator=g).to(kernel_device)
+    # a gradient per (token, latent): the two encoders list a token's top k in different orders
+    grad_per_latent = torch.randn(tokens, latents, generator=g).to(kernel_device)
     results = []
     for encode in (triton_topk().sparse_topk_encode, lambda *args: dense_encode(*args)[:2]):
         values, chosen = encode(x, W_enc, b_enc, k, torch.float32)
         x.grad = W_enc.grad = b_enc.grad = None
-        values.backward(grad_values)
-        results.append((values.detach(), chosen, x.grad, W_enc.grad, b_enc.grad))
+        values.backward(grad_per_latent.gather(1, chosen))
+        chosen, order = chosen.sort(dim=-1)
+        results.append((values.detach().gather(1, order), chosen, x.grad, W_enc.grad, b_enc.grad))
     for ours, theirs in zip(*results):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+# (tokens, k, latents, d_in, candidates per tile), in tiles of 64 tokens x 128 latents: tokens across two
+# blocks and short of one; latents across tiles, the last short (of candidates too, in the second shape); d_in
+# short of a step of 64, and across two; and 2 candidates a tile for a top 8, so that tokens with more of
+# theirs in one tile are recomputed densely
+FUSED_SHAPES = [(70, 8, 600, 40, None), (5, 64, 300, 100, None), (70, 8, 2000, 40, 2)]
+
+
+@pytest.mark.parametrize("tokens, k, latents, d_in, c", FUSED_SHAPES)
+def test_fused_encoder_forward_equals_addmm_topk(kernel_device, tokens, k, latents, d_in, c):
+    g = torch.Generator().manual_seed(tokens + k)
+    x, W, b = (torch.randn(*shape, generator=g).to(kernel_device) for shape in ((tokens, d_in), (d_in, latents), (latents,)))
+    values, chosen = triton_encode().fused_topk(x, W, b, k, c=c)
+    expected = torch.addmm(b, x, W).topk(k, dim=-1)
+    torch.testing.assert_close(values.sort(dim=-1, descending=True).values, expected.values)
+    assert torch.equal(chosen.sort(dim=-1).values, expected.indices.sort(dim=-1).values)
+    if c:  # the case is real: some token has more than c of its top k in one tile
+        tiles = expected.indices // triton_encode().TILE_SHAPES[0][1]
+        assert max(row.bincount().max() for row in tiles.cpu()) > c
+
+
+@pytest.mark.skipif(INTERPRETED, reason="Triton 3.9's interpreter multiplies bf16 tiles as integers; compiled on a GPU only")
+def test_fused_encoder_forward_in_bf16_keeps_the_top_k(kernel_device):
+    """bf16 inputs: the chosen latents are the top k of the exact products, up to bf16 rounding near the k-th."""
+    g = torch.Generator().manual_seed(1)
+    x, W = torch.randn(64, 96, generator=g), torch.randn(96, 512, generator=g)
+    b = torch.randn(512, generator=g)
+    x16, W16 = x.bfloat16().to(kernel_device), W.bfloat16().to(kernel_device)
+    values, chosen = triton_encode().fused_topk(x16, W16, b.to(kernel_device), 16)
+    exact = torch.addmm(b, x16.float().cpu(), W16.float().cpu())
+    torch.testing.assert_close(values.cpu(), exact.gather(1, chosen.cpu()), rtol=1e-5, atol=1e-4)
+    kth = exact.topk(16, dim=-1).values[:, -1:]
+    assert (exact.gather(1, chosen.cpu()) >= kth - 1e-3).all()
+    # the step's forward: whichever way timed fastest here, which gives the same top k
+    fastest_values, _ = triton_encode().fastest_forward(x16, W16, b.to(kernel_device), 16)
+    torch.testing.assert_close(fastest_values.sort(dim=-1).values, values.sort(dim=-1).values, rtol=2e-2, atol=2e-2)
 
 
 def test_topk_step_with_triton_kernels_equals_sae_lens_training_pass(kernel_device):

@@ -105,33 +105,65 @@ def matmul_peak(device: torch.device) -> float:
     return 2 * n**3 / statistics.median(times[1:])  # the first one warms up
 
 
+def median_seconds(fn, device: torch.device) -> float:
+    """Median seconds of 10 calls of fn, after a first one that compiles."""
+    times = []
+    for _ in range(11):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
 def decoder_seconds(decode, d_in: int, d_sae: int, k: int, batch: int, device: torch.device) -> float:
-    """Median seconds of one forward and backward of `decode` alone: `batch` tokens of k random latents."""
+    """One forward and backward of `decode` alone: `batch` tokens of k random latents."""
     g = torch.Generator(device).manual_seed(0)
     table = torch.randn(d_sae, d_in, generator=g, device=device, requires_grad=True)
     latents = torch.randint(d_sae, (batch, k), generator=g, device=device)
     weights = torch.rand(batch, k, generator=g, device=device, requires_grad=True)
     grad_out = torch.randn(batch, d_in, generator=g, device=device)
-    times = []
-    for _ in range(11):
-        sync(device)
-        t = time.perf_counter()
+
+    def step():
         decode(latents, table, weights).backward(grad_out)
-        sync(device)
-        times.append(time.perf_counter() - t)
         table.grad = weights.grad = None
-    return statistics.median(times[1:])  # the first one compiles
+    return median_seconds(step, device)
 
 
-def cuda_notes(args, d_sae: int) -> str:
+def encoder_forward_seconds(d_in: int, d_sae: int, k: int, batch: int, device: torch.device) -> dict[str, float]:
+    """Each way sae/triton_encode.py can run the encoder's bf16 forward (x @ W_enc + b_enc, top k) alone."""
+    from sae import triton_encode  # CUDA only: CPU runs never load triton
+
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, d_in, generator=g, device=device).bfloat16()
+    W = (torch.randn(d_in, d_sae, generator=g, device=device) / d_in**0.5).bfloat16()
+    b = torch.zeros(d_sae, device=device)
+    return {name: median_seconds(lambda f=f: f(x, W, b, k), device) for name, f in triton_encode.forwards().items()}
+
+
+def cuda_notes(args, d_sae: int, encoder_ms: dict[str, float]) -> str:
     return f"""
 On CUDA the step runs the Triton kernels of `sae/triton_topk.py` (`train.triton_kernels`, on by default): the
 decoder, and the encoder's backward over the k active latents only, so of the three encoder matmuls counted
-above it runs the forward one (AuxK's dead latents get their own small dense product, forward and backward);
+above it runs the forward one, fused with the top k by `sae/triton_encode.py` where that times faster (AuxK's
+dead latents get their own small dense product, forward and backward);
 the FLOPs per token stay those of the dense step, for comparison. "torch kernels" is the same step with
 `train.triton_kernels=false` (embedding_bag, dense encoder backward), timed in the same rotation. The decoder
 alone: {args.batch} tokens x k {args.k} random latents of a {d_sae} x {args.d_in} float32 decoder, one forward
-and backward, median of 10 after a first call that compiles."""
+and backward, median of 10 after a first call that compiles. The encoder forward alone: {args.batch} random
+tokens through a bf16 {args.d_in} x {d_sae} encoder, the top {args.k} of each, by each way of
+`sae/triton_encode.py` (the step uses whichever it times fastest on its first batch):
+{"; ".join(f"{name} {ms:.3g} ms" for name, ms in encoder_ms.items())}."""
+
+
+def encoder_row(encoder_ms: dict[str, float]) -> list[str]:
+    """cuBLAS + torch.topk against the fastest fused tile shape."""
+    baseline, *fused = encoder_ms
+    best = min(fused, key=encoder_ms.get)
+    return [f"TopK encoder forward alone (bf16): {baseline} / {best}",
+            f"{encoder_ms[baseline]:.3g} / {encoder_ms[best]:.3g} ms",
+            f"**{encoder_ms[baseline] / encoder_ms[best]:.2f}x**", ""]
 
 
 def sync(device: torch.device) -> None:
@@ -248,6 +280,8 @@ def main(argv=None) -> None:
         decoders = {"Triton": triton_kernels().decode, "torch embedding_bag": torch_decode} if cuda else {}
         decoder_ms = {name: 1e3 * decoder_seconds(fn, args.d_in, sae.cfg.d_sae, args.k, B, device)
                       for name, fn in decoders.items()}
+        encoder_ms = ({name: 1e3 * t for name, t in encoder_forward_seconds(args.d_in, sae.cfg.d_sae, args.k, B, device).items()}
+                      if cuda else {})
     with tempfile.TemporaryDirectory() as tmp:
         reader = reader_rates(tmp, args.reader_width, args.reader_rows, B, args.rounds, args.reader_epochs)
 
@@ -283,6 +317,7 @@ def main(argv=None) -> None:
             ["TopK decoder alone, forward + backward: torch embedding_bag / Triton",
              f"{decoder_ms['torch embedding_bag']:.3g} / {decoder_ms['Triton']:.3g} ms",
              f"**{decoder_ms['torch embedding_bag'] / decoder_ms['Triton']:.2f}x**", ""],
+            encoder_row(encoder_ms),
         ]
     spread = "; ".join(f"{n}: " + ", ".join(f"{v:,.0f}" for v in rates[n]) for n in ways)
     notes = f"""
@@ -305,7 +340,7 @@ medians reported. Tokens/s per round: {spread}.
 FLOPs per token of the Dialbox step: 6 * d_in * (d_sae + k + k_aux) = {flops_per_token:,}: the encoder's
 three matmuls (forward, grad W_enc, grad of its input for b_dec), and the k decoder and k_aux = d_in/2 AuxK
 rows gathered forward and twice backward; elementwise work, topk and Adam are not counted. The peak is the
-median bf16 FLOP/s of a {"8192" if cuda else "2048"}^3 matmul measured in this run.{cuda_notes(args, d_sae) if cuda else ""}
+median bf16 FLOP/s of a {"8192" if cuda else "2048"}^3 matmul measured in this run.{cuda_notes(args, d_sae, encoder_ms) if cuda else ""}
 The reader alone: {args.reader_rows:,} random rows of width {args.reader_width} written as bf16 with `ShardWriter`,
 synced to disk, then read back as {args.reader_epochs} shuffled epochs of batches of {B} per round (`ActivationStore.iter_batches`: chunk reads and
 row shuffles on {TrainConfig().loader_workers} threads), nothing consuming them; the rows were just written, so they
