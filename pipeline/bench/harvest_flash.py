@@ -55,6 +55,11 @@ def shape(model) -> str:
             f"{params / 1e9:.2f}B parameters, {weight_bytes / GB:.1f} GB ({str(model.dtype).removeprefix('torch.')})")
 
 
+def peak_gb(device: torch.device) -> tuple[float, float]:
+    """The GPU's peak memory since its last reset: (allocated by tensors, reserved by torch's allocator)."""
+    return torch.cuda.max_memory_allocated(device) / GB, torch.cuda.max_memory_reserved(device) / GB
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32_768, help="tokens to harvest after the warm-up")
@@ -76,31 +81,34 @@ def main(argv=None) -> None:
         device = next(model.parameters()).device
         cuda = device.type == "cuda"
         if cuda:
-            build_peak_gb = torch.cuda.max_memory_allocated(device) / GB
-            torch.cuda.reset_peak_memory_stats(device)
+            build_peak, _ = peak_gb(device)
+            torch.cuda.reset_peak_memory_stats(device)  # from here on, the harvests' own peak
 
         warm_up_tokens = 2 * cfg.harvest.batch_size * cfg.data.context_length
         harvest_with(config("warm-up", warm_up_tokens), model, tokenizer)
         store, seconds = harvest_with(cfg, model, tokenizer)
         if cuda:
-            peak_gb, reserved_gb = torch.cuda.max_memory_allocated(device) / GB, torch.cuda.max_memory_reserved(device) / GB
+            harvest_peak, harvest_reserved = peak_gb(device)
 
-        windows = iter_windows(cfg.data, tokenizer, max_windows=windows_for_tokens(args.tokens, cfg.data.context_length))
+        max_windows = windows_for_tokens(args.tokens, cfg.data.context_length)
+        windows = iter_windows(cfg.data, tokenizer, max_windows=max_windows)
         batch_ids = [torch.from_numpy(np.stack([w.tokens for w in b])) for b in batches(windows, cfg.harvest.batch_size)]
         harvest_tps = sum(ids.numel() for ids in batch_ids) / seconds  # BOS rows run but are not stored
-        # The blocks the harvest runs (its deepest site is in the last block) plus the final norm, no hooks, no writes.
+        # The blocks the harvest runs (its deepest site is in the last one) and the final hc_head and norm;
+        # no hooks, no copies, no writes.
         bare = time_batches(lambda ids: model.model(input_ids=ids.to(device), use_cache=False), batch_ids)
         stored_bytes = store_bytes(Path(tmp) / "flash" / "activations") / store.n_tokens
 
     if cuda:
-        memory = [["GPU memory: weights / build peak", f"{weights(model)[1] / GB:.1f} / {build_peak_gb:.1f} GB allocated", ""],
+        memory = [["GPU memory: weights / build peak", f"{weights(model)[1] / GB:.1f} / {build_peak:.1f} GB allocated", ""],
                   ["GPU memory: harvest peak (reset after the build)",
-                   f"{peak_gb:.1f} GB allocated, {reserved_gb:.1f} GB reserved", ""]]
+                   f"{harvest_peak:.1f} GB allocated, {harvest_reserved:.1f} GB reserved", ""]]
     else:
-        memory = [["peak RSS (build included)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", ""]]
+        peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        memory = [["peak RSS (build included)", f"{peak_rss_gib:.2f} GiB", ""]]
     rows = [
         ["model", shape(model), ""],
-        [f"build (load_model, init_on_device={str(cfg.model.init_on_device).lower()}, {device})", f"{build_s:.1f} s", ""],
+        [f"build (load_model, init_on_device={cfg.model.init_on_device}, {device})", f"{build_s:.1f} s", ""],
         ["harvest / bare forward", f"{harvest_tps:,.0f} / {bare:,.0f} tok/s", f"**{harvest_tps / bare:.2f}**"],
         *memory,
         ["bytes per stored token", f"{stored_bytes:,.1f} (row: {row_bytes(store)})", ""],
@@ -108,8 +116,9 @@ def main(argv=None) -> None:
     notes = (f"\nSites {args.sites}, {store.n_tokens:,} tokens stored (bf16), {len(batch_ids)} batches of "
              f"{cfg.harvest.batch_size} x {cfg.data.context_length}, after a warm-up harvest of {warm_up_tokens:,} "
              "tokens. The harvest rate counts every token run through the model; the bare forward runs the same "
-             "batches through the same blocks once the harvest is done. No target: the rate a harvest of Flash's "
-             "shape runs at here.\n")
+             "batches through the same blocks once the harvest is done. Bytes per stored token: on disk over the "
+             "tokens stored (the last chunk of each array is stored whole). No target: the rate a harvest of "
+             "Flash's shape runs at here.\n")
     write_section("bench-harvest-flash", make_command("bench-harvest-flash", argv or sys.argv[1:]),
                   table(["measure", "values", "ratio"], rows) + "\n" + notes)
 
