@@ -13,7 +13,7 @@ SUDO := $(shell test $$(id -u) -eq 0 || echo sudo)
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo harvest train label test test-fast bench bench-harvest bench-train bench-label quality report browse \
+.PHONY: setup demo harvest train label test test-fast bench bench-harvest bench-harvest-flash bench-train bench-label quality report browse \
 	steer serve export steer-eval steer-features bench-steer
 
 setup: $(STAMP)
@@ -70,6 +70,11 @@ bench: bench-harvest bench-train bench-label bench-steer
 
 bench-harvest: setup
 	$(PY) -m pipeline.bench.harvest $(ARGS)
+
+# A harvest of DeepSeek-V4-Flash's first 4 blocks at its true width, random weights drawn on the GPU
+# (needs an H200-class GPU, about 60 GB; not part of `make bench`). ARGS=--tiny: a dry run on the CPU.
+bench-harvest-flash: setup
+	$(PY) -m pipeline.bench.harvest_flash $(ARGS)
 
 train: setup
 	$(PY) -m pipeline.train run.run_name=$(RUN) $(ARGS)

@@ -61,6 +61,10 @@ class ModelConfig:
     # directory, or `embedded` for SmolLM2's tokenizer.
     tokenizer: str = ""
     seed: int = 0  # weights of source=random
+    # source=random: draw the weights straight onto `device` in `dtype`, not in float32 on the CPU and then
+    # moved (a random DeepSeek-V4 at Flash's width is 53.5 GB in bf16, twice that in float32). The seed
+    # then fixes the weights for one device and dtype only (a GPU draws other numbers than the CPU).
+    init_on_device: bool = False
     dtype: ModelDtype = ModelDtype.float32
     device: str = "cpu"  # cpu | cuda | cuda:1 | auto (cuda when available)
     # `device_map` for multi-GPU loading (e.g. `auto`); empty means everything on `device`.

@@ -169,21 +169,26 @@ def _build_random(cfg: ModelConfig, dtype: torch.dtype, max_layer: int | None):
     fields = OmegaConf.to_container(cfg.config) if OmegaConf.is_config(cfg.config) else dict(cfg.config)
     config = config_class(**fields)
     build_args = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
-    check_memory(cfg.name, config, torch.float32, "", resolve_device(cfg.device))
-    # Draw the weights in float32 whatever the dtype (torch draws different numbers per dtype), so
-    # that a seed names one model; from_config in `dtype` then keeps the modules that must stay float32.
+    device = resolve_device(cfg.device)
+    # By default the weights are drawn in float32 on the CPU whatever the dtype and device (torch may draw
+    # other numbers in another dtype, and does on another device), so that a seed names one model;
+    # from_config in `dtype` then keeps the modules that must stay float32. init_on_device draws them where and as they will
+    # run instead (transformers builds under torch's device context), for models too big for that detour.
+    draw_dtype, draw_device = (dtype, device) if cfg.init_on_device else (torch.float32, torch.device("cpu"))
+    check_memory(cfg.name, config, draw_dtype, "", device)
     # The full model is built and the blocks past max_layer dropped afterwards: the kept blocks are
-    # then exactly those of the full model (random models are small by nature).
+    # then exactly those of the full model (a random model's config names only the blocks it is for).
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **build_args)
-    if dtype != torch.float32:
+    with torch.device(draw_device):
+        model = AutoModelForCausalLM.from_config(config, dtype=draw_dtype, **build_args)
+    if draw_dtype != dtype:
         weights = model.state_dict()
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **build_args)
         model.load_state_dict(weights)
     _fill_hash_tables(model, cfg.seed)
     _truncate_config(model.config, max_layer)
     del model.model.layers[model.config.num_hidden_layers :]
-    model.to(resolve_device(cfg.device))
+    model.to(device)
     return model, _load_tokenizer(cfg.tokenizer, cfg)
 
 

@@ -78,3 +78,44 @@ def test_flash_harvest_on_this_machine_fails_early_in_one_line(tmp_path):
     assert result.stderr.startswith("harvest: error: deepseek_v4_flash up to layer 20 (21 of 43 blocks, 139B "
                                     "parameters) needs about 307 GB in bfloat16")
     assert result.stderr.count("\n") == 1
+
+
+def test_random_flash_is_4_blocks_of_flash_width_27b_parameters():
+    cfg = compose_config("harvest", ["model=random_deepseek_v4_flash"]).model
+    assert (cfg.source, cfg.dtype, cfg.device, cfg.init_on_device) == ("random", "bfloat16", "cuda", True)
+    config = DeepseekV4Config(**OmegaConf.to_container(cfg.config))
+    flash = flash_config()
+    assert (config.num_hidden_layers, config.hidden_size, config.n_routed_experts, config.num_experts_per_tok,
+            config.n_shared_experts, config.moe_intermediate_size, config.hc_mult) == (4, 4096, 256, 6, 1, 2048, 4)
+    assert config.mlp_layer_types == flash.mlp_layer_types[:4]
+    # Flash's compress_ratios begin 0, 0, 4, 128 (DeepseekV4Config's own default is V4-Pro's schedule)
+    assert config.layer_types == ["sliding_attention", "sliding_attention", "compressed_sparse_attention",
+                                  "heavily_compressed_attention"]
+    assert config.compress_rates == flash.compress_rates and config.sliding_window == flash.sliding_window == 128
+    params, weight_bytes = count_weights(config, torch.bfloat16)
+    assert 26.5e9 < params < 27e9 and 53 * GB < weight_bytes < 54 * GB
+
+
+def test_init_on_device_draws_in_the_dtype_and_counts_memory_in_it(monkeypatch):
+    overrides = ["model=tiny_deepseek_v4", "model.dtype=bfloat16"]
+    detour, _ = load_model(compose_config("harvest", overrides).model)
+    model, _ = load_model(compose_config("harvest", [*overrides, "model.init_on_device=true"]).model)
+    dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+    assert dtypes == {name: t.dtype for name, t in detour.state_dict().items()}  # float32 only where transformers keeps it
+    assert dtypes["model.layers.0.mlp.experts.gate_up_proj"] == torch.bfloat16
+    assert dtypes["model.layers.0.attn_hc.fn"] == torch.float32
+    assert model.model.layers[0].mlp.gate.tid2eid.any()  # the hash layer's table is filled
+    logits = model(torch.tensor([[1, 300, 400, 500] * 8])).logits
+    assert logits.dtype == torch.bfloat16 and logits.isfinite().all()
+
+    config = DeepseekV4Config(**OmegaConf.to_container(compose_config("harvest", overrides).model.config))
+    bf16_need = check_memory("tiny", config, torch.bfloat16, "", torch.device("cpu")).total
+    float32_need = check_memory("tiny", config, torch.float32, "", torch.device("cpu")).total
+
+    class Ram:  # room for the model drawn in bf16, not for its float32 detour
+        available = (bf16_need + float32_need) // 2
+
+    monkeypatch.setattr("activations.memory.psutil.virtual_memory", Ram)
+    load_model(compose_config("harvest", [*overrides, "model.init_on_device=true"]).model)
+    with pytest.raises(MemoryShortError, match="in float32"):
+        load_model(compose_config("harvest", overrides).model)

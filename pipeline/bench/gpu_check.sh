@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # One short check on a CUDA machine: the TopK step's Triton kernels against torch and sae-lens
 # (tests/test_topk_step.py, compiled for the GPU), harvest and train the tiny random DeepSeek-V4 on
-# the GPU, then bench-train at DeepSeek-V4-Flash width (d_in 4096, 65,536 latents, k=64, batch 4096): the step
-# against sae-lens, training from the store (threaded loader, pinned batches) against memory, the
-# step against the bf16 peak, the step with the Triton kernels against torch's, the decoder alone,
-# and the store reader alone at width 4096.
+# the GPU, then:
+# - bench-harvest-flash (a minute or two): a random DeepSeek-V4 at Flash's true shape for its first
+#   4 blocks (hidden 4096, 256 experts top-6, hc_mult 4; 53.5 GB of bf16 weights drawn on the GPU),
+#   harvested at 4 sites: tokens/s against the bare forward, peak GPU memory;
+# - bench-train at DeepSeek-V4-Flash width (d_in 4096, 65,536 latents, k=64, batch 4096): the step
+#   against sae-lens, training from the store (threaded loader, pinned batches) against memory, the
+#   step against the bf16 peak, the step with the Triton kernels against torch's, the decoder alone,
+#   and the store reader alone at width 4096.
 #
 #   pipeline/bench/gpu_check.sh OUT_DIR
 #
 # Needs the project's Python packages importable and the embedded tokenizer in
 # $DIALBOX_CACHE (the tiny model borrows SmolLM2's). Writes logs, metrics and the
-# bench-train-cuda section of BENCHMARKS.md into OUT_DIR.
+# bench-harvest-flash and bench-train-cuda sections of BENCHMARKS.md into OUT_DIR.
 set -euo pipefail
 out=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -32,6 +36,9 @@ time python3 -m pipeline.train run.runs_dir="$runs" train.device="$device" sae.k
 for site in "$runs"/demo/saes/*/; do cp "$site/metrics.json" "$out/metrics-$(basename "$site").json" || true; done
 
 if [ "${BENCH:-1}" = 1 ]; then
+  time python3 -m pipeline.bench.harvest_flash model.device="$device" 2>&1 | tr '\r' '\n' | tail -16 \
+    | tee "$out/bench-harvest-flash.log" || echo "FAILED: bench-harvest-flash"
+  cp BENCHMARKS.md "$out/BENCHMARKS.md"  # again below: this section survives a bench-train that runs out of time
   time python3 -m pipeline.bench.train --device cuda --d-in 4096 --d-sae 65536 --k 64 --batch 4096 \
     2>&1 | tail -30 | tee "$out/bench-train.log"
   cp BENCHMARKS.md "$out/BENCHMARKS.md"

@@ -37,16 +37,24 @@ from activations.store.format import ROUTER_PARTS, TOKEN_COLUMNS, router_key
 
 
 def time_batches(fn, batch_ids: list[torch.Tensor]) -> float:
-    """Tokens per second of fn over all batches."""
+    """Tokens per second of fn over all batches (until the GPU, if any, has finished them too)."""
     start = time.perf_counter()
     with torch.inference_mode():
         for ids in batch_ids:
             fn(ids)
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     return sum(ids.numel() for ids in batch_ids) / (time.perf_counter() - start)
 
 
 def store_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and "/c/" in f.as_posix())
+
+
+def row_bytes(store: ActivationStore) -> int:
+    """Bytes one stored token takes by the arithmetic: its bf16 rows at every site, and its token columns."""
+    return (sum(store.width(s) * 2 for s in store.sites)
+            + sum(np.dtype(dtype).itemsize for dtype in TOKEN_COLUMNS.values()))  # tokens, doc_ids, ...
 
 
 def router_cost(model_name: str, tokens: int, repeats: int) -> list[list[str]]:
@@ -116,17 +124,16 @@ def main(argv=None) -> None:
         written = store_bytes(Path(tmp) / "demo" / "activations")
         # zarr stores the last chunk whole, so the arithmetic counts rows up to a chunk boundary.
         padded_rows = math.ceil(store.n_tokens / store.chunk_rows) * store.chunk_rows
-        row_bytes = (sum(store.width(s) * 2 for s in store.sites)
-                     + sum(np.dtype(dtype).itemsize for dtype in TOKEN_COLUMNS.values()))  # + tokens, doc_ids, ...
+        row = row_bytes(store)
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     rows = [
         ["harvest / bare forward", f"{harvest_tps:,.0f} / {bare:,.0f} tok/s", f"**{harvest_tps / bare:.2f}**", ">= 0.90"],
         [f"truncated at L{args.truncate_layer} / full forward", f"{truncated_tps:,.0f} / {full_tps:,.0f} tok/s",
          f"**{truncated_tps / full_tps:.2f}x**", ">= 2x"],
-        ["bytes on disk / arithmetic", f"{written:,} / {padded_rows * row_bytes:,}",
-         f"**{written / (padded_rows * row_bytes):.3f}**", "1.000 (no hidden copies)"],
-        ["bytes per stored token", f"{written / store.n_tokens:,.1f} (row: {row_bytes})", "", ""],
+        ["bytes on disk / arithmetic", f"{written:,} / {padded_rows * row:,}",
+         f"**{written / (padded_rows * row):.3f}**", "1.000 (no hidden copies)"],
+        ["bytes per stored token", f"{written / store.n_tokens:,.1f} (row: {row})", "", ""],
         ["peak RSS", f"{peak_rss_mib:,.0f} MiB", "", ""],
         *router_cost(args.router_model, args.router_tokens, args.router_repeats),
     ]
