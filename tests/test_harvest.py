@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,14 +214,22 @@ def _manifest_rows(run_dir) -> int:
         return 0
 
 
+KILL_RUN = [*TINY, "harvest.sites=[L1.resid_post,L2.ffn_out]", "harvest.router=true", "harvest.max_tokens=20000",
+            "store.chunk_rows=64", "data.context_length=64"]
+
+
+@pytest.fixture(scope="module")
+def clean_kill_run(tmp_path_factory) -> Path:
+    """The harvest the killed-and-resumed ones must equal, run once for both kill points."""
+    runs = tmp_path_factory.mktemp("clean")
+    run_stage("pipeline.harvest", f"run.runs_dir={runs}", *KILL_RUN)
+    return runs / "demo"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after_rows", [1, 1500])
-def test_sigkill_then_resume_equals_a_clean_run(runs_dir, kill_after_rows):
-    common = [f"run.runs_dir={runs_dir}", *TINY, "harvest.sites=[L1.resid_post,L2.ffn_out]", "harvest.router=true",
-              "harvest.max_tokens=20000", "store.chunk_rows=64", "data.context_length=64"]
-    clean = run_stage("pipeline.harvest", *common, "run.run_name=clean")
-    assert clean.returncode == 0
-
+def test_sigkill_then_resume_equals_a_clean_run(runs_dir, clean_kill_run, kill_after_rows):
+    common = [f"run.runs_dir={runs_dir}", *KILL_RUN]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.harvest", *common, "run.run_name=killed"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -231,7 +240,7 @@ def test_sigkill_then_resume_equals_a_clean_run(runs_dir, kill_after_rows):
     interrupted = _manifest_rows(runs_dir / "killed")
     run_stage("pipeline.harvest", *common, "run.run_name=killed")
 
-    a, b = ActivationStore(runs_dir / "clean"), ActivationStore(runs_dir / "killed")
+    a, b = ActivationStore(clean_kill_run), ActivationStore(runs_dir / "killed")
     assert 0 < interrupted < a.n_tokens, "the kill should land mid-harvest"
     assert a.n_tokens == b.n_tokens
     for key in ("tokens", "doc_ids", "positions"):
