@@ -46,6 +46,8 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # Triton kernels launch on the current GPU, not their tensors'
         return 0, 1, device
     if device.type == "cuda":  # a node's GPUs are all visible to each task, unless Slurm bound one per task
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())

@@ -118,6 +118,27 @@ def test_fused_encoder_forward_in_bf16_keeps_the_top_k(kernel_device):
     torch.testing.assert_close(fastest_values.sort(dim=-1).values, values.sort(dim=-1).values, rtol=2e-2, atol=2e-2)
 
 
+def test_the_step_keeps_the_fastest_forward_that_agrees_with_cublas(kernel_device, monkeypatch):
+    """The choice on the first batch: the fastest of the ways, but never a fused one whose answer is wrong.
+    (do_bench is replaced by fixed times: the choice, not the timing, is under test; the interpreter has none.)"""
+    import triton.testing
+
+    te = triton_encode()
+    g = torch.Generator().manual_seed(2)
+    x, W, b = (torch.randn(*shape, generator=g).to(kernel_device) for shape in ((70, 40), (40, 600), (600,)))
+    fused = [name for name in te.forwards() if name != te.BASELINE]
+    times = iter([3.0, 1.0, 2.0, 4.0, 3.0])  # the baseline, then the fused ways in order
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: (fn(), next(times))[1])
+    monkeypatch.setattr(te, "_fastest", {})
+    values, chosen = te.fastest_forward(x, W, b, 8)
+    assert list(te._fastest.values()) == [fused[0]]
+    assert torch.equal(chosen.sort(dim=-1).values, torch.addmm(b, x, W).topk(8).indices.sort(dim=-1).values)
+
+    right = te.fused_topk
+    monkeypatch.setattr(te, "fused_topk", lambda *args, **kw: (lambda v, i: (v, (i + 1) % 600))(*right(*args, **kw)))
+    assert list(te.time_forwards(x, W, b, 8)) == [te.BASELINE]  # every fused way left out
+
+
 def test_topk_step_with_triton_kernels_equals_sae_lens_training_pass(kernel_device):
     assert_step_equals_sae_lens(kernel_device, triton_kernels(), tokens=64)
 

@@ -131,15 +131,16 @@ def decoder_seconds(decode, d_in: int, d_sae: int, k: int, batch: int, device: t
     return median_seconds(step, device)
 
 
-def encoder_forward_seconds(d_in: int, d_sae: int, k: int, batch: int, device: torch.device) -> dict[str, float]:
-    """Each way sae/triton_encode.py can run the encoder's bf16 forward (x @ W_enc + b_enc, top k) alone."""
+def encoder_forward_ms(d_in: int, d_sae: int, k: int, batch: int, device: torch.device) -> dict[str, float]:
+    """Each way sae/triton_encode.py can run the encoder's bf16 forward (x @ W_enc + b_enc, top k) alone,
+    timed as the step's first batch times them (the fused ways that fail or disagree are left out)."""
     from sae import triton_encode  # CUDA only: CPU runs never load triton
 
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(batch, d_in, generator=g, device=device).bfloat16()
     W = (torch.randn(d_in, d_sae, generator=g, device=device) / d_in**0.5).bfloat16()
     b = torch.zeros(d_sae, device=device)
-    return {name: median_seconds(lambda f=f: f(x, W, b, k), device) for name, f in triton_encode.forwards().items()}
+    return triton_encode.time_forwards(x, W, b, k)
 
 
 def cuda_notes(args, d_sae: int, encoder_ms: dict[str, float]) -> str:
@@ -153,13 +154,16 @@ the FLOPs per token stay those of the dense step, for comparison. "torch kernels
 alone: {args.batch} tokens x k {args.k} random latents of a {d_sae} x {args.d_in} float32 decoder, one forward
 and backward, median of 10 after a first call that compiles. The encoder forward alone: {args.batch} random
 tokens through a bf16 {args.d_in} x {d_sae} encoder, the top {args.k} of each, by each way of
-`sae/triton_encode.py` (the step uses whichever it times fastest on its first batch):
+`sae/triton_encode.py`, checked against cuBLAS's answer and timed by `triton.testing.do_bench`, as the step
+does on its first batch to choose the fastest:
 {"; ".join(f"{name} {ms:.3g} ms" for name, ms in encoder_ms.items())}."""
 
 
 def encoder_row(encoder_ms: dict[str, float]) -> list[str]:
     """cuBLAS + torch.topk against the fastest fused tile shape."""
     baseline, *fused = encoder_ms
+    if not fused:
+        return ["TopK encoder forward alone (bf16): fused", "no fused tile ran here (see the warnings above)", "", ""]
     best = min(fused, key=encoder_ms.get)
     return [f"TopK encoder forward alone (bf16): {baseline} / {best}",
             f"{encoder_ms[baseline]:.3g} / {encoder_ms[best]:.3g} ms",
@@ -280,8 +284,7 @@ def main(argv=None) -> None:
         decoders = {"Triton": triton_kernels().decode, "torch embedding_bag": torch_decode} if cuda else {}
         decoder_ms = {name: 1e3 * decoder_seconds(fn, args.d_in, sae.cfg.d_sae, args.k, B, device)
                       for name, fn in decoders.items()}
-        encoder_ms = ({name: 1e3 * t for name, t in encoder_forward_seconds(args.d_in, sae.cfg.d_sae, args.k, B, device).items()}
-                      if cuda else {})
+        encoder_ms = encoder_forward_ms(args.d_in, sae.cfg.d_sae, args.k, B, device) if cuda else {}
     with tempfile.TemporaryDirectory() as tmp:
         reader = reader_rates(tmp, args.reader_width, args.reader_rows, B, args.rounds, args.reader_epochs)
 
