@@ -34,6 +34,9 @@ from store_fixtures import corpus, write_store  # noqa: E402
 SMOL_SITE, TINY_SITES = "L3.resid_post", ("L1.resid_post", "L2.ffn_out")
 SMOL_RUN = ["data.context_length=64", "harvest.batch_size=8", f"harvest.sites=[{SMOL_SITE}]", "store.chunk_rows=512"]
 SMOL_SAE = ["sae.expansion_factor=2", "sae.k=8", "train.batch_size=256", "eval.ce=false", "eval.tokens=256"]
+# label settings small enough for the smol run's tests (16-token contexts, few examples per feature)
+LABEL_SMALL = ["label.context_tokens=16", "label.top_examples=10", "label.sampled_examples=12", "label.pool_blocks=64",
+               "label.explain_top=4", "label.explain_per_quantile=1", "label.score_examples=4"]
 TINY = ["model=tiny_deepseek_v4", "data.context_length=64", "harvest.batch_size=8"]
 TINY_SAE = ["sae.expansion_factor=2", "sae.k=16", "train.batch_size=256", "eval.ce=false", "eval.tokens=256",
             "eval.batch_size=4"]
@@ -81,12 +84,15 @@ def smol_run(smol_runs, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smol_labelled(smol_runs, tmp_path_factory) -> Path:
-    from features.label import label
-
+def smol_labelled_by_stage(smol_runs, tmp_path_factory):
+    """The smol run labelled once by the label stage with LABEL_SMALL: (runs, the stage's result)."""
     runs = copy_run(smol_runs, tmp_path_factory.mktemp("smol_labelled") / "runs")
-    label(compose_config("label", [f"run.runs_dir={runs}"]))
-    return runs
+    return runs, run_stage("pipeline.label", f"run.runs_dir={runs}", *LABEL_SMALL)
+
+
+@pytest.fixture(scope="session")
+def smol_labelled(smol_labelled_by_stage) -> Path:
+    return smol_labelled_by_stage[0]
 
 
 @pytest.fixture(scope="session")

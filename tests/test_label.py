@@ -13,7 +13,7 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from conftest import copy_run, run_stage
+from conftest import LABEL_SMALL, copy_run, run_stage
 from features.examples import Example, ExamplePlan, feature_examples
 from features.explain import heuristic_label, parse_label
 from features.llm import LLMError, OpenAIChat, ResponseCache
@@ -219,10 +219,6 @@ def test_unreachable_endpoint_is_a_clear_error(tmp_path):
         chat.ask([{"role": "user", "content": "x"}], 5, parse_label)
 
 
-LABEL_SMALL = ["label.context_tokens=16", "label.top_examples=10", "label.sampled_examples=12", "label.pool_blocks=64",
-               "label.explain_top=4", "label.explain_per_quantile=1", "label.score_examples=4"]
-
-
 @pytest.mark.slow
 def test_label_stage_with_an_openai_endpoint_end_to_end(smol_runs, tmp_path, endpoint):
     runs = copy_run(smol_runs, tmp_path / "runs")
@@ -260,16 +256,9 @@ def test_label_stage_with_an_openai_endpoint_end_to_end(smol_runs, tmp_path, end
     assert secret not in result.stdout + result.stderr
 
 
-@pytest.fixture(scope="module")
-def small_labelled(smol_runs, tmp_path_factory):
-    """The smol run labelled once by the stage with LABEL_SMALL: (runs, the stage's result)."""
-    runs = copy_run(smol_runs, tmp_path_factory.mktemp("small_labelled") / "runs")
-    return runs, run_stage("pipeline.label", f"run.runs_dir={runs}", *LABEL_SMALL)
-
-
 @pytest.mark.slow
-def test_label_stage_writes_the_tables(small_labelled):
-    runs, result = small_labelled
+def test_label_stage_writes_the_tables(smol_labelled_by_stage):
+    runs, result = smol_labelled_by_stage
     assert "heuristic" in result.stdout
     out = runs / "demo" / "features" / SITE
     table = pq.read_table(out / "features.parquet").to_pandas()
@@ -292,8 +281,8 @@ def test_label_stage_writes_the_tables(small_labelled):
 
 
 @pytest.mark.slow
-def test_label_split_in_two_feature_ranges_equals_one_pass(smol_runs, small_labelled, tmp_path):
-    whole, _ = small_labelled
+def test_label_split_in_two_feature_ranges_equals_one_pass(smol_runs, smol_labelled_by_stage, tmp_path):
+    whole, _ = smol_labelled_by_stage
     split = copy_run(smol_runs, tmp_path / "split")
     first = run_stage("pipeline.label", f"run.runs_dir={split}", *LABEL_SMALL, "label.features=[600,1152]")
     assert "merged" not in first.stdout and not (split / "demo/features" / SITE / "features.parquet").exists()
