@@ -46,6 +46,11 @@ def count_weights(config, dtype: torch.dtype, trust_remote_code: bool = False) -
     """(parameters, bytes) of the model `from_config(config)` builds in `dtype`, without allocating it."""
     with init_empty_weights(include_buffers=True):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model_size(model)
+
+
+def model_size(model) -> tuple[int, int]:
+    """(parameters, bytes) of a model's parameters and buffers, each at its own dtype."""
     tensors = [*model.parameters(), *model.buffers()]
     return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
 

@@ -172,8 +172,9 @@ def _build_random(cfg: ModelConfig, dtype: torch.dtype, max_layer: int | None):
     device = resolve_device(cfg.device)
     # By default the weights are drawn in float32 on the CPU whatever the dtype and device (torch may draw
     # other numbers in another dtype, and does on another device), so that a seed names one model;
-    # from_config in `dtype` then keeps the modules that must stay float32. init_on_device draws them where and as they will
-    # run instead (transformers builds under torch's device context), for models too big for that detour.
+    # from_config in `dtype` then keeps the modules that must stay float32. init_on_device draws them where
+    # and as they will run instead (transformers builds under torch's device context), for models too big
+    # for that detour.
     draw_dtype, draw_device = (dtype, device) if cfg.init_on_device else (torch.float32, torch.device("cpu"))
     check_memory(cfg.name, config, draw_dtype, "", device)
     # The full model is built and the blocks past max_layer dropped afterwards: the kept blocks are

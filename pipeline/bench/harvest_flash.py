@@ -28,6 +28,7 @@ import torch
 from activations.corpus import iter_windows, windows_for_tokens
 from activations.harvesting import batches, harvest_with
 from activations.markdown import table
+from activations.memory import model_size
 from activations.models import load_model
 from pipeline.bench import make_command, write_section
 from pipeline.bench.harvest import row_bytes, store_bytes, time_batches
@@ -41,14 +42,8 @@ TINY = ["model.device=cpu", "model.dtype=float32", *(f"++model.config.{field}={v
     index_head_dim=16, n_routed_experts=8, moe_intermediate_size=32).items())]
 
 
-def weights(model) -> tuple[int, int]:
-    """(parameters, bytes) of the model's parameters and buffers, each at its own dtype."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
-
-
-def shape(model) -> str:
-    c, (params, weight_bytes) = model.config, weights(model)
+def shape(model, params: int, weight_bytes: int) -> str:
+    c = model.config
     return (f"{c.num_hidden_layers} blocks ({', '.join(c.layer_types)}; {', '.join(c.mlp_layer_types)}), "
             f"hidden {c.hidden_size}, {c.n_routed_experts} experts top-{c.num_experts_per_tok} "
             f"+ {c.n_shared_experts} shared (width {c.moe_intermediate_size}), hc_mult {c.hc_mult}: "
@@ -78,6 +73,7 @@ def main(argv=None) -> None:
         started = time.perf_counter()
         model, tokenizer = load_model(cfg.model)
         build_s = time.perf_counter() - started
+        params, weight_bytes = model_size(model)
         device = next(model.parameters()).device
         cuda = device.type == "cuda"
         if cuda:
@@ -100,14 +96,14 @@ def main(argv=None) -> None:
         stored_bytes = store_bytes(Path(tmp) / "flash" / "activations") / store.n_tokens
 
     if cuda:
-        memory = [["GPU memory: weights / build peak", f"{weights(model)[1] / GB:.1f} / {build_peak:.1f} GB allocated", ""],
+        memory = [["GPU memory: weights / build peak", f"{weight_bytes / GB:.1f} / {build_peak:.1f} GB allocated", ""],
                   ["GPU memory: harvest peak (reset after the build)",
                    f"{harvest_peak:.1f} GB allocated, {harvest_reserved:.1f} GB reserved", ""]]
     else:
         peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         memory = [["peak RSS (build included)", f"{peak_rss_gib:.2f} GiB", ""]]
     rows = [
-        ["model", shape(model), ""],
+        ["model", shape(model, params, weight_bytes), ""],
         [f"build (load_model, init_on_device={cfg.model.init_on_device}, {device})", f"{build_s:.1f} s", ""],
         ["harvest / bare forward", f"{harvest_tps:,.0f} / {bare:,.0f} tok/s", f"**{harvest_tps / bare:.2f}**"],
         *memory,
