@@ -111,11 +111,20 @@ def load_tokenizer(cfg: ModelConfig):
     return _load_tokenizer(names[cfg.source], cfg)
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` is the GPU when there is one; anything else is a torch device name."""
+def resolve_device(name: str, option: str) -> torch.device:
+    """`auto` is the GPU when there is one; anything else is a torch device name, which must exist here.
+    `option` names the setting it came from, for the error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{option}={name} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        seen = f"torch sees {torch.cuda.device_count()} CUDA GPU(s)" if torch.cuda.is_available() else \
+            f"torch {torch.__version__} sees no CUDA GPU here"
+        raise ConfigError(f"{option}={name} but {seen}: use {option}=cpu (or auto), or run on a GPU machine")
+    return device
 
 
 def _truncate_config(config, max_layer: int | None):
@@ -147,8 +156,9 @@ def _load_pretrained(path: str, cfg: ModelConfig, dtype: torch.dtype, max_layer:
     if cfg.attn_implementation:
         extra["attn_implementation"] = cfg.attn_implementation
     # A device_map (e.g. `auto`) spreads the weights over GPUs; without one they load straight onto `device`.
-    device_map = cfg.device_map or resolve_device(cfg.device)
-    check_memory(cfg.name, config, dtype, cfg.device_map, resolve_device(cfg.device), cfg.trust_remote_code)
+    device = resolve_device(cfg.device, "model.device")
+    device_map = cfg.device_map or device
+    check_memory(cfg.name, config, dtype, cfg.device_map, device, cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=dtype, device_map=device_map, **hub_args, **extra
     )
@@ -169,7 +179,7 @@ def _build_random(cfg: ModelConfig, dtype: torch.dtype, max_layer: int | None):
     fields = OmegaConf.to_container(cfg.config) if OmegaConf.is_config(cfg.config) else dict(cfg.config)
     config = config_class(**fields)
     build_args = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "model.device")
     # By default the weights are drawn in float32 on the CPU whatever the dtype and device (torch may draw
     # other numbers in another dtype, and does on another device), so that a seed names one model;
     # from_config in `dtype` then keeps the modules that must stay float32. init_on_device draws them where

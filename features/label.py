@@ -215,7 +215,7 @@ def label(cfg: DictConfig) -> dict:
     store = run.open_store()
     sites = trained_sites(run, list(cfg.label.sites))
     model_cfg = run.model_config()
-    device = resolve_device(cfg.label.device)
+    device = resolve_device(cfg.label.device, "label.device")
     chat = make_chat(cfg.explainer, run, model_cfg)
     # The logit lens needs the final norm and the unembedding only, so without output scores the first
     # block alone is loaded, unless the local explainer has already loaded the whole model.

@@ -249,7 +249,7 @@ def save_and_evaluate(cfg: DictConfig, run: RunDir, trainer: Trainer, heldout: H
 
 def train(cfg: DictConfig) -> dict:
     run = RunDir.from_config(cfg)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, "train.device")
     rank, world, device = init_distributed(device)
     store = open_store(run, cfg.train.allow_partial_store)
     sites = choose_sites(store, list(cfg.train.sites), rank, world, cfg.train.parallel)

@@ -1,6 +1,7 @@
 """Config choices are typed: a typo fails when the config is composed, naming what is allowed."""
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 
 from conftest import compose_config, run_stage
@@ -53,3 +54,14 @@ def test_shipped_prompt_sets_are_found_from_any_directory(tmp_path, monkeypatch)
     mine = tmp_path / "mine.txt"
     mine.write_text("# a comment\nWhy?\n\nHow?\n")
     assert read_prompts(str(mine)) == ["Why?", "How?"]
+
+
+def test_a_device_this_machine_lacks_is_refused_in_one_line():
+    from activations.errors import ConfigError
+    from activations.models import resolve_device
+
+    with pytest.raises(ConfigError, match=r"^train.device=cuda:99 but torch .* sees .*: use train.device=cpu"):
+        resolve_device("cuda:99", "train.device")
+    with pytest.raises(ConfigError, match=r"^model.device=gpu is not a device: use cpu, cuda, cuda:N or auto$"):
+        resolve_device("gpu", "model.device")
+    assert resolve_device("cpu", "model.device") == torch.device("cpu")

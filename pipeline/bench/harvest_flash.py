@@ -32,6 +32,7 @@ from activations.memory import model_size
 from activations.models import load_model
 from pipeline.bench import make_command, write_section
 from pipeline.bench.harvest import row_bytes, store_bytes, time_batches
+from pipeline.cli import one_line_errors
 from pipeline.config import compose
 
 GB = 1e9
@@ -120,4 +121,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors("bench-harvest-flash"):
+        main()
