@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from einops import rearrange, reduce
 from torch import nn
 
 from activations.config import ModelConfig
@@ -257,14 +258,23 @@ class DeepseekV4Adapter(ModelAdapter):
         """(read, write, width) turning the streams [b, s, hc, d] into rows and back."""
         d, hc = self.d_model, self.hc_mult
         if hc_reduce == "mean":
+            def mean(streams):
+                return reduce(streams, "b s hc d -> b s d", "mean")
+
             # Writing adds the same correction to every stream, so the mean becomes the new rows
             # and the differences between streams are kept.
             def spread(streams, rows):
-                return streams + (rows.to(streams.dtype) - streams.mean(dim=2)).unsqueeze(2)
+                return streams + rearrange(rows.to(streams.dtype) - mean(streams), "b s d -> b s 1 d")
 
-            return (lambda streams: streams.mean(dim=2)), spread, d
+            return mean, spread, d
         if hc_reduce == "concat":
-            return (lambda streams: streams.flatten(2)), (lambda s, rows: rows.to(s.dtype).view_as(s)), hc * d
+            def concat(streams):
+                return rearrange(streams, "b s hc d -> b s (hc d)")
+
+            def split(streams, rows):
+                return rearrange(rows.to(streams.dtype), "b s (hc d) -> b s hc d", hc=hc)
+
+            return concat, split, hc * d
         if hc_reduce.startswith("stream") and hc_reduce[6:].isdigit() and int(hc_reduce[6:]) < hc:
             k = int(hc_reduce[6:])
 

@@ -25,6 +25,7 @@ class ModelFamily(StrEnum):
 class ModelDtype(StrEnum):
     float32 = "float32"
     bfloat16 = "bfloat16"
+    auto = "auto"  # bfloat16 where matrix products run natively in it (a GPU, a CPU with AVX512-BF16 or AMX), else float32
 
 
 class DataSource(StrEnum):

@@ -17,11 +17,11 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from activations.adapters import make_adapter
-from activations.corpus import CorpusError, Window, fingerprint, iter_windows, windows_for_tokens
+from activations.corpus import Window, fingerprint, iter_windows, windows_for_tokens
 from activations.models import load_model
 from activations.routing import router_layers
 from activations.rundir import RunDir
-from activations.sites import SiteError, parse_sites
+from activations.sites import parse_sites
 from activations.store import ActivationStore, ShardWriter, StoreError
 
 

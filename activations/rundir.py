@@ -5,7 +5,9 @@
       activations/            the activation store (make harvest), unless store.url puts it elsewhere
       saes/<site>/            an SAE that sae_lens.SAE.load_from_disk reads, plus metrics.json (make train);
                               sweep members in saes/<site>/sweep/<tag>/, checkpoint.pt for resuming
-      features/<site>/        features.parquet, examples.parquet, meta.json (make label)
+      features/<site>/        features.parquet, examples.parquet, meta.json, experts.parquet, mining.pt
+                              (make label; LabelFiles), steering.jsonl (make steer-features);
+                              a split label job's slice in features/<site>/parts/<start>-<stop>/
       report/                 the static feature browser (make report)
       vectors/                steering vectors, and vectors/exports/ (steer, export)
       steer_eval/             the steering evaluation's results (make steer-eval)
@@ -13,11 +15,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from activations.atomic import write_text
 from activations.config import ModelConfig
 from activations.errors import ConfigError, DialboxError
 from activations.store import ActivationStore, StoreError
@@ -27,6 +29,36 @@ HARVEST_CONFIGS = ("harvest.yaml", "harvest.r0.yaml")  # one writer's, or rank 0
 
 class RunError(DialboxError, ValueError):
     """The run directory lacks what was asked for (an SAE, a model config), or holds another model's."""
+
+
+def sae_metrics(sae_dir: Path) -> Path:
+    """metrics.json of a trained SAE's directory (saes/<site>/, or a sweep member's under it)."""
+    return Path(sae_dir) / "metrics.json"
+
+
+class LabelFiles:
+    """The label stage's files for one site (runs/<run>/features/<site>/), or for one slice of its features
+    (parts/<start>-<stop>/ under it: a split label job's, merged by the job that completes the cover)."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+
+    features = property(lambda self: self.dir / "features.parquet")  # one row per feature
+    examples = property(lambda self: self.dir / "examples.parquet")  # one row per example context
+    meta = property(lambda self: self.dir / "meta.json")
+    experts = property(lambda self: self.dir / "experts.parquet")  # MoE sites: the experts' table
+    mining = property(lambda self: self.dir / "mining.pt")  # the mining pass's checkpoint
+    steering = property(lambda self: self.dir / "steering.jsonl")  # make steer-features' results, a line each
+
+    def part(self, lo: int, hi: int) -> "LabelFiles":
+        return LabelFiles(self.dir / "parts" / f"{lo:07d}-{hi:07d}")
+
+    def parts(self) -> list["LabelFiles"]:
+        return [LabelFiles(d) for d in sorted((self.dir / "parts").glob("*-*"))]
+
+    def complete(self) -> bool:
+        """Whether the tables a finished label job leaves are all here."""
+        return all(p.exists() for p in (self.meta, self.features, self.examples))
 
 
 class RunDir:
@@ -64,8 +96,11 @@ class RunDir:
     def features(self, site: str = "") -> Path:
         return self.root / "features" / str(site) if site else self.root / "features"
 
+    def label_files(self, site: str) -> "LabelFiles":
+        return LabelFiles(self.features(site))
+
     def feature_table_path(self, site: str) -> Path:
-        return self.features(site) / "features.parquet"
+        return self.label_files(site).features
 
     @property
     def llm_cache(self) -> Path:
@@ -86,6 +121,19 @@ class RunDir:
     @property
     def steer_eval(self) -> Path:
         return self.root / "steer_eval"
+
+    @property
+    def steer_eval_results(self) -> Path:
+        return self.steer_eval / "results.json"
+
+    @property
+    def steer_eval_report(self) -> Path:
+        return self.steer_eval / "report.md"
+
+    @property
+    def judge_cache(self) -> Path:
+        """The LLM judge's replies (make steer-eval and steer-features with judge=openai)."""
+        return self.steer_eval / "judge_cache.jsonl"
 
     def config_path(self, stage: str) -> Path:
         return self.root / "config" / f"{stage}.yaml"
@@ -132,7 +180,7 @@ class RunDir:
         return ActivationStore(*self.store_location())
 
     def load_sae(self, site, device: str = "cpu"):
-        """The trained SAE at a site (sae-lens's SAE), or a StoreError saying how to train one."""
+        """The trained SAE at a site (sae-lens's SAE), or a RunError saying how to train one."""
         from sae_lens import SAE  # slow to import; most stages that make a RunDir never need it
 
         path = self.saes(str(site))
@@ -157,8 +205,5 @@ class RunDir:
     def save_config(self, cfg: DictConfig, stage: str) -> Path:
         """Write the resolved config next to what it produced (atomically: a reader never sees half)."""
         path = self.config_path(stage)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        os.replace(tmp, path)
+        write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
         return path

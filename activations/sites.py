@@ -24,7 +24,7 @@ class SiteKind(StrEnum):
 
 SITE_KINDS = tuple(kind.value for kind in SiteKind)
 
-_SITE_RE = re.compile(r"^L(\d+)\.([a-z_]+)$")
+_SITE_RE = re.compile(r"^L([0-9]+)\.([a-z_]+)$")  # ASCII digits: \d takes any script's
 
 
 class SiteError(DialboxError, ValueError):
@@ -65,7 +65,7 @@ class FeatureId:
     @classmethod
     def parse(cls, text: str) -> "FeatureId":
         site_text, sep, index_text = str(text).strip().rpartition("/")
-        if not sep or not index_text.isdigit():
+        if not sep or not (index_text.isascii() and index_text.isdigit()):  # "²" is a digit, not a number
             raise SiteError(f"bad feature ID {text!r}: write <site>/<index>, e.g. L15.resid_post/1234")
         return cls(Site.parse(site_text), int(index_text))
 

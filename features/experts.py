@@ -18,12 +18,14 @@ experts.parquet, per site, one row per (layer, expert): its load and the feature
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from activations.atomic import replacing
+from activations.rundir import LabelFiles
 
 Z = 1.96  # the Wilson bound's z: 95%
 EXPERT_SCHEMA = pa.schema([
@@ -70,7 +72,7 @@ def entropy_bits(counts: torch.Tensor) -> torch.Tensor:
     return -(q * torch.log2(q.clamp(min=1e-300))).sum(dim=1)
 
 
-def feature_columns(state: dict, layers: list[int], top: int) -> dict:
+def expert_columns(state: dict, layers: list[int], top: int) -> dict:
     """The features.parquet columns: each feature's top experts by lift_low over the counted layers."""
     if not layers:
         return {}
@@ -112,9 +114,8 @@ def expert_table(state: dict, layers: list[int], first_feature: int, top: int) -
 
 
 def write_experts(out: Path, table: pa.Table) -> None:
-    tmp = out / f"experts.parquet.tmp{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out / "experts.parquet")
+    with replacing(LabelFiles(out).experts) as tmp:
+        pq.write_table(table, tmp)
 
 
 def merge_expert_tables(tables: list[pa.Table], top: int) -> pa.Table:

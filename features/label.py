@@ -10,28 +10,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.concurrent import thread_map
 
 from activations.config import ModelConfig
 from activations.errors import ConfigError
-from activations.adapters import make_adapter
+from activations.adapters import ModelAdapter, make_adapter
 from activations.models import load_model, load_tokenizer, resolve_device
-from activations.rundir import RunDir
+from activations.rundir import LabelFiles, RunDir
 from activations.sites import Site, SiteError
-from activations.store import StoreError
+from activations.store import ActivationStore, StoreError
 from features import explain, score
 from features.examples import ExamplePlan, attach_tokens, feature_examples
-from features.experts import counted_layers, expert_table, feature_columns, write_experts
-from features.lens import logit_lens, nearest_features
-from features.llm import ChatModel, LLMError, LocalChat, OpenAIChat, ResponseCache, map_with_progress
+from features.experts import counted_layers, expert_columns, expert_table, write_experts
+from features.lens import decoder_neighbours, logit_lens
+from features.llm import ChatModel, LLMError, LocalChat, OpenAIChat, ResponseCache
 from features.mining import HIST_EDGES, FeatureMiner, MiningPlan
 from features.output_score import output_scores
 from features.tables import ExampleWriter, merge_parts, write_features, write_meta
+
+if TYPE_CHECKING:
+    from sae_lens import SAE  # slow to import, and the label stage loads it through RunDir anyway
 
 CHUNK = 1024  # features per chunk of examples
 
@@ -39,12 +44,33 @@ CHUNK = 1024  # features per chunk of examples
 @dataclass
 class SiteInputs:
     site: str
-    sae: object  # sae_lens SAE
-    store: object  # ActivationStore
-    model: object  # for the logit lens (only its final norm and unembedding are used)
-    vocab: list  # token id -> decoded string
-    adapter: object = None  # the whole model's adapter, for output scores (None: not scored)
+    sae: SAE
+    store: ActivationStore
+    model: nn.Module  # for the logit lens (only its final norm and unembedding are used)
+    vocab: list[str]  # token id -> decoded string
+    adapter: ModelAdapter | None = None  # the whole model's adapter, for output scores (None: not scored)
     contexts: torch.Tensor | None = None  # [c, T] token ids the output score is measured on
+
+
+@dataclass
+class FeatureSlice:
+    """The features [lo, hi) one label job covers, and the directory its tables go to."""
+    lo: int
+    hi: int
+    out: Path
+
+    @property
+    def features(self) -> range:
+        return range(self.lo, self.hi)
+
+
+@dataclass
+class DecoderFacts:
+    """What the decoder rows of a slice say on their own, without the corpus."""
+    lens: tuple | None  # logit_lens(): (pos values, pos ids, neg values, neg ids), None for a width it cannot read
+    neighbours: torch.Tensor  # [n, k] nearest features by decoder cosine
+    neighbour_cos: torch.Tensor
+    outputs: torch.Tensor | None  # output scores (None: not scored)
 
 
 def mining_plan(cfg, expert_layers: list[int] = ()) -> MiningPlan:
@@ -61,68 +87,92 @@ def label_site(inputs: SiteInputs, cfg, explainer, chat: ChatModel | None, site_
     With `label.features=[start, stop)` the slice goes to site_dir/parts/<start>-<stop>/, and the
     job that completes the cover of all features merges the parts into site_dir.
     """
-    n = inputs.sae.cfg.d_sae
-    lo, hi = (cfg.features or [0, n])[:2]
-    if not 0 <= lo < hi <= n:
-        raise ConfigError(f"label.features={list(cfg.features)} is not a range [start, stop) within the {n} features "
-                         f"of {inputs.site}")
-    out = site_dir if (lo, hi) == (0, n) else site_dir / "parts" / f"{lo:07d}-{hi:07d}"
-    out.mkdir(parents=True, exist_ok=True)
+    part = feature_slice(cfg.features, inputs.sae.cfg.d_sae, inputs.site, site_dir)
     layers = counted_layers(inputs.store.router, Site.parse(inputs.site).layer, cfg.expert_layers)
     plan = mining_plan(cfg, layers)
-    miner = FeatureMiner(inputs.store, inputs.site, inputs.sae, plan, device, (lo, hi))
+    miner = FeatureMiner(inputs.store, inputs.site, inputs.sae, plan, device, (part.lo, part.hi))
     state = {k: v.cpu() if torch.is_tensor(v) else v for k, v in
-             miner.run(out / "mining.pt", cfg.checkpoint_seconds).items()}
+             miner.run(LabelFiles(part.out).mining, cfg.checkpoint_seconds).items()}
+    decoder = decoder_facts(inputs, cfg, part, state["fires"] > 0)
+    token_ids = inputs.store.tokens(0, miner.n_blocks * plan.context_tokens)["tokens"]
+    use_llm = _llm_features(state["fires"], part.lo, chat, explainer.max_features, cfg.seed)
+    described = describe_features(inputs, state, part, decoder, token_ids, chat, use_llm, explainer.max_tokens, cfg)
+    columns = feature_columns(inputs, state, part, described, decoder)
+    write_features(part.out, columns | expert_columns(state, layers, cfg.top_experts))
+    if layers:
+        write_experts(part.out, expert_table(state, layers, part.lo, cfg.expert_features))
+    write_meta(part.out, site_meta(inputs, state, part, plan, chat, len(use_llm), layers, cfg))
+    if part.out != site_dir and merge_parts(site_dir):
+        print(f"label: {inputs.site}: every slice is done; merged {site_dir / 'parts'} into {site_dir}")
+    sources = columns["label_source"]
+    return part.out, {src: sources.count(src) for src in sorted(set(sources))}
 
+
+def feature_slice(features: list, n: int, site: str, site_dir: Path) -> FeatureSlice:
+    """label.features ([] for all n) as a slice, its directory made: site_dir, or its part of it."""
+    lo, hi = (features or [0, n])[:2]
+    if not 0 <= lo < hi <= n:
+        raise ConfigError(f"label.features={list(features)} is not a range [start, stop) within the {n} features "
+                          f"of {site}")
+    out = site_dir if (lo, hi) == (0, n) else LabelFiles(site_dir).part(lo, hi).dir
+    out.mkdir(parents=True, exist_ok=True)
+    return FeatureSlice(lo, hi, out)
+
+
+def decoder_facts(inputs: SiteInputs, cfg, part: FeatureSlice, live: torch.Tensor) -> DecoderFacts:
     w_dec = inputs.sae.W_dec.detach()
-    lens = logit_lens(w_dec[lo:hi], inputs.model, cfg.logit_tokens)
-    neighbour_cos, neighbours = nearest_features(w_dec, cfg.neighbours, rows=(lo, hi))
+    rows = w_dec[part.lo:part.hi]
+    lens = logit_lens(rows, inputs.model, cfg.logit_tokens)
+    neighbour_cos, neighbours = decoder_neighbours(w_dec, cfg.neighbours, rows=(part.lo, part.hi))
     outputs = None
     if inputs.adapter is not None and lens is not None:
-        outputs = output_scores(inputs.adapter, inputs.site, w_dec[lo:hi], lens[1], inputs.contexts,
-                                inputs.store.stats(inputs.site)["mean_norm"], state["fires"] > 0, cfg.output_strength,
-                                first=lo)
-    token_ids = inputs.store.tokens(0, miner.n_blocks * plan.context_tokens)["tokens"]
-    use_llm = _llm_features(state["fires"], lo, chat, explainer.max_features, cfg.seed)
+        outputs = output_scores(inputs.adapter, inputs.site, rows, lens[1], inputs.contexts,
+                                inputs.store.stats(inputs.site)["mean_norm"], live, cfg.output_strength, first=part.lo)
+    return DecoderFacts(lens, neighbours, neighbour_cos, outputs)
 
+
+def describe_features(inputs: SiteInputs, state: dict, part: FeatureSlice, decoder: DecoderFacts, token_ids,
+                      chat: ChatModel | None, use_llm: set, max_tokens: int, cfg) -> dict[int, dict]:
+    """Every feature's examples written and its label and scores made ({feature: _describe()}; the LLM labels
+    those in use_llm, token counts the rest), a chunk of features at a time so that the examples of 65,536
+    features never sit in memory at once."""
+    context_tokens = cfg.context_tokens
     eplan = ExamplePlan(cfg.quantiles, cfg.explain_top, cfg.explain_per_quantile, cfg.random_examples, cfg.seed)
-    writer = ExampleWriter(out, plan.context_tokens)
+    writer = ExampleWriter(part.out, context_tokens)
     described = {}
-    for start in tqdm(range(lo, hi, CHUNK), desc=f"label {inputs.site}", unit="chunk", dynamic_ncols=True):
-        chunk = range(start, min(start + CHUNK, hi))
-        examples = {f: feature_examples(state, f, eplan, plan.context_tokens) for f in chunk}
+    for start in tqdm(range(part.lo, part.hi, CHUNK), desc=f"label {inputs.site}", unit="chunk", dynamic_ncols=True):
+        chunk = range(start, min(start + CHUNK, part.hi))
+        examples = {f: feature_examples(state, f, eplan, context_tokens) for f in chunk}
         for exs in examples.values():
-            attach_tokens(exs, token_ids, inputs.vocab, plan.context_tokens)
-        promoted = {f: [inputs.vocab[i] for i in lens[1][f - lo].tolist()] if lens else [] for f in chunk}
+            attach_tokens(exs, token_ids, inputs.vocab, context_tokens)
 
         def describe(f):
-            return _describe(examples[f], promoted[f], bool(state["fires"][f - lo] == 0), chat if f in use_llm else None,
-                             explainer.max_tokens, cfg)
+            promoted = [inputs.vocab[i] for i in decoder.lens[1][f - part.lo].tolist()] if decoder.lens else []
+            dead = bool(state["fires"][f - part.lo] == 0)
+            return _describe(examples[f], promoted, dead, chat if f in use_llm else None, max_tokens, cfg)
 
         llm_chunk = [f for f in chunk if f in use_llm]
         if llm_chunk:
-            described.update(zip(llm_chunk, map_with_progress(describe, llm_chunk, chat.concurrency, "explain")))
+            described.update(zip(llm_chunk, thread_map(describe, llm_chunk, max_workers=max(1, chat.concurrency),
+                                                       desc="explain", unit="feat", dynamic_ncols=True)))
         described.update({f: describe(f) for f in chunk if f not in use_llm})
         writer.write(examples)
     writer.close()
+    return described
 
-    columns = _feature_columns(inputs, state, lo, hi, described, lens, neighbours, neighbour_cos, outputs)
-    write_features(out, columns | feature_columns(state, layers, cfg.top_experts))
-    if layers:
-        write_experts(out, expert_table(state, layers, lo, cfg.expert_features))
-    write_meta(out, {
-        "site": inputs.site, "n_features": n, "features": [lo, hi], "tokens_mined": int(state["tokens"]),
-        "hist_edges": HIST_EDGES.tolist(), "context_tokens": plan.context_tokens,
-        "explainer": f"llm:{chat.name}" if chat else "heuristic", "llm_features": len(use_llm),
+
+def site_meta(inputs: SiteInputs, state: dict, part: FeatureSlice, plan: MiningPlan, chat, n_llm: int,
+              layers: list[int], cfg) -> dict:
+    return {
+        "site": inputs.site, "n_features": inputs.sae.cfg.d_sae, "features": [part.lo, part.hi],
+        "tokens_mined": int(state["tokens"]), "hist_edges": HIST_EDGES.tolist(), "context_tokens": plan.context_tokens,
+        "explainer": f"llm:{chat.name}" if chat else "heuristic",
+        "llm_features": n_llm,
         "scorer": "detection and fuzzing (balanced accuracy) on examples the explainer did not see",
         "model": inputs.sae.cfg.metadata.model_name, "sae": f"saes/{inputs.site}",
         "expert_layers": layers, "expert_features": cfg.expert_features,
         "n_experts": {layer: inputs.store.router[layer]["n_experts"] for layer in layers},
-    })
-    if out != site_dir and merge_parts(site_dir):
-        print(f"label: {inputs.site}: every slice is done; merged {site_dir / 'parts'} into {site_dir}")
-    sources = columns["label_source"]
-    return out, {src: sources.count(src) for src in sorted(set(sources))}
+    }
 
 
 def _llm_features(fires: torch.Tensor, lo: int, chat, limit: int, seed: int) -> set:
@@ -158,26 +208,27 @@ def _describe(examples, promoted, dead: bool, chat, max_tokens: int, cfg) -> dic
     return result
 
 
-def _feature_columns(inputs, state, lo, hi, described, lens, neighbours, neighbour_cos, outputs) -> dict:
+def feature_columns(inputs: SiteInputs, state: dict, part: FeatureSlice, described: dict, decoder: DecoderFacts) -> dict:
+    """The columns of features.parquet for the slice (expert columns aside)."""
     fires, tokens = state["fires"], max(int(state["tokens"]), 1)
-    rows = [described[f] for f in range(lo, hi)]
+    rows = [described[f] for f in part.features]
     scores = [[r[k] for k in ("detection", "fuzzing") if r[k] is not None] for r in rows]
-    if lens:
-        pos_vals, pos_ids, neg_vals, neg_ids = (t.tolist() for t in lens)
+    if decoder.lens:
+        pos_vals, pos_ids, neg_vals, neg_ids = (t.tolist() for t in decoder.lens)
         pos, neg = ([[inputs.vocab[i] for i in row] for row in ids] for ids in (pos_ids, neg_ids))
     else:  # no logit lens for this site's width
         pos_vals = pos = neg_vals = neg = [[] for _ in rows]
+    outputs = decoder.outputs.tolist() if decoder.outputs is not None else [None] * len(rows)
     return {
-        "index": list(range(lo, hi)), "feature_id": [f"{inputs.site}/{f}" for f in range(lo, hi)],
+        "index": list(part.features), "feature_id": [f"{inputs.site}/{f}" for f in part.features],
         "density": (fires.double() / tokens).tolist(), "max_act": state["top_keys"][:, 0].clamp(min=0).tolist(),
         "mean_act": (state["act_sum"] / fires.clamp(min=1)).tolist(), "dead": (fires == 0).tolist(),
         **{k: [r[k] for r in rows] for k in ("label", "label_source", "label_error", "detection", "fuzzing", "top_tokens")},
         "score": [sum(s) / len(s) if s else None for s in scores],
         "logit_pos": pos, "logit_pos_values": pos_vals, "logit_neg": neg, "logit_neg_values": neg_vals,
-        "neighbours": neighbours.tolist(), "neighbour_cos": neighbour_cos.tolist(),
+        "neighbours": decoder.neighbours.tolist(), "neighbour_cos": decoder.neighbour_cos.tolist(),
         "hist_counts": state["hist"].tolist(),
-        "output_score": [None if outputs is None or v != v else float(v) for v in
-                         (outputs.tolist() if outputs is not None else [None] * len(rows))],
+        "output_score": [None if v is None or v != v else float(v) for v in outputs],  # NaN: not scored
     }
 
 

@@ -33,7 +33,7 @@ def logit_lens(w_dec: torch.Tensor, model, n: int, chunk: int = 1024):
 
 
 @torch.no_grad()
-def nearest_features(w_dec: torch.Tensor, n: int, rows: tuple[int, int] | None = None, chunk: int = 1024):
+def decoder_neighbours(w_dec: torch.Tensor, n: int, rows: tuple[int, int] | None = None, chunk: int = 1024):
     """(cosines, indices) [features, n] of the nearest other features of features rows[0]..rows[1]-1 (default all)."""
     unit = torch.nn.functional.normalize(w_dec.float(), dim=1)
     n = min(n, len(unit) - 1)

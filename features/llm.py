@@ -20,12 +20,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 from activations.errors import DialboxError
 from activations.errors import ConfigError
 
@@ -153,15 +151,3 @@ class LocalChat(ChatModel):
             out = self.model.generate(**{k: v.to(device) for k, v in ids.items()}, max_new_tokens=max_tokens,
                                       do_sample=False, pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
         return prefix + self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def map_with_progress(fn: Callable, items: list, workers: int, desc: str) -> list:
-    """[fn(item) for item in items] on `workers` threads, in order, with a progress bar."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(total=len(items), desc=desc, unit="feat",
-                                                                       dynamic_ncols=True) as bar:
-        futures = [pool.submit(fn, item) for item in items]
-        results = []
-        for f in futures:
-            results.append(f.result())
-            bar.update(1)
-        return results

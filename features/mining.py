@@ -27,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 from tqdm import tqdm
 
+from activations.atomic import replacing
 from activations.store import ActivationStore
 from activations.errors import ConfigError
 
@@ -128,7 +130,7 @@ class FeatureMiner:
                 x = torch.from_numpy(self.store.read(self.site, first * W, (first + n) * W)).to(self.device)
                 routes = {layer: torch.from_numpy(self.store.read_router(layer, first * W, (first + n) * W)[0])
                           for layer in self.plan.expert_layers}
-                self.update(first, self.encode(x).view(n, W, -1), b, routes)
+                self.update(first, rearrange(self.encode(x), "(n w) f -> n w f", w=W), b, routes)
                 bar.update(n * W)
                 if checkpoint is not None and time.monotonic() - saved > checkpoint_seconds:
                     save_state(self.state, checkpoint)
@@ -152,7 +154,7 @@ class FeatureMiner:
         """Fold one batch of blocks [n, W, F] (blocks first_block.. first_block+n-1) into the state;
         routes: {layer: chosen expert ids [n * W, top_k]} of the same rows, for plan.expert_layers."""
         s, n, F = self.state, acts.shape[0], acts.shape[2]
-        flat = acts.view(-1, F)
+        flat = rearrange(acts, "n w f -> (n w) f")
         # One pass finds the firing entries; counts, sums and the histogram use only those.
         rows, feats = (flat > 0).nonzero(as_tuple=True)
         values = flat[rows, feats]
@@ -223,7 +225,5 @@ def slot_acts(state: dict, name: str, feature: int, rank: int) -> torch.Tensor:
 
 def save_state(state: dict, path: Path) -> None:
     """Write atomically: a kill during the save leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        torch.save(state, tmp)

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from activations.rundir import LabelFiles
 from activations.sites import Site
 from features.tables import read_steering_results
 from activations.errors import DialboxError
@@ -67,26 +68,28 @@ def find_sites(features_dir: Path, wanted: list[str]) -> list[Path]:
         raise ReportError(f"no sites in {features_dir}: run `make label` first")
     dirs = [features_dir / name for name in sorted(names, key=Site.parse)]
     for d in dirs:
-        for name in ("meta.json", "features.parquet", "examples.parquet"):
-            if not (d / name).is_file():
-                raise ReportError(f"{d} has no {name}: run `make label` for site {d.name}")
+        files = LabelFiles(d)
+        for path in (files.meta, files.features, files.examples):
+            if not path.is_file():
+                raise ReportError(f"{d} has no {path.name}: run `make label` for site {d.name}")
     return dirs
 
 
 def write_site(src: Path, dst: Path, chunk_size: int, index_top_tokens: int) -> dict:
-    meta = json.loads((src / "meta.json").read_text())
-    features = pq.read_table(src / "features.parquet").sort_by("index")
+    files = LabelFiles(src)
+    meta = json.loads(files.meta.read_text())
+    features = pq.read_table(files.features).sort_by("index")
     check_features(src, meta, features)
     dst.mkdir(parents=True)
     labels = features.column("label").to_pylist()
     index = index_columns(features, labels, index_top_tokens)
     write_json(dst / "index.json", index)
-    examples = example_rows(src / "examples.parquet")
+    examples = example_rows(files.examples)
     steering = read_steering_results(src)
     for k, chunk in enumerate(feature_chunks(features, labels, examples, chunk_size, steering)):
         write_json(dst / f"chunk-{k}.json", chunk)
-    if (src / "experts.parquet").is_file():
-        write_json(dst / "experts.json", expert_records(pq.read_table(src / "experts.parquet"), labels))
+    if files.experts.is_file():
+        write_json(dst / "experts.json", expert_records(pq.read_table(files.experts), labels))
     n_dead, n_labelled = sum(index["dead"]), sum(label is not None for label in labels)
     return {**meta, "n_dead": n_dead, "n_labelled": n_labelled, "n_unlabelled": len(labels) - n_labelled - n_dead}
 

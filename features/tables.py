@@ -18,6 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from activations.atomic import replacing, temporary_beside, write_text
+from activations.rundir import LabelFiles
 from features.examples import Example
 from features.experts import FEATURE_FIELDS, merge_expert_tables, write_experts
 
@@ -31,7 +33,6 @@ FEATURE_SCHEMA = pa.schema([
     ("neighbour_cos", pa.list_(pa.float32())), ("hist_counts", pa.list_(pa.int64())),
     ("output_score", pa.float32()),
 ])
-STEERING_RESULTS = "steering.jsonl"
 EXAMPLE_SCHEMA = pa.schema([
     ("index", pa.int32()), ("kind", pa.string()), ("rank", pa.int32()), ("quantile", pa.int32()),
     ("start", pa.int64()), ("tokens", pa.list_(pa.string())), ("acts", pa.list_(pa.float32())),
@@ -43,7 +44,8 @@ class ExampleWriter:
     """Appends the examples of successive features to examples.parquet (renamed into place on close)."""
 
     def __init__(self, out: Path, context_tokens: int):
-        self.path, self.tmp, self.context_tokens = out / "examples.parquet", out / "examples.parquet.tmp", context_tokens
+        self.path, self.context_tokens = LabelFiles(out).examples, context_tokens
+        self.tmp = temporary_beside(self.path)
         self.writer = pq.ParquetWriter(self.tmp, EXAMPLE_SCHEMA)
 
     def write(self, by_feature: dict[int, list[Example]]) -> None:
@@ -67,15 +69,14 @@ def write_features(out: Path, columns: dict) -> None:
 
 
 def write_features_table(out: Path, table: pa.Table) -> None:
-    tmp = out / f"features.parquet.tmp{os.getpid()}"  # split jobs may merge the same site at once
-    pq.write_table(table, tmp)
-    os.replace(tmp, out / "features.parquet")
+    with replacing(LabelFiles(out).features) as tmp:
+        pq.write_table(table, tmp)
 
 
 def set_feature_columns(site_dir: Path, columns: dict[str, dict[int, object]], types: dict[str, str]) -> None:
     """Replace (or add) columns of a site's features.parquet, given as {name: {feature index: value}};
     features not given get null. Later stages (steering's evaluation) add their results this way."""
-    table = pq.read_table(site_dir / "features.parquet")
+    table = pq.read_table(LabelFiles(site_dir).features)
     index = table.column("index").to_pylist()
     for name, values in columns.items():
         array = pa.array([values.get(i) for i in index], type=pa.type_for_alias(types[name]))
@@ -87,9 +88,7 @@ def set_feature_columns(site_dir: Path, columns: dict[str, dict[int, object]], t
 
 
 def write_meta(out: Path, meta: dict) -> None:
-    tmp = out / f"meta.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / "meta.json")
+    write_text(LabelFiles(out).meta, json.dumps(meta, indent=2))
 
 
 def merge_parts(site_dir: Path) -> bool:
@@ -98,11 +97,9 @@ def merge_parts(site_dir: Path) -> bool:
     Returns False (and changes nothing) while slices are missing. Two jobs finishing together
     both merge the same parts into the same files, each file replaced atomically.
     """
-    parts = []
-    for d in sorted((site_dir / "parts").glob("*-*")):
-        if (d / "meta.json").exists() and (d / "features.parquet").exists() and (d / "examples.parquet").exists():
-            parts.append((json.loads((d / "meta.json").read_text()), d))
-    parts.sort(key=lambda p: p[0]["features"][0])
+    site = LabelFiles(site_dir)
+    parts = sorted(((json.loads(p.meta.read_text()), p) for p in site.parts() if p.complete()),
+                   key=lambda part: part[0]["features"][0])
     covered = 0
     for meta, _ in parts:
         if meta["features"][0] != covered:
@@ -110,15 +107,13 @@ def merge_parts(site_dir: Path) -> bool:
         covered = meta["features"][1]
     if not parts or covered != parts[0][0]["n_features"]:
         return False
-    write_features_table(site_dir, pa.concat_tables(pq.read_table(d / "features.parquet") for _, d in parts))
-    tmp = site_dir / f"examples.parquet.tmp{os.getpid()}"
-    with pq.ParquetWriter(tmp, EXAMPLE_SCHEMA) as writer:
-        for _, d in parts:
-            for batch in pq.ParquetFile(d / "examples.parquet").iter_batches():
+    write_features_table(site_dir, pa.concat_tables(pq.read_table(p.features) for _, p in parts))
+    with replacing(site.examples) as tmp, pq.ParquetWriter(tmp, EXAMPLE_SCHEMA) as writer:
+        for _, p in parts:
+            for batch in pq.ParquetFile(p.examples).iter_batches():
                 writer.write_batch(batch)
-    os.replace(tmp, site_dir / "examples.parquet")
-    if (parts[0][1] / "experts.parquet").exists():
-        write_experts(site_dir, merge_expert_tables([pq.read_table(d / "experts.parquet") for _, d in parts],
+    if parts[0][1].experts.exists():
+        write_experts(site_dir, merge_expert_tables([pq.read_table(p.experts) for _, p in parts],
                                                     parts[0][0]["expert_features"]))
     meta = {**parts[0][0], "features": [0, covered], "llm_features": sum(m["llm_features"] for m, _ in parts),
             "parts": [m["features"] for m, _ in parts]}
@@ -129,7 +124,7 @@ def merge_parts(site_dir: Path) -> bool:
 def read_steering_results(site_dir: Path) -> dict[int, dict]:
     """make steer-features' result per feature index, the last one kept. A line cut short by a kill
     is the feature that was being evaluated: it is skipped, so a rerun redoes it."""
-    path = site_dir / STEERING_RESULTS
+    path = LabelFiles(site_dir).steering
     results = {}
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
@@ -142,10 +137,18 @@ def read_steering_results(site_dir: Path) -> dict[int, dict]:
 
 def append_steering_result(site_dir: Path, result: dict) -> None:
     """One feature's result, durable before the next feature starts."""
-    path = site_dir / STEERING_RESULTS
+    path = LabelFiles(site_dir).steering
     path.parent.mkdir(parents=True, exist_ok=True)
     cut = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
     with open(path, "a") as f:
         f.write(("\n" if cut else "") + json.dumps(result) + "\n")  # never onto a line a kill cut short
         f.flush()
         os.fsync(f.fileno())
+
+
+def feature_labels(run, site: str) -> dict[int, str]:
+    """{feature index: its label} of a labelled site of a RunDir ({} before the label stage)."""
+    columns = run.feature_table(site, ["index", "label"])
+    if not columns or "label" not in columns:
+        return {}
+    return {int(i): str(label or "") for i, label in zip(columns["index"], columns["label"])}

@@ -31,8 +31,9 @@ def browse(cfg: DictConfig) -> None:
         raise ConfigError(f"no report in {root}: run `make report RUN={cfg.run.run_name}` first")
     steerer = load_steerer(cfg) if cfg.browse.model else None
     try:
-        server = (browse_server(steerer, root, cfg.browse.host, cfg.browse.port, cfg.browse.max_tokens) if steerer
-                  else make_server(root, cfg.browse.host, cfg.browse.port))
+        hosts = list(cfg.browse.allowed_hosts)
+        server = (browse_server(steerer, root, cfg.browse.host, cfg.browse.port, cfg.browse.max_tokens, allowed_hosts=hosts)
+                  if steerer else make_server(root, cfg.browse.host, cfg.browse.port, hosts))
     except OSError as e:
         raise ConfigError(f"cannot serve on {cfg.browse.host}:{cfg.browse.port} ({e.strerror}): "
                           "pick another port with browse.port=<n>") from e

@@ -78,7 +78,8 @@ class Concept(StrEnum):
 @dataclass
 class HarvestConfig:
     sites: list = field(default_factory=lambda: ["L15.resid_post"])  # L<layer>.<kind>, kinds as in README
-    # Stop after this many tokens stored by this writer (0 = the whole corpus).
+    # Stop after the context windows that hold this many tokens, counted over all writers (0 = the whole
+    # corpus). Windows are whole, and special-token rows (BOS) are not stored: 1024 at context 64 stores 1008 rows.
     max_tokens: int = 200_000
     batch_size: int = 16  # context windows per forward
     rank: int = 0  # this writer's index: it takes windows w with w % world_size == rank
@@ -274,6 +275,9 @@ class BrowseConfig:
     # loads; false serves the static report alone.
     model: bool = True
     max_tokens: int = 128  # the Steer panel's ceiling on max tokens per continuation
+    # Host names to answer to beyond 127.0.0.1, localhost, ::1 and browse.host (a reverse proxy's name);
+    # any other Host is refused, against DNS rebinding.
+    allowed_hosts: list = field(default_factory=list)
 
 
 @dataclass
@@ -312,7 +316,9 @@ class SteerConfig:
 
     prompt: str = "Tell me about your favourite food."  # sent as a user message when chat applies
     # Interventions, each a string "<feature ID or vector> key=value ..." or a dict with the same keys:
-    # op (add | clamp | project), scale, units (max_act | raw), positions (all | prompt | generated), layers.
+    # op (add | clamp | project), scale, units (max_act | norm | raw | fraction), positions (all | prompt |
+    # generated), layers, when (a condition: when=L12.resid_post/88>2.5). A feature without a scale takes its
+    # make steer-features setting, else add 0.25 x the site's mean norm (docs/guide.md, section 7).
     # e.g. ["L15.resid_post/1234 scale=4", "terse layers=[12] scale=2"]
     interventions: list = field(default_factory=list)
     max_new_tokens: int = 64  # tokens generated per continuation
@@ -458,6 +464,9 @@ class ServeConfig:
     # Interventions applied to every request before its own `steering` list (as llama.cpp's start-up vectors).
     steering: list = field(default_factory=list)
     max_act_rows: int = 16384  # store rows giving max activations when there is no feature table yet
+    # Host names to answer to beyond 127.0.0.1, localhost, ::1 and serve.host (a reverse proxy's name);
+    # any other Host is refused, against DNS rebinding.
+    allowed_hosts: list = field(default_factory=list)
     limits: ServerLimits = field(default_factory=ServerLimits)  # what one request may cost (steering/limits.py)
 
 

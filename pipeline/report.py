@@ -12,11 +12,10 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from features.report import ReportError, build_report
-from pipeline.config import register_configs
 from activations.rundir import RunDir
+from features.report import build_report
 from pipeline.cli import one_line_errors
-from activations.sites import SiteError
+from pipeline.config import register_configs
 
 register_configs()
 

@@ -1,10 +1,11 @@
 """`make serve`: an OpenAI-compatible server that steers each request by feature ID or vector.
 
     python -m pipeline.serve run.run_name=demo serve.port=8000
-    curl 127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}],
-         "steering": [{"feature": "L15.resid_post/1234", "scale": 4}]}'
+    curl 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
+         -d '{"messages": [{"role": "user", "content": "Hi"}], "steering": [{"feature": "L15.resid_post/1234", "scale": 4}]}'
 
-It listens on 127.0.0.1 unless serve.host says otherwise; see steering/server.py for the API and its limits.
+It listens on 127.0.0.1 unless serve.host says otherwise, and answers only to its own Host names unless
+serve.allowed_hosts adds some; see steering/server.py for the API and its limits.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from steering.server import SteeringServer
-from steering.steerer import BAD_INPUT, Steerer
+from steering.steerer import Steerer
 from pipeline.config import register_configs
 from activations.rundir import RunDir
 from pipeline.cli import one_line_errors
-from activations.store import StoreError
 
 register_configs()
 
@@ -26,7 +26,7 @@ def build_server(cfg: DictConfig) -> SteeringServer:
     run = RunDir.from_config(cfg)
     steerer = Steerer(run, cfg.model, max_act_rows=cfg.serve.max_act_rows)
     server = SteeringServer(steerer, cfg.serve.host, cfg.serve.port, cfg.serve.max_tokens, list(cfg.serve.steering),
-                            OmegaConf.to_object(cfg.serve.limits))
+                            OmegaConf.to_object(cfg.serve.limits), allowed_hosts=list(cfg.serve.allowed_hosts))
     run.save_config(cfg, "serve")
     return server
 

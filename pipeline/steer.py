@@ -14,30 +14,27 @@ own section of conf/steer.yaml and saves the resolved config as runs/<run>/confi
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 import textwrap
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
-from activations.markdown import table
 from activations.rundir import RunDir
-from activations.sites import FeatureId, Site
+from activations.sites import Site
 from pipeline.bench import make_command, write_section
 from pipeline.cli import one_line_errors
 from pipeline.config import register_configs
 from steering.contrast import build_contrast
-from steering.evaluation import run_eval
-from steering.feature_eval import evaluate_features, summary
+from steering.evaluation import run_eval, save_eval
+from steering.feature_eval import evaluate_features, features_report, output_scores, summary
 from steering.exports import EXPORTS
 from steering.feature_vectors import save_feature_vector
 from steering.interventions import SteeringError
 from steering.routing import export_routes
 from steering.steerer import Steerer
-from steering.vectors import SteeringVector, nearest_features
+from steering.vectors import SteeringVector, describe_nearest, target_directions
 
 register_configs()
 
@@ -88,38 +85,9 @@ def contrast(cfg: DictConfig) -> SteeringVector:
     return vector
 
 
-def describe_nearest(run: RunDir, sae_site: Site, direction: torch.Tensor, top: int, what: str) -> str:
-    """The SAE features nearest a direction, one a line, with labels when the label stage has run."""
-    sae = run.load_sae(sae_site)
-    labels = feature_labels(run, str(sae_site))
-    lines = [f"features of the SAE at {sae_site} nearest {what} (decoder cosine):"]
-    for index, cosine in nearest_features(direction, sae.W_dec.detach(), top):
-        lines.append(f"  {sae_site}/{index:<8} {cosine:+.3f}  {labels.get(index, '')}".rstrip())
-    return "\n".join(lines)
-
-
-def feature_labels(run: RunDir, site: str) -> dict[int, str]:
-    columns = run.feature_table(site, ["index", "label"])
-    if not columns or "label" not in columns:
-        return {}
-    return {int(i): str(label or "") for i, label in zip(columns["index"], columns["label"])}
-
-
 def project(cfg: DictConfig) -> list[str]:
     p, run = cfg.project, RunDir.from_config(cfg)
-    if not p.target:
-        raise SteeringError("project.target is empty: give a vector name or a feature ID")
-    if "/" in p.target:
-        feature = FeatureId.parse(p.target)
-        directions = {feature.site.layer: run.load_sae(feature.site).W_dec[feature.index].detach()}
-        kind = feature.site.kind
-    else:
-        vector = SteeringVector.load(run.vectors, p.target)
-        directions, kind = vector.directions, vector.kind
-    if p.layer is not None:
-        if p.layer not in directions:
-            raise SteeringError(f"{p.target} has no direction at layer {p.layer}: it has {sorted(directions)}")
-        directions = {p.layer: directions[p.layer]}
+    directions, kind = target_directions(run, p.target, p.layer)
     reports = []
     for layer, direction in directions.items():
         sae_site = Site.parse(p.sae_site) if p.sae_site else Site(layer, kind)
@@ -155,10 +123,7 @@ def export_expert_routes(cfg: DictConfig) -> list[Path]:
 def evaluate(cfg: DictConfig):
     steerer = steerer_for(cfg)
     results = run_eval(cfg.eval, cfg.contrast, steerer)
-    out = steerer.run.steer_eval
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "report.md").write_text(results["report"] + "\n")
+    save_eval(steerer.run, results)
     print(results["report"])
     if cfg.eval.write_benchmarks:
         write_section("steer-eval", make_command("steer-eval", sys.argv[1:]), results["report"])
@@ -169,43 +134,14 @@ def features(cfg: DictConfig) -> dict:
     """Evaluate the steering of features (make steer-features) and print what steers."""
     f = cfg.steer_features
     outcome = evaluate_features(steerer_for(cfg), f)
-    run, site = RunDir.from_config(cfg), outcome["site"]
-    outputs = run.feature_table(site, ["index", "output_score"]) or {}
-    scores = dict(zip(outputs.get("index", []), outputs.get("output_score", [])))
-    report = steer_features_report(outcome["results"], summary(outcome["results"], scores, f.max_ppl_ratio), f)
+    run = RunDir.from_config(cfg)
+    scores = output_scores(run, outcome["site"])
+    report = features_report(outcome["results"], summary(outcome["results"], scores, f.max_ppl_ratio), f)
     print(report)
     if f.write_benchmarks:
         # One section per run, so the demo SAE's numbers and make quality's stand side by side.
         write_section(f"steer-features: {run.root.name}", make_command("steer-features", sys.argv[1:]), report)
     return outcome
-
-
-def steer_features_report(results: list[dict], s: dict, f: DictConfig) -> str:
-    """A markdown summary: the headline numbers, then one row per feature."""
-    rows = [[r["feature"], (r["label"] or "")[:40].replace("|", "/"), f"{r['op']} {r['scale']:g} {r['units']}",
-             f"{r['gain']:+.3f} [{r['gain_ci95'][0]:+.3f}, {r['gain_ci95'][1]:+.3f}]",
-             f"{r['gain_over_control']:+.3f} [{r['gain_over_control_ci95'][0]:+.3f}, {r['gain_over_control_ci95'][1]:+.3f}]",
-             f"{r['gain_over_baseline']:+.3f}", f"{r['perplexity_ratio']:.2f}", f"{r['repeats']:.2f}",
-             "yes" if r["steers"] else "no"] for r in sorted(results, key=lambda r: -r["score"])]
-    auroc = s.get("output_score_auroc")
-    lines = [
-        f"{s['features']} features at their site, {f.dev_prompts} dev / {f.test_prompts} test neutral prompts, greedy, "
-        f"{f.max_new_tokens} new tokens; sweep add {list(f.add_scales)} (x mean row norm), clamp "
-        f"{list(f.clamp_scales)} (x max activation). Concept = share of answer tokens on which the feature fires.", "",
-        f"- **steer: {s['steer_share']:.0%}** of the features (gain over a random live feature at the same setting "
-        f"excludes 0, perplexity <= {f.max_ppl_ratio:g}x unsteered, repeated 4-grams <= {f.max_repeats:g})",
-        f"- chosen op: add {s['by_op']['add']['chosen']} (steer {s['by_op']['add']['steer']}), clamp "
-        f"{s['by_op']['clamp']['chosen']} (steer {s['by_op']['clamp']['steer']})",
-        f"- mean concept gain over unsteered {s['mean_gain']:+.3f}; over the prompt baseline "
-        f"{s['mean_gain_over_baseline']:+.3f}; top decile by steering score matching or beating the prompt "
-        f"baseline within the perplexity limit: {s['top_decile_beats_baseline']} of {s['top_decile']}",
-        f"- median perplexity ratio (fluency cost) {s['median_perplexity_ratio']:.2f}",
-        f"- output score (make label) as a predictor of `steers`: AUROC "
-        + (f"{auroc:.2f}" if auroc is not None else "n/a (one class only)"), "",
-        table(["feature", "label", "chosen (dev)", "concept gain [95% CI]", "gain over random feature [95% CI]",
-               "gain over prompt baseline", "ppl ratio", "repeated 4-grams", "steers"], rows),
-    ]
-    return "\n".join(lines)
 
 
 ACTIONS = {"generate": generate, "contrast": contrast, "project": project, "export": export, "eval": evaluate,

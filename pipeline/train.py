@@ -31,6 +31,8 @@ def main(cfg: DictConfig) -> None:
         summary = ", ".join(f"{k} {r[k]:.4g}" for k in ("fvu", "l0", "dead_frac", "ce_loss_recovered", "tokens_per_s")
                             if r.get(k) is not None)
         print(f"train: {name}: {summary}")
+        if r.get("ce_loss_recovered_note"):
+            print(f"train: {name}: note: {r['ce_loss_recovered_note']}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -5,7 +5,9 @@
   outliers included, which is what recomputing FVU over all stored rows gives;
 - l0: active latents per token; dense_frac: latents active on more than 10% of tokens;
 - ce_loss_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean) and kl_div(clean || sae),
-  measured by splicing the reconstruction into the model's forward at the site.
+  measured by splicing the reconstruction into the model's forward at the site. It means something
+  only inside [0, 1] and when zeroing the site costs the model something: otherwise (a model near
+  chance, such as a random one) `ce_loss_recovered_note` says so, and the train stage prints it.
 
 Splicing uses the adapter's hooks (activations/adapters.py) and touches only the rows the
 store would hold (special tokens such as BOS keep their own activations, as in training).
@@ -81,7 +83,8 @@ def spliced_metrics(adapter, site, sae, batches: list[tuple[torch.Tensor, torch.
         totals["sae"] += _next_token_ce(spliced, ids).item()
         totals["zero"] += _next_token_ce(zero, ids).item()
         log_p, log_q = F.log_softmax(clean.float(), -1), F.log_softmax(spliced.float(), -1)
-        totals["kl"] += (log_p.exp() * (log_p - log_q)).sum(-1)[:, :-1].sum().item()
+        kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)  # KL(clean || sae) per position
+        totals["kl"] += kl[:, :-1].sum().item()
         totals["tokens"] += ids[:, 1:].numel()
 
     x, recon, inlier = torch.cat(xs), torch.cat(recons), torch.cat(inliers)
@@ -93,4 +96,20 @@ def spliced_metrics(adapter, site, sae, batches: list[tuple[torch.Tensor, torch.
         clean, spliced, zero = totals["clean"] / t, totals["sae"] / t, totals["zero"] / t
         metrics.update(ce_loss_clean=clean, ce_loss_with_sae=spliced, ce_loss_zero_ablation=zero,
                        ce_loss_recovered=(zero - spliced) / (zero - clean), kl_div=totals["kl"] / t)
+        if note := ce_recovered_note(metrics):
+            metrics["ce_loss_recovered_note"] = note
     return metrics
+
+
+def ce_recovered_note(m: dict) -> str | None:
+    """Why ce_loss_recovered does not apply, or None when it does: it must be a fraction, of a gap between
+    zero ablation and clean CE of at least 1% of the clean CE (the tiny random DeepSeek-V4's is 0.1%,
+    SmolLM2's at L15 over 300%); a smaller gap makes the ratio noise, whatever it happens to be."""
+    outside = not 0 <= m["ce_loss_recovered"] <= 1
+    if not outside and m["ce_loss_zero_ablation"] - m["ce_loss_clean"] >= 0.01 * m["ce_loss_clean"]:
+        return None
+    why = "is outside [0, 1]" if outside else "is a ratio of noise"
+    return (f"ce_loss_recovered {m['ce_loss_recovered']:.3g} {why}, so it does not apply here: zeroing the site "
+            f"moves CE only from {m['ce_loss_clean']:.4g} to {m['ce_loss_zero_ablation']:.4g} nats while the SAE "
+            f"gives {m['ce_loss_with_sae']:.4g} (a model near chance, or a site the output barely depends on); read "
+            "fvu and kl_div instead")

@@ -72,9 +72,15 @@ def kernels_for(device: torch.device, use_triton: bool) -> Kernels:
     return TORCH_KERNELS
 
 
+def _pick(norms: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """norms[indices], back-propagated by index_add: indexing's backward accumulates repeated indices
+    in a thread-dependent order on the CPU, so two seeded runs drifted apart (FVU 0.22 against 0.17)."""
+    return norms.index_select(0, indices.flatten()).view(indices.shape)
+
+
 def _sparse_decode(sae: TopKTrainingSAE, values, indices, norms, decode):
     """sum_j values_j * W_dec[indices_j] (/ ||W_dec row|| when sae-lens rescales), without b_dec."""
-    weights = values / norms[indices] if sae.cfg.rescale_acts_by_decoder_norm else values
+    weights = values / _pick(norms, indices) if sae.cfg.rescale_acts_by_decoder_norm else values
     return decode(indices, sae.W_dec, weights)
 
 
@@ -116,7 +122,7 @@ def _aux_decode(sae: TopKTrainingSAE, values, dead, pos, norms, low, decode):
     if pos.shape[-1] <= 64:
         return _sparse_decode(sae, values, dead[pos], norms, decode)
     if sae.cfg.rescale_acts_by_decoder_norm:
-        values = values / norms[dead][pos]
+        values = values / _pick(norms[dead], pos)
     dense = torch.zeros(values.shape[0], dead.numel(), dtype=low, device=values.device)
     dense = dense.scatter(1, pos, values.to(low))
     return (dense @ sae.W_dec[dead].to(low)).float()

@@ -25,10 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from sae_lens import SAE
 from tqdm import tqdm
 
-from activations.config import ModelConfig
 from activations.models import load_tokenizer, resolve_device
-from activations.corpus import CorpusError, iter_windows, windows_for_tokens
-from activations.rundir import RunDir
+from activations.atomic import replacing, write_text
+from activations.corpus import iter_windows, windows_for_tokens
+from activations.rundir import RunDir, sae_metrics
 from activations.sites import Site, SiteError
 from activations.store import ActivationStore, StoreError
 from sae.architectures import build_sae, learning_rate
@@ -61,12 +61,40 @@ def open_store(run: RunDir, allow_partial: bool) -> ActivationStore:
     store = run.open_store()
     if not store.complete and not allow_partial:
         raise StoreError(
-            f"the store in {store.root} is still being written ({store.n_tokens} committed tokens): "
+            f"the store in {store.root} is still being written ({store.n_tokens} committed tokens{_unmanifested(store)}): "
             "wait for the harvest, or set train.allow_partial_store=true to train on the committed rows"
         )
     if store.n_tokens == 0:
-        raise StoreError(f"the store in {store.root} has no committed tokens: run `make harvest` first")
+        raise StoreError(f"the store in {store.root} has no committed tokens{_unmanifested(store)}: "
+                         "run `make harvest` first")
     return store
+
+
+def _unmanifested(store: ActivationStore) -> str:
+    """Rows on storage that no manifest commits, which a store being written and a store whose manifest
+    was deleted both show: said, so that 0 committed tokens beside 198k written is not a mystery."""
+    return "".join(f"; shard {name} has {rows} rows written but no manifest (deleted, or not committed yet: "
+                   f"`python -m pipeline.store verify {store.root}` tells)" for name, rows in store.unmanifested().items())
+
+
+def check_stats(store: ActivationStore, batch: dict, mean_norms: dict) -> None:
+    """Refuse statistics that disagree with the rows read: the activation scale, b_dec's start and the
+    outlier cut all come from them, and a damaged manifest would train every SAE at the wrong scale.
+    A batch's mean norm is within a few percent of the store's; a factor of 2 is damage."""
+    for site, x in batch.items():
+        read, committed = x.float().norm(dim=-1).mean().item(), mean_norms[site]
+        if max(read, committed) > 2 * min(read, committed):
+            raise StoreError(f"{site}: the statistics of the store in {store.root} give a mean row norm of "
+                             f"{committed:.4g}, its first batch of {len(x)} rows {read:.4g}: its manifests are "
+                             f"damaged; run `python -m pipeline.store verify {store.root}`")
+
+
+def stats_checked(batches, store: ActivationStore, mean_norms: dict):
+    """The batches, once the first has been checked against the store's statistics (check_stats)."""
+    first = next(batches)
+    check_stats(store, first, mean_norms)
+    yield first
+    yield from batches
 
 
 def choose_sites(store: ActivationStore, wanted: list, rank: int, world: int, parallel: str) -> list[str]:
@@ -119,10 +147,8 @@ def checkpoint_path(run: RunDir, rank: int, world: int, parallel: str) -> Path:
 
 def save_checkpoint(trainer: Trainer, path: Path) -> None:
     """Atomically: a kill during the write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(trainer.state_dict(), tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(trainer.state_dict(), tmp)
 
 
 def training_batches(store: ActivationStore, sites: list[str], cfg: DictConfig, start_step: int,
@@ -242,7 +268,7 @@ def save_and_evaluate(cfg: DictConfig, run: RunDir, trainer: Trainer, heldout: H
             eval_on_heldout_text=heldout.fresh, store_rows_trained_on=heldout.stop_row or store.n_tokens,
             history=m.history,  # training loss, FVU, L0 and dead fraction at each checkpoint
         )
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_text(sae_metrics(out), json.dumps(metrics, indent=2))
         results[f"{m.site}/{m.tag}"] = metrics
     return results
 
@@ -271,8 +297,8 @@ def train(cfg: DictConfig) -> dict:
     started, start_tokens, histogram_tokens = time.perf_counter(), trainer.tokens, 0
     bar = tqdm(total=trainer.total_steps * cfg.train.batch_size, initial=trainer.tokens, unit="tok",
                unit_scale=True, desc=f"train r{rank}", disable=not writer, dynamic_ncols=True)
-    batches = training_batches(store, sites, cfg, trainer.step_count, heldout.stop_row,
-                               pin_memory=device.type == "cuda")
+    batches = stats_checked(training_batches(store, sites, cfg, trainer.step_count, heldout.stop_row,
+                                             pin_memory=device.type == "cuda"), store, mean_norms)
     try:
         while trainer.step_count < trainer.total_steps:
             share = (rank, world) if trainer.data_parallel else (0, 1)

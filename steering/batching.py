@@ -13,6 +13,10 @@ and leaves the batch, its KV-cache rows dropped, when it finishes or its client 
 
 Greedy rows generate what they would alone. Rows that arrive while a batch runs wait for the next
 one; more than `max_waiting` of them and the next request is refused (the server answers 429).
+
+A row's failure is its own: an exception in its hooks or its sampling, or logits that are no longer
+finite (an extreme steering scale), ends that row with the exception as its last event, and the
+other rows go on as they would have alone. Only a failed forward fails the whole batch.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import torch
 from transformers import DynamicCache
 
 from activations.errors import ConfigError
+from steering.interventions import SteeringError
 from steering.routing import routing
-from steering.steerer import Generation, Steerer, left_pad
+from steering.steerer import Generation, Steerer
 
 
 class Busy(Exception):
@@ -50,6 +55,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)  # generated so far
     events: queue.Queue = field(default_factory=queue.Queue)  # token ids, then a Generation or an exception
     cancelled: threading.Event = field(default_factory=threading.Event)
+    failure: Exception | None = None  # raised by one of its hooks in this forward: it leaves after it
 
 
 class Ticket:
@@ -141,7 +147,7 @@ def generate_batch(steerer: Steerer, rows: list[Row]) -> None:
     get its tokens as they come and then its Generation."""
     if not rows:
         return
-    ids, mask = left_pad([r.ids for r in rows], steerer.pad_id)
+    ids, mask = steerer.left_padded([r.ids for r in rows])
     device = steerer.device
     ids, mask = ids.to(device), mask.to(device)
     live = list(rows)  # the rows still in the batch, in batch order
@@ -156,22 +162,33 @@ def generate_batch(steerer: Steerer, rows: list[Row]) -> None:
                                    cache=cache, use_cache=True).logits[:, -1].float()
             if not generators:
                 generators = {id(r): torch.Generator(logits.device).manual_seed(r.seed) for r in rows}
-            chosen = [choose(logits[j], r, generators[id(r)]) for j, r in enumerate(live)]
-            keep = []
-            for j, (row, token) in enumerate(zip(live, chosen)):
-                row.tokens.append(token)
-                row.events.put(token)
-                if not finished(steerer, row, started):
-                    keep.append(j)
-                elif not row.cancelled.is_set():
-                    row.events.put(steerer.finish(row.tokens, len(row.ids), row.stop))
+            keep = [j for j, row in enumerate(live) if advance(steerer, row, logits[j], generators[id(row)], started)]
             if len(keep) < len(live):
                 if keep:
                     cache.batch_select_indices(torch.tensor(keep, device=device))
-                mask, live, chosen = mask[keep], [live[j] for j in keep], [chosen[j] for j in keep]
+                mask, live = mask[keep], [live[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-            step_ids = torch.tensor(chosen, device=device, dtype=torch.long)[:, None]
+            step_ids = torch.tensor([row.tokens[-1] for row in live], device=device, dtype=torch.long)[:, None]
             positions = mask.sum(-1, keepdim=True) - 1
+
+
+def advance(steerer: Steerer, row: Row, logits: torch.Tensor, generator: torch.Generator, started: float) -> bool:
+    """Give the row its next token; whether it stays in the batch. A row whose hooks or sampling failed
+    gets the exception as its last event and leaves: the failure is its alone."""
+    try:
+        if row.failure is not None:
+            raise row.failure
+        token = choose(logits, row, generator)
+    except Exception as e:
+        row.events.put(e)
+        return False
+    row.tokens.append(token)
+    row.events.put(token)
+    if not finished(steerer, row, started):
+        return True
+    if not row.cancelled.is_set():
+        row.events.put(steerer.finish(row.tokens, len(row.ids), row.stop))
+    return False
 
 
 def generate_rows(steerer: Steerer, rows: list[Row], max_batch: int) -> list[Generation]:
@@ -179,19 +196,29 @@ def generate_rows(steerer: Steerer, rows: list[Row], max_batch: int) -> list[Gen
     batch job whose rows each carry their own interventions (make steer-features sweeps settings this way)."""
     for i in range(0, len(rows), max_batch):
         generate_batch(steerer, rows[i: i + max_batch])
-    return [row.events.queue[-1] for row in rows]  # a row's events: its tokens, then its Generation
+    return [Ticket(row).result() for row in rows]  # all its events are in: its tokens, then its Generation
 
 
 def batch_hooks(rows: list[Row], live) -> dict:
-    """{site: hook} for the batch: each live row's slice goes through that row's own hook at the site."""
+    """{site: hook} for the batch: each live row's slice goes through that row's own hook at the site.
+    A hook that raises leaves its row's slice as it was and marks the row failed (advance ends it)."""
     sites = {site for row in rows for site in row.hooks}
+
+    def edited(row: Row, site, piece: torch.Tensor) -> torch.Tensor | None:
+        if row.failure is not None or site not in row.hooks:
+            return None
+        try:
+            return row.hooks[site](piece)
+        except Exception as e:
+            row.failure = e
+            return None
 
     def at(site):
         def fn(batch: torch.Tensor):
             pieces, changed = [], False
             for j, row in enumerate(live()):
                 piece = batch[j:j + 1]
-                new = row.hooks[site](piece) if site in row.hooks else None
+                new = edited(row, site, piece)
                 changed |= new is not None
                 pieces.append(piece if new is None else new)
             return torch.cat(pieces) if changed else None
@@ -203,9 +230,14 @@ def batch_hooks(rows: list[Row], live) -> dict:
 
 def choose(logits: torch.Tensor, row: Row, generator: torch.Generator) -> int:
     """The row's next token: the argmax when greedy, else a draw from its own seeded generator."""
+    if not bool(logits.isfinite().all()):
+        raise SteeringError(f"the model's logits are not finite (NaN or infinite) after {len(row.tokens)} tokens: "
+                            "its steering pushed the activations out of range; lower the scale")
     if row.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / row.temperature, dim=-1)
+    # Shifted so the top logit is 0 and in float64: however small the temperature, nothing overflows
+    # (the rest go to -inf, probability 0, and the top token is left).
+    probs = torch.softmax((logits.double() - logits.max()) / row.temperature, dim=-1)
     if row.top_p < 1:
         ordered, order = probs.sort(descending=True)
         outside = ordered.cumsum(-1) - ordered >= row.top_p  # the nucleus keeps the top token at least

@@ -4,7 +4,8 @@
     server.serve_forever()   # /, /data/... the report (features/report_server.py); /v1/... the API
 
 One origin serves both, so the page's Steer panel calls the API under the report's own
-Content-Security-Policy (default-src 'self') with no cross-origin rules to open.
+Content-Security-Policy (default-src 'self') with no cross-origin rules to open: its requests carry
+the server's own Origin, which the API's Origin check lets through (features/local_http.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,6 @@ class BrowseHandler(Handler, ReportHandler):
 
 
 def browse_server(steerer: Steerer, report: Path, host: str = "127.0.0.1", port: int = 8765, max_tokens: int = 256,
-                  limits: ServerLimits | None = None) -> SteeringServer:
+                  limits: ServerLimits | None = None, allowed_hosts=()) -> SteeringServer:
     return SteeringServer(steerer, host, port, max_tokens, limits=limits,
-                          handler=partial(BrowseHandler, directory=str(report)))
+                          handler=partial(BrowseHandler, directory=str(report)), allowed_hosts=allowed_hosts)

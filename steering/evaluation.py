@@ -20,6 +20,7 @@ as AxBench) or from measurable proxies:
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -27,10 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from tqdm.contrib.concurrent import thread_map
 
 from activations.markdown import table as md_table
 from activations.sites import FeatureId
-from features.llm import OpenAIChat, ResponseCache, map_with_progress
+from features.llm import OpenAIChat, ResponseCache
 from steering.contrast import build_contrast, read_prompts
 from steering.feature_vectors import save_feature_vector
 from steering.interventions import SteeringError
@@ -224,7 +226,7 @@ def make_judge(j: DictConfig, run):
     """ratings(prompts, answers, concept) -> {aspect: mean rating / 2}, or None without an endpoint."""
     if not j.base_url:
         return None
-    chat = OpenAIChat(j.base_url, j.model, j.api_key_env, ResponseCache(run.steer_eval / "judge_cache.jsonl"),
+    chat = OpenAIChat(j.base_url, j.model, j.api_key_env, ResponseCache(run.judge_cache),
                       concurrency=j.concurrency)
 
     def rating(reply: str) -> int | None:
@@ -242,7 +244,7 @@ def make_judge(j: DictConfig, run):
                        "Reply with one digit: 0 (not at all), 1 (somewhat) or 2 (clearly).")
             return rating(chat.ask([{"role": "user", "content": content}], j.max_tokens, str))
 
-        values = map_with_progress(ask, asks, j.concurrency, "judge")
+        values = thread_map(ask, asks, max_workers=max(1, j.concurrency), desc="judge", unit="ask", dynamic_ncols=True)
         n = len(prompts)
         rated = {aspect: [v for v in values[k * n:(k + 1) * n] if v is not None] for k, aspect in enumerate(JUDGE_ASPECTS)}
         return {aspect: float(np.mean(v)) / 2 if v else math.nan for aspect, v in rated.items()}
@@ -298,3 +300,10 @@ def summarize(conditions: list[Outcome], sweep: list[Outcome], best: Outcome, e:
                        **o.scores} for o in sweep],
             "examples": [{"prompt": p, **{o.name: o.texts[k] for o in conditions}} for k, p in enumerate(test[:3])],
             "report": report}
+
+
+def save_eval(run, results: dict) -> None:
+    """results.json and report.md of `make steer-eval` in the run's steer_eval/."""
+    run.steer_eval.mkdir(parents=True, exist_ok=True)
+    run.steer_eval_results.write_text(json.dumps(results, indent=2) + "\n")
+    run.steer_eval_report.write_text(results["report"] + "\n")

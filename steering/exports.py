@@ -10,8 +10,12 @@ import numpy as np
 
 from steering.vectors import SteeringVector, VectorError, unit_rows
 
-DS4_FORMAT = "ds4-directional-steering-v1"
 DS4_KINDS = ("ffn_out", "attn_out")  # where ds4 applies its directions, before the hyper-connection expand
+# ds4 runs only DeepSeek-V4-Flash and loads a file of exactly this many float32s (704,512 bytes), refusing any other.
+DS4_SHAPE = (43, 4096)
+# The sidecar is ours: ds4 reads only the .f32, and its own builder's sidecar (format
+# ds4-directional-steering-v1) defines only format, shape and component, so ours does not borrow that tag.
+DS4_SIDECAR_FORMAT = "dialbox-ds4-export-v1"
 
 
 def export_native(vector: SteeringVector, out_dir: Path) -> list[Path]:
@@ -29,6 +33,10 @@ def export_ds4(vector: SteeringVector, out_dir: Path) -> list[Path]:
         raise VectorError(f"ds4 applies y -= s*v(v.y) (project) and vector {vector.name} is `add`: an export would "
                           "change its meaning; build it with operation=project")
     n_layers, d_model = vector.model["n_layers"], vector.model["d_model"]
+    if (n_layers, d_model) != DS4_SHAPE:
+        raise VectorError(f"ds4 runs only DeepSeek-V4-Flash and loads only a {DS4_SHAPE[0]} x {DS4_SHAPE[1]} table; "
+                          f"vector {vector.name} is for {vector.model.get('model')} ({n_layers} x {d_model}), which ds4 "
+                          "would refuse: export it as native, or build it on a run of model=deepseek_v4_flash")
     table = np.zeros((n_layers, d_model), dtype="<f4")
     for layer, v in vector.directions.items():
         table[layer] = unit_rows(v).numpy()
@@ -36,8 +44,8 @@ def export_ds4(vector: SteeringVector, out_dir: Path) -> list[Path]:
     path = out_dir / f"{vector.name}.ds4.f32"
     table.tofile(path)
     flag = "--dir-steering-ffn" if vector.kind == "ffn_out" else "--dir-steering-attn"
-    sidecar = {"format": DS4_FORMAT, "n_layers": n_layers, "d_model": d_model, "dtype": "float32",
-               "site": vector.kind, "layers": vector.layers, "model": vector.model.get("model"),
+    sidecar = {"format": DS4_SIDECAR_FORMAT, "shape": [n_layers, d_model], "component": vector.kind.removesuffix("_out"),
+               "dtype": "float32", "site": vector.kind, "layers": vector.layers, "model": vector.model.get("model"),
                "name": vector.name, "source": vector.source,
                "usage": f"ds4 --dir-steering-file {path.name} {flag} S  (S=1 removes the direction, S<0 amplifies it)"}
     path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")

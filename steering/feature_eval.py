@@ -36,6 +36,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from activations.markdown import table as md_table
 from activations.sites import FeatureId, Site
 from features.tables import append_steering_result, read_steering_results, set_feature_columns
 from steering.batching import Row, generate_rows
@@ -304,10 +305,16 @@ def summary(results: list[dict], output_scores: dict[int, float] | None = None, 
         "top_decile": len(top),
         "median_perplexity_ratio": float(np.median([r["perplexity_ratio"] for r in results])) if n else 0.0,
     }
-    if output_scores:
-        out["output_score_auroc"] = auroc([output_scores.get(r["index"], 0.0) for r in results],
-                                          [r["steers"] for r in results])
+    scored = [r for r in results if (output_scores or {}).get(r["index"]) is not None]  # none with output_score=false
+    if scored:
+        out["output_score_auroc"] = auroc([output_scores[r["index"]] for r in scored], [r["steers"] for r in scored])
     return out
+
+
+def output_scores(run, site: str) -> dict[int, float]:
+    """{feature: its output score} where `make label` computed one."""
+    table = run.feature_table(site, ["index", "output_score"]) or {}
+    return {int(i): s for i, s in zip(table.get("index", []), table.get("output_score", [])) if s is not None}
 
 
 def auroc(scores: list[float], labels: list[bool]) -> float | None:
@@ -318,3 +325,31 @@ def auroc(scores: list[float], labels: list[bool]) -> float | None:
         return None
     wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
     return wins / (len(pos) * len(neg))
+
+
+def features_report(results: list[dict], s: dict, f: DictConfig) -> str:
+    """A markdown summary: the headline numbers, then one row per feature."""
+    rows = [[r["feature"], (r["label"] or "")[:40].replace("|", "/"), f"{r['op']} {r['scale']:g} {r['units']}",
+             f"{r['gain']:+.3f} [{r['gain_ci95'][0]:+.3f}, {r['gain_ci95'][1]:+.3f}]",
+             f"{r['gain_over_control']:+.3f} [{r['gain_over_control_ci95'][0]:+.3f}, {r['gain_over_control_ci95'][1]:+.3f}]",
+             f"{r['gain_over_baseline']:+.3f}", f"{r['perplexity_ratio']:.2f}", f"{r['repeats']:.2f}",
+             "yes" if r["steers"] else "no"] for r in sorted(results, key=lambda r: -r["score"])]
+    output_auroc = s.get("output_score_auroc")
+    lines = [
+        f"{s['features']} features at their site, {f.dev_prompts} dev / {f.test_prompts} test neutral prompts, greedy, "
+        f"{f.max_new_tokens} new tokens; sweep add {list(f.add_scales)} (x mean row norm), clamp "
+        f"{list(f.clamp_scales)} (x max activation). Concept = share of answer tokens on which the feature fires.", "",
+        f"- **steer: {s['steer_share']:.0%}** of the features (gain over a random live feature at the same setting "
+        f"excludes 0, perplexity <= {f.max_ppl_ratio:g}x unsteered, repeated 4-grams <= {f.max_repeats:g})",
+        f"- chosen op: add {s['by_op']['add']['chosen']} (steer {s['by_op']['add']['steer']}), clamp "
+        f"{s['by_op']['clamp']['chosen']} (steer {s['by_op']['clamp']['steer']})",
+        f"- mean concept gain over unsteered {s['mean_gain']:+.3f}; over the prompt baseline "
+        f"{s['mean_gain_over_baseline']:+.3f}; top decile by steering score matching or beating the prompt "
+        f"baseline within the perplexity limit: {s['top_decile_beats_baseline']} of {s['top_decile']}",
+        f"- median perplexity ratio (fluency cost) {s['median_perplexity_ratio']:.2f}",
+        "- output score (make label) as a predictor of `steers`: AUROC "
+        + (f"{output_auroc:.2f}" if output_auroc is not None else "n/a (no output scores, or one class only)"), "",
+        md_table(["feature", "label", "chosen (dev)", "concept gain [95% CI]", "gain over random feature [95% CI]",
+               "gain over prompt baseline", "ppl ratio", "repeated 4-grams", "steers"], rows),
+    ]
+    return "\n".join(lines)

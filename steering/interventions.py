@@ -66,7 +66,10 @@ class Intervention:
         """From a dict ({"feature": ..., "scale": 4}) or a string ("L15.resid_post/1234 op=clamp scale=4")."""
         if isinstance(spec, Intervention):
             return spec
-        fields = _fields_of(spec)
+        fields = spec_fields(spec)
+        if "target" in fields:  # a string's first word: a feature ID has a slash, a vector name none
+            target = fields.pop("target")
+            fields["feature" if "/" in target else "vector"] = target
         unknown = sorted(set(fields) - set(FIELDS))
         if unknown:
             raise SteeringError(f"unknown intervention field {unknown[0]!r} in {spec!r}: use {', '.join(FIELDS)}")
@@ -101,12 +104,9 @@ class Condition:
         else:
             raise SteeringError(f"bad condition {spec!r}: write when=<feature>><threshold>, e.g. "
                                 "when=L12.resid_post/88>2.5, or {\"feature\": ..., \"above\": 2.5}")
-        try:
-            threshold = float(above)
-        except (TypeError, ValueError):
-            threshold = math.nan
-        if isinstance(above, bool) or not math.isfinite(threshold):
-            raise SteeringError(f"bad condition threshold {above!r} in {spec!r}: give a finite number, "
+        threshold = finite_number(above)
+        if threshold is None:
+            raise SteeringError(f"bad condition threshold (when.above) {above!r} in {spec!r}: give a finite number, "
                                 "e.g. when=L12.resid_post/88>2.5")
         return cls(FeatureId.parse(str(feature).strip()), threshold)
 
@@ -114,21 +114,29 @@ class Condition:
         return f"{self.feature}>{self.threshold:g}"
 
 
-def _fields_of(spec) -> dict:
+def spec_fields(spec, words: dict[str, tuple[str, str]] | None = None) -> dict:
+    """The fields of an intervention (or an expert route) given as a dict, or as a string of words: its first
+    bare word is the `target`, a `key=value` word sets a field, and a bare word listed in `words` sets the
+    field and value it stands for (a route's `force` is mode=force)."""
     if isinstance(spec, DictConfig):
         spec = OmegaConf.to_container(spec)
     if isinstance(spec, dict):
         return dict(spec)
-    if isinstance(spec, str) and spec.strip():
-        target, *pairs = spec.split()
-        fields = {"feature" if "/" in target else "vector": target}
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise SteeringError(f"bad intervention {spec!r}: after the target write key=value pairs, e.g. scale=4")
+    if not isinstance(spec, str) or not spec.strip():
+        raise SteeringError(f"bad intervention {spec!r}: give a dict or a string such as 'L15.resid_post/1234 scale=4'")
+    fields = {}
+    for word in spec.split():
+        key, sep, value = word.partition("=")
+        if sep:
             fields[key] = value
-        return fields
-    raise SteeringError(f"bad intervention {spec!r}: give a dict or a string such as 'L15.resid_post/1234 scale=4'")
+        elif word in (words or {}):
+            key, value = words[word]
+            fields[key] = value
+        elif "target" not in fields:
+            fields["target"] = word
+        else:
+            raise SteeringError(f"bad intervention {spec!r}: after the target write key=value pairs, e.g. scale=4")
+    return fields
 
 
 def _choice(fields: dict, key: str, allowed: tuple) -> str | None:
@@ -138,14 +146,23 @@ def _choice(fields: dict, key: str, allowed: tuple) -> str | None:
     return value
 
 
+def finite_number(value) -> float | None:
+    """value (a number, or a number's text) as a finite float; None for anything else: a bool, NaN,
+    infinity, or an integer too large for a float."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _scale(value) -> float | None:
     if value is None:
         return None
-    try:
-        scale = float(value)
-    except (TypeError, ValueError):
-        scale = math.nan
-    if isinstance(value, bool) or not math.isfinite(scale):
+    scale = finite_number(value)
+    if scale is None:
         raise SteeringError(f"bad scale {value!r}: give a finite number, e.g. scale=4 (negative steers away)")
     return scale
 
@@ -158,7 +175,7 @@ def _layers(value) -> tuple | None:
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     try:
         return tuple(int(x) for x in items)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's 1e400 is infinity
         raise SteeringError(f"bad layers {value!r}: give layer numbers, e.g. layers=[10,12] or layers=10,12") from None
 
 

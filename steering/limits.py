@@ -2,13 +2,16 @@
 
 Requests generate together in batches (steering/batching.py), so whatever one request costs, the
 requests beside it wait for: each limit below caps one way a single request could hold the server,
-and the batching limits bound how many rows share a forward and how long a request waits for company. They live here, apart
-from the server, so that the stage's config can hold them without importing torch.
+the batching limits bound how many rows share a forward and how long a request waits for company,
+and the connection limits bound what clients can hold open (features/local_http.py). They live here,
+apart from the server, so that the stage's config can hold them without importing torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from features.local_http import HEADER_SECONDS, MAX_CLIENT_CONNECTIONS, MAX_CONNECTIONS
 
 
 @dataclass
@@ -33,3 +36,9 @@ class ServerLimits:
     max_waiting: int = 64
     # Seconds a connection may sit silent, and the most its request body may take to arrive in full.
     socket_timeout: float = 30.0
+    # Seconds a request's line and headers may take to arrive in full, however slowly they trickle.
+    header_seconds: float = HEADER_SECONDS
+    # Open connections in all; one more is answered 429 and closed without a thread (the listen backlog,
+    # the kernel's most, holds a burst until it is accepted and answered).
+    max_connections: int = MAX_CONNECTIONS
+    max_client_connections: int = MAX_CLIENT_CONNECTIONS  # open connections from one client address (429 past it)

@@ -26,9 +26,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from steering.interventions import SteeringError
+from steering.interventions import SteeringError, finite_number, spec_fields
 
-EXPERT_RE = re.compile(r"^L(\d+)/E(\d+)$")
+EXPERT_RE = re.compile(r"^L([0-9]+)/E([0-9]+)$")  # ASCII digits: \d takes any script's
 MODES = ("bias", "force", "off")
 ROUTE_FORMAT = "dialbox-expert-bias-v1"
 
@@ -49,6 +49,10 @@ class Route:
         return f"route L{self.layer}/E{self.expert} " + (f"bias={self.bias:+g}" if self.mode == "bias" else self.mode)
 
 
+# A route's bare words: "route L5/E37 force" is {op: route, expert: L5/E37, mode: force}.
+ROUTE_WORDS = {"route": ("op", "route"), "force": ("mode", "force"), "off": ("mode", "off")}
+
+
 def is_route(spec) -> bool:
     """Whether an intervention (a string or a dict) is an expert route."""
     if isinstance(spec, DictConfig):
@@ -60,7 +64,9 @@ def is_route(spec) -> bool:
 
 def parse_route(spec) -> Route:
     """From "route L5/E37 bias=2", "L5/E37 op=route force" or {"op": "route", "expert": "L5/E37", "bias": 2}."""
-    fields = _fields(spec)
+    fields = spec_fields(spec, ROUTE_WORDS)
+    if "target" in fields:
+        fields["expert"] = fields.pop("target")
     unknown = sorted(set(fields) - {"op", "expert", "bias", "mode"})
     if unknown:
         raise SteeringError(f"unknown field {unknown[0]!r} in route {spec!r}: a route takes expert, bias, or force/off")
@@ -70,31 +76,10 @@ def parse_route(spec) -> Route:
     mode = fields.get("mode") or ("bias" if "bias" in fields else None)
     if mode not in MODES or (mode != "bias" and "bias" in fields):
         raise SteeringError(f"route {spec!r} needs one of bias=<number>, force or off")
-    try:
-        bias = float(fields.get("bias", 0.0))
-    except (TypeError, ValueError):
-        bias = math.nan
-    if not math.isfinite(bias):
+    bias = finite_number(fields.get("bias", 0.0))
+    if bias is None:
         raise SteeringError(f"bad bias {fields.get('bias')!r} in {spec!r}: give a finite number (force/off for always/never)")
     return Route(int(match.group(1)), int(match.group(2)), mode, bias)
-
-
-def _fields(spec) -> dict:
-    if isinstance(spec, DictConfig):
-        spec = OmegaConf.to_container(spec)
-    if isinstance(spec, dict):
-        return dict(spec)
-    words = [w for w in str(spec).split() if w not in ("route", "op=route")]
-    fields = {}
-    for word in words:
-        key, sep, value = word.partition("=")
-        if sep:
-            fields[key] = value
-        elif word in ("force", "off"):
-            fields["mode"] = word
-        else:
-            fields["expert"] = word
-    return fields
 
 
 def route_table(adapter, routes: list[Route]) -> dict[int, torch.Tensor]:

@@ -19,13 +19,19 @@ body, its JSON, its prompt, stop list, steering and time.
 
 Every refusal and failure is answered as JSON in OpenAI's error shape,
 {"error": {"message", "type", "param", "code"}}, checked before anything is generated; messages name
-the run's directory as <run>, never by its absolute path, and tracebacks stay in the server's log.
+the run's directory as <run>, never by its absolute path, and tracebacks stay in the server's log. A
+row that fails while generating (its steering drove the model's numbers out of range, say) fails
+alone: it is answered with an error, or its stream ends with an error event, a finish_reason of
+"error" and [DONE], while the rows beside it generate what they would have alone.
+
+The server answers only to its own Host names and same-origin browsers, bounds the time to read
+headers and the connections it holds (features/local_http.py), and takes only JSON bodies
+(Content-Type: application/json), so no web page can post to it with a "simple" form request.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 import select
 import socket
@@ -34,12 +40,13 @@ import time
 import traceback
 import uuid
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from features.local_http import LocalHandler, LocalServer
 from steering.batching import Busy, Row, Scheduler
+from steering.interventions import finite_number
 from steering.limits import ServerLimits
 from steering.routing import is_route
-from steering.steerer import BAD_INPUT, Steerer, encode_prompt
+from steering.steerer import BAD_INPUT, Generation, Steerer, encode_prompt
 
 ROUTES = {"/v1/chat/completions": True, "/chat/completions": True, "/v1/completions": False, "/completions": False}
 SEEDS = range(-2**63, 2**63)  # OpenAI's seed is a 64-bit integer, and torch takes all of them
@@ -60,11 +67,21 @@ class BadRequest(ApiError):
         super().__init__(400, message, "invalid_request")
 
 
-class SteeringServer(ThreadingHTTPServer):
-    daemon_threads = True
+def api_error(e: Exception) -> ApiError:
+    """What a client is told of an exception: an ApiError as it is; anything else is a bug, whose
+    traceback goes to the server's log and whose one line goes to the client."""
+    if isinstance(e, ApiError):
+        return e
+    traceback.print_exception(e)
+    return ApiError(500, f"the server failed: {type(e).__name__}: {e}", "server_error", "server_error")
+
+
+class SteeringServer(LocalServer):
+    """allowed_hosts: Host names to answer to beyond the loopback ones and `host` (a reverse proxy's)."""
 
     def __init__(self, steerer: Steerer, host: str = "127.0.0.1", port: int = 8000, max_tokens: int = 256,
-                 steering: list | None = None, limits: ServerLimits | None = None, handler=None):
+                 steering: list | None = None, limits: ServerLimits | None = None, handler=None,
+                 allowed_hosts=()):
         self.steerer, self.max_tokens, self.limits = steerer, max_tokens, limits or ServerLimits()
         self.fixed_steering = list(steering or [])
         # A bad start-up vector fails now, not on the first request.
@@ -72,7 +89,8 @@ class SteeringServer(ThreadingHTTPServer):
         self.model_name = steerer.identity["model"]
         limits = self.limits
         self.scheduler = Scheduler(steerer, limits.max_batch, limits.batch_wait_ms / 1000, limits.max_waiting)
-        super().__init__((host, port), handler or Handler)  # handler: a Handler subclass (steering/browse.py)
+        super().__init__((host, port), handler or Handler, allowed_hosts, limits.max_connections,
+                         limits.max_client_connections, limits.header_seconds)  # handler: a Handler subclass (browse.py)
 
     def public(self, text: str) -> str:
         """Text fit for a client: the run's directory shown as <run>, since the server's paths are its own."""
@@ -209,9 +227,10 @@ def number(body: dict, key: str, default: float, low: float, high: float) -> flo
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+    number = finite_number(value) if isinstance(value, (int, float)) else None
+    if number is None or not low <= number <= high:
         raise BadRequest(f"{key} must be a number from {low} to {high}")
-    return float(value)
+    return number
 
 
 class TextDeltas:
@@ -249,7 +268,7 @@ class TextDeltas:
             self.sent = len(text)
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(LocalHandler):
     server: SteeringServer
     headers_sent = False  # once a stream has started, an error can no longer become a status code
 
@@ -273,22 +292,20 @@ class Handler(BaseHTTPRequestHandler):
         """Runs handle(): a refusal or a failure is answered as JSON, never as a dropped connection."""
         try:
             handle()
-        except ApiError as e:
-            self.send_error_json(e)
         except (ConnectionError, TimeoutError):  # the client left or stalled: there is nobody to answer
             self.close_connection = True
-        except Exception as e:  # a bug: its traceback is for the server's log, the client gets one line
-            traceback.print_exc()
+        except Exception as e:
+            error = api_error(e)
             if not self.headers_sent:
-                self.send_error_json(ApiError(500, f"the server failed: {type(e).__name__}: {e}", "server_error",
-                                              "server_error"))
+                self.send_error_json(error)
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (a malformed request line, a method with no do_ here), as JSON."""
         if code == HTTPStatus.NOT_IMPLEMENTED:
             error = ApiError(405, f"method {self.command} is not allowed: use GET or POST", "method_not_allowed")
-        else:
-            error = ApiError(code, message or HTTPStatus(code).phrase, "bad_request")
+        else:  # coded by status: forbidden, http_version_not_supported, ...
+            phrase = HTTPStatus(code).phrase
+            error = ApiError(code, message or phrase, "_".join(phrase.lower().replace("-", " ").split()))
         self.send_error_json(error)
 
     def get(self):
@@ -302,6 +319,7 @@ class Handler(BaseHTTPRequestHandler):
         if chat is None:
             raise ApiError(404, f"no route POST {self.path}: use /v1/chat/completions or /v1/completions",
                            "unknown_route")
+        self.check_json_type()
         body = self.read_json()
         row = parse_request(body, chat, self.server)
         stream = body.get("stream") or False
@@ -314,7 +332,14 @@ class Handler(BaseHTTPRequestHandler):
         if stream:
             self.stream(ticket, chat)
         else:
-            self.send_json(200, self.completion(ticket.result(gone=self.client_gone), chat))
+            self.send_json(200, self.completion(generated(ticket, gone=self.client_gone), chat))
+
+    def check_json_type(self) -> None:
+        """A body must say it is JSON: a web page can send text/plain or a form to any address without
+        asking, but not application/json."""
+        if self.headers.get_content_type() != "application/json":
+            raise ApiError(415, "the body must be sent as Content-Type: application/json, not "
+                                f"{self.headers.get('Content-Type')!r}", "unsupported_media_type")
 
     def client_gone(self) -> bool:
         """Whether the client has closed its end (readable, with nothing to read), while it waits."""
@@ -356,20 +381,17 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(413, f"the body is {size} bytes, over the {limits.max_body_bytes} this server takes "
                                 "(serve.limits.max_body_bytes)", "request_too_large")
         # The socket timeout bounds each read; the deadline bounds them all, against a body sent a byte at a time.
-        deadline, body = time.monotonic() + limits.socket_timeout, bytearray()
+        self.reads.deadline = time.monotonic() + limits.socket_timeout
         try:
-            while len(body) < size:
-                self.connection.settimeout(max(deadline - time.monotonic(), 1e-3))
-                piece = self.rfile.read1(size - len(body))
-                if not piece:
-                    raise BadRequest(f"the body ended after {len(body)} of its {size} bytes")
-                body += piece
+            body = self.rfile.read(size)
         except TimeoutError:
             raise ApiError(408, f"the body did not arrive within {limits.socket_timeout:g} s "
                                 "(serve.limits.socket_timeout)", "request_timeout") from None
         finally:
-            self.connection.settimeout(limits.socket_timeout)
-        return bytes(body)
+            self.reads.deadline = None
+        if len(body) < size:
+            raise BadRequest(f"the body ended after {len(body)} of its {size} bytes")
+        return body
 
     def completion(self, result, chat: bool) -> dict:
         choice = {"index": 0, "finish_reason": result.finish_reason, "logprobs": None}
@@ -390,10 +412,8 @@ class Handler(BaseHTTPRequestHandler):
                 choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
             else:
                 choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            event = {"id": ident, "created": created, "model": self.server.model_name, "choices": [choice],
-                     "object": "chat.completion.chunk" if chat else "text_completion"}
-            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-            self.wfile.flush()
+            self.event({"id": ident, "created": created, "model": self.server.model_name, "choices": [choice],
+                        "object": "chat.completion.chunk" if chat else "text_completion"})
 
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -403,10 +423,21 @@ class Handler(BaseHTTPRequestHandler):
         chunk("" if chat else None, first=True)
         steerer = self.server.steerer
         deltas = TextDeltas(steerer.tokenizer, steerer.eos_ids, ticket.row.stop, chunk)
-        result = ticket.result(on_token=deltas.put, gone=self.client_gone)
-        deltas.end()
-        chunk(None, result.finish_reason)
+        try:
+            result = generated(ticket, on_token=deltas.put, gone=self.client_gone)
+        except (ConnectionError, TimeoutError):
+            raise
+        except Exception as e:  # this row failed after its stream began: the stream says so, and still ends
+            self.event(self.error_payload(api_error(e)))
+            chunk(None, "error")
+        else:
+            deltas.end()
+            chunk(None, result.finish_reason)
         self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+    def event(self, payload: dict) -> None:
+        self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
         self.wfile.flush()
 
     def send_json(self, status: int, payload: dict, headers: dict | None = None):
@@ -421,10 +452,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error_json(self, error: ApiError):
         self.close_connection = True  # the body may be left unread on the socket
-        message = self.server.public(str(error))
-        self.send_json(error.status, {"error": {"message": message, "type": error.kind, "param": None,
-                                                "code": error.code}},
-                       {"Allow": "GET, POST"} if error.status == 405 else None)
+        self.send_json(error.status, self.error_payload(error), {"Allow": "GET, POST"} if error.status == 405 else None)
+
+    def error_payload(self, error: ApiError) -> dict:
+        return {"error": {"message": self.server.public(str(error)), "type": error.kind, "param": None,
+                          "code": error.code}}
+
+
+def generated(ticket, **waiting) -> Generation:
+    """The ticket's Generation (Ticket.result takes `waiting`); a row its steering failed is a 400."""
+    try:
+        return ticket.result(**waiting)
+    except BAD_INPUT as e:
+        raise BadRequest(f"generation failed: {e}") from None
 
 
 def json_depth(value) -> int:

@@ -70,8 +70,12 @@ class Steerer:
         self.adapter = make_adapter(self.model, self.model_cfg)
         self.identity = self.adapter.describe()
         self.chat_default = bool(self.tokenizer.chat_template)
+        if self.tokenizer.pad_token is None:  # pad with the end of turn, as generate does for a model without a pad
+            self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(self.eos_ids[0])
         self.max_act_rows = max_act_rows
-        self.notes: list[str] = []  # where max activations came from, said once per site
+        # Where max activations came from (per site) and which calibrated settings were used (per feature):
+        # an ordered set, each said once however many requests meet it again.
+        self.notes: dict[str, None] = {}
         self.lock = threading.Lock()
         self._saes: dict[str, object] = {}
         self._max_acts: dict[str, torch.Tensor] = {}
@@ -94,7 +98,7 @@ class Steerer:
         key = str(site)
         if key not in self._max_acts:
             self._max_acts[key], source = max_activations(self.run, key, self.sae(site), self.max_act_rows)
-            self.notes.append(f"max activations at {key} from {source}")
+            self.notes[f"max activations at {key} from {source}"] = None
         value = float(self._max_acts[key][index])
         if value <= 0:
             raise SteeringError(f"feature {site}/{index} never fired (max activation 0), so units=max_act has no "
@@ -129,8 +133,8 @@ class Steerer:
             return op, iv.scale, iv.units or (None if op == "project" else "max_act")
         calibrated = self.calibrated(feature)
         if calibrated and iv.op in (None, calibrated[0]) and iv.units in (None, calibrated[2]):
-            self.notes.append(f"{feature}: the calibrated setting op={calibrated[0]} scale={calibrated[1]:g} "
-                              f"units={calibrated[2]} (make steer-features)")
+            self.notes[f"{feature}: the calibrated setting op={calibrated[0]} scale={calibrated[1]:g} "
+                       f"units={calibrated[2]} (make steer-features)"] = None
             return calibrated
         op = iv.op or "add"
         scale, units = DEFAULT_SETTING[op]
@@ -255,7 +259,7 @@ class Steerer:
         prompts = [prompts] if single else list(prompts)
         chat = self.chat_default if chat is None else chat
         encoded = [encode_prompt(self.tokenizer, p, chat) for p in prompts]
-        ids, mask = left_pad(encoded, self.pad_id)
+        ids, mask = self.left_padded(encoded)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
         if stop:
             sampling.update(stop_strings=list(stop), tokenizer=self.tokenizer)
@@ -281,7 +285,13 @@ class Steerer:
 
     @property
     def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        return self.tokenizer.pad_token_id
+
+    def left_padded(self, sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, attention_mask) [n, longest] by the tokenizer's own padding, on the left as generate wants."""
+        batch = self.tokenizer.pad({"input_ids": [s.tolist() for s in sequences]}, padding=True, padding_side="left",
+                                   return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"]
 
     @property
     def eos_ids(self) -> list[int]:
@@ -299,13 +309,3 @@ class Steerer:
             if s in text:
                 text, finish = text[: text.index(s)], "stop"
         return Generation(text, tokens, prompt_tokens, finish)
-
-
-def left_pad(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention_mask) [n, longest], shorter sequences padded on the left as generate wants."""
-    longest = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, longest - len(s):], mask[i, longest - len(s):] = s, 1
-    return ids, mask

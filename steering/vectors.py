@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from activations.sites import SITE_KINDS, Site
 from activations.errors import DialboxError
+from activations.rundir import RunDir
+from activations.sites import SITE_KINDS, FeatureId, Site
+from features.tables import feature_labels
 
 FORMAT = "dialbox-steering-vector-v1"
 OPERATIONS = ("add", "project")  # clamp needs an SAE, so it is an intervention on a feature, never a vector
@@ -123,3 +125,31 @@ def nearest_features(direction: torch.Tensor, W_dec: torch.Tensor, top: int = 10
     cosines = unit_rows(W_dec.float()) @ unit_rows(direction.float().to(W_dec.device))
     values, indices = cosines.topk(min(top, len(cosines)))
     return [(int(i), float(v)) for i, v in zip(indices, values)]
+
+
+def describe_nearest(run: RunDir, sae_site: Site, direction: torch.Tensor, top: int, what: str) -> str:
+    """The SAE features nearest a direction, one a line, with labels when the label stage has run."""
+    sae = run.load_sae(sae_site)
+    labels = feature_labels(run, str(sae_site))
+    lines = [f"features of the SAE at {sae_site} nearest {what} (decoder cosine):"]
+    for index, cosine in nearest_features(direction, sae.W_dec.detach(), top):
+        lines.append(f"  {sae_site}/{index:<8} {cosine:+.3f}  {labels.get(index, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def target_directions(run: RunDir, target: str, layer: int | None = None) -> tuple[dict[int, torch.Tensor], str]:
+    """({layer: direction}, site kind) of a feature ID's decoder row or a saved vector's rows; `layer` keeps one."""
+    if not target:
+        raise VectorError("no target: give a vector name or a feature ID")
+    if "/" in target:
+        feature = FeatureId.parse(target)
+        directions = {feature.site.layer: run.load_sae(feature.site).W_dec[feature.index].detach()}
+        kind = feature.site.kind
+    else:
+        vector = SteeringVector.load(run.vectors, target)
+        directions, kind = vector.directions, vector.kind
+    if layer is not None:
+        if layer not in directions:
+            raise VectorError(f"{target} has no direction at layer {layer}: it has {sorted(directions)}")
+        directions = {layer: directions[layer]}
+    return directions, kind

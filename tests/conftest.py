@@ -4,7 +4,8 @@ Shared runs are read-only: a test that writes into one copies it first (copy_run
 tests get their own copy (smol_run, tiny_run), since steering saves vectors into its run.
 
   smol_runs     runs dir: SmolLM2 harvested at L3.resid_post (8,192 tokens), a small TopK SAE
-  smol_run      run dir: a copy of smol_runs/demo for steering; `smol` is its Steerer
+  smol_run      run dir: a copy of smol_runs/demo for steering; `smol_steerer` is its Steerer, and `smol`
+                the same Steerer over a copy of the run of each test's own
   tiny_harvest  runs dir: the tiny random DeepSeek-V4 harvested at L1.resid_post and L2.ffn_out, with
                 its routing (layers 0-2)
   tiny_run      run dir: a copy of tiny_harvest/demo with SAEs trained; `tiny` is its Steerer
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,12 @@ def smol_run(smol_runs, tmp_path_factory) -> Path:
     return copy_run(smol_runs, tmp_path_factory.mktemp("smol_steer") / "runs") / "demo"
 
 
+@pytest.fixture
+def own_smol_run(smol_run, tmp_path) -> Path:
+    """A copy of smol_run for a test that writes into a run (a stage saves its config, vectors, tables)."""
+    return copy_run(smol_run.parent, tmp_path / "own") / "demo"
+
+
 @pytest.fixture(scope="session")
 def smol_labelled_by_stage(smol_runs, tmp_path_factory):
     """The smol run labelled once by the label stage with LABEL_SMALL: (runs, the stage's result)."""
@@ -116,10 +124,22 @@ def tiny_run(tiny_harvest, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smol(smol_run):
+def smol_steerer(smol_run):
+    """The one SmolLM2 Steerer of the session, over smol_run (fixtures of a wider scope use it as it is)."""
     from steering.steerer import Steerer
 
     return Steerer(smol_run)
+
+
+@pytest.fixture
+def smol(smol_steerer, smol_run, tmp_path, monkeypatch):
+    """The session's SmolLM2 Steerer with its run swapped, for this test, for a copy of its own: the vectors,
+    tables and configs a test writes reach no other test. The copy holds the same store and SAEs, so what
+    the Steerer has loaded from them still holds; a server over the same Steerer serves the copy too."""
+    from activations.rundir import RunDir
+
+    monkeypatch.setattr(smol_steerer, "run", RunDir.at(copy_run(smol_run.parent, tmp_path / "smol") / "demo"))
+    return smol_steerer
 
 
 @pytest.fixture(scope="session")
@@ -155,16 +175,24 @@ def random_vector(steerer, name: str, kind: str, layers, norm: float, seed: int 
 
 
 @pytest.fixture(scope="session")
-def server(smol):
+def server(smol_steerer):
     from steering.server import SteeringServer
 
-    random_vector(smol, "served", "resid_post", [2], 40.0)
-    server = SteeringServer(smol, "127.0.0.1", 0, max_tokens=16)
+    random_vector(smol_steerer, "served", "resid_post", [2], 40.0)
+    server = SteeringServer(smol_steerer, "127.0.0.1", 0, max_tokens=16)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
     server.shutdown()
     server.server_close()
+
+
+def wait_for(condition, within_s: float = 30.0) -> None:
+    """Until condition() holds: a server's own state, read as it changes, rather than a guess at how long."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, "the server never reached the state the test waits for"
+        time.sleep(0.01)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,8 @@ import json
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -16,7 +18,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from browser_fixtures import browser, check_inert, csp_violations, publish, serving, wait_for  # noqa: F401 (browser: a fixture)
 from conftest import make_trained_run, run_stage
 from features.report import build_report
-from report_fixtures import MARKUP, write_site
+from report_fixtures import MARKUP, is_dead, write_site
 
 
 def report(tmp_path: Path, sites: dict, **fixture) -> Path:
@@ -28,6 +30,30 @@ def report(tmp_path: Path, sites: dict, **fixture) -> Path:
 
 def table_rows(driver):
     return driver.find_elements(By.CSS_SELECTOR, "#feature-table tbody tr")
+
+
+def test_the_report_opened_from_disk_says_how_to_serve_it(browser, tmp_path):
+    root = report(tmp_path / "runs" / "mine", {"L3.resid_post": 20})
+    browser.get((root / "index.html").as_uri())  # as a user double-clicks it: file://, where fetch is refused
+    assert wait_for(browser, "main h1")[0].text == "This report needs to be served"
+    assert "make browse RUN=mine" in browser.find_element(By.TAG_NAME, "main").text
+
+
+def test_the_index_shows_output_scores_as_percentiles(browser, tmp_path):
+    out = write_site(tmp_path / "features", "L3.resid_post", 40)
+    scores = [None if is_dead(i) else (i - 20) * 1e-7 for i in range(40)]  # raw shifts in probability, as label writes
+    table = pq.read_table(out / "features.parquet").append_column("output_score", pa.array(scores, pa.float64()))
+    pq.write_table(table, out / "features.parquet")
+    build_report(tmp_path / "features", tmp_path / "report")
+    with serving(tmp_path / "report") as base:
+        browser.get(base + "#L3.resid_post")
+        wait_for(browser, "#feature-table tbody tr")
+        browser.find_element(By.CSS_SELECTOR, "button[data-sort=output]").click()  # highest first
+        cells = [row.find_elements(By.TAG_NAME, "td") for row in table_rows(browser)]
+        assert [(c[0].text, c[6].text) for c in cells[:2]] == [("38", "100"), ("37", "97")]  # 36 scored features
+        assert cells[0][6].get_attribute("title").endswith("(percentile 100 of this site)")
+        assert cells[0][6].get_attribute("title").startswith("output score 0.0000018")
+        assert [(c[0].text, c[6].text) for c in cells[35:37]] == [("0", "0"), ("9", "–")]  # dead ones have none
 
 
 def test_browse_search_open_follow(browser, tmp_path):

@@ -25,11 +25,11 @@ HOSTILE = '<img src=x onerror=window.pwned=1> <b>bold</b> ' * 6
 
 
 @pytest.fixture(scope="module")
-def steer_report(smol, tmp_path_factory):
+def steer_report(smol_steerer, tmp_path_factory):
     """A report of the SAE's site, the live feature calibrated to add at 6x its max activation."""
     tmp = tmp_path_factory.mktemp("steer_report")
-    live = live_feature(smol, SMOL_SITE)
-    out = write_site(tmp / "features", SMOL_SITE, smol.sae(Site.parse(SMOL_SITE)).cfg.d_sae)
+    live = live_feature(smol_steerer, SMOL_SITE)
+    out = write_site(tmp / "features", SMOL_SITE, smol_steerer.sae(Site.parse(SMOL_SITE)).cfg.d_sae)
     table = pq.read_table(out / "features.parquet")
     n = table.num_rows
     table = (table.append_column("steer_op", pa.array(["add" if i == live else None for i in range(n)]))

@@ -12,7 +12,7 @@ from selenium.webdriver.common.by import By
 
 from conftest import compose_config, copy_run
 from activations.store import ActivationStore
-from features.experts import counted_layers, feature_columns, wilson_low
+from features.experts import counted_layers, expert_columns, wilson_low
 from features.label import label
 from features.mining import FeatureMiner, MiningPlan
 from features.report import build_report
@@ -51,7 +51,7 @@ def test_expert_counts_agree_with_a_dense_pass(tiny_run):
         assert torch.equal(state[f"load_L{layer}"], load)
         assert int(load.sum()) == 2 * rows  # top-2: two experts per token
 
-    columns = feature_columns(state, layers, top=4)
+    columns = expert_columns(state, layers, top=4)
     f = int(fires.sum(0).argmax())  # the busiest feature
     name = columns["experts"][f][0]
     layer, expert = int(name[1:name.index("/")]), int(name.split("/E")[1])

@@ -95,14 +95,12 @@ def test_walkthrough_runs_top_to_bottom(tmp_path, monkeypatch):
     assert "promotes:" in everything and "refused: ds4 steers only at ffn_out or attn_out" in everything
 
     import gguf
-    import numpy as np
 
     exports = run / "vectors" / "exports"
     reader = gguf.GGUFReader(str(exports / "terse.gguf"))
     assert [t.name for t in reader.tensors] == [f"direction.{i}" for i in range(1, 30)]
-    table = np.fromfile(exports / "terse_ffn.ds4.f32", dtype="<f4").reshape(30, 576)
-    assert np.allclose(np.linalg.norm(table[1:], axis=1), 1, atol=1e-4) and not table[0].any()
-    assert json.loads((exports / "terse_ffn.ds4.json").read_text())["format"] == "ds4-directional-steering-v1"
+    assert "refused: ds4 runs only DeepSeek-V4-Flash" in everything  # SmolLM2's 30 x 576 is no file ds4 loads
+    assert not list(exports.glob("*.ds4.*"))
 
 
 DOCS = [ROOT / "README.md", ROOT / "notebooks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -4,6 +4,7 @@ import contextlib
 import http.client
 import json
 from pathlib import Path
+import socket
 import threading
 
 import pyarrow as pa
@@ -112,13 +113,13 @@ def test_report_stage(runs_dir):
 
 @contextlib.contextmanager
 def browsing(root: Path):
-    """make_server over `root` on a free port; yields a get(path) -> (status, headers, body) over raw HTTP."""
+    """make_server over `root` on a free port; yields a get(path, headers) -> (status, headers, body) over raw HTTP."""
     with make_server(root, port=0) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
 
-        def get(path: str):
+        def get(path: str, headers: dict | None = None):
             connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
-            connection.request("GET", path)  # sent as written: `..` stays in it
+            connection.request("GET", path, headers=headers or {})  # sent as written: `..` stays in it
             response = connection.getresponse()
             answer = response.status, response.headers, response.read()
             connection.close()
@@ -167,3 +168,27 @@ def test_browse_serves_the_report_and_nothing_else(tmp_path):
             assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
             assert headers["X-Content-Type-Options"] == "nosniff"
             assert headers["Server"] == "dialbox"
+
+
+def test_browse_answers_only_its_own_host_and_origin(tmp_path):
+    """After DNS rebinding, a page at evil.example reaches 127.0.0.1 with Host evil.example: it reads nothing
+    of the report (corpus text included), and neither does a request from another origin."""
+    write_site(tmp_path / "features", n=10)
+    build_report(tmp_path / "features", tmp_path / "report")
+    with browsing(tmp_path / "report") as get:
+        for headers in ({"Host": "evil.example:8765"}, {"Host": "evil.example"}, {"Origin": "http://evil.example"}):
+            status, _, body = get("/data/L3.resid_post/chunk-0.json", headers)
+            assert status == 403 and b"L3.resid_post/3" not in body, headers
+        assert get("/data/sites.json", {"Host": "localhost:8765"})[0] == 200
+        assert get("/data/sites.json", {"Host": "[::1]:8765"})[0] == 200
+
+
+def test_browse_answers_an_http2_request_with_a_status_line(tmp_path):
+    write_site(tmp_path / "features", n=10)
+    build_report(tmp_path / "features", tmp_path / "report")
+    with make_server(tmp_path / "report", port=0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        with socket.create_connection(server.server_address[:2], timeout=30) as sock:
+            sock.sendall(b"GET / HTTP/2.0\r\n\r\n")
+            assert sock.makefile("rb").readline().startswith(b"HTTP/1.0 505")
+        server.shutdown()

@@ -13,6 +13,7 @@ from activations.harvesting import harvest, harvest_with
 from activations.models import load_model
 from activations.store import merge, verify
 from activations.store.blocks import row_bytes
+from store_fixtures import recommit
 
 TINY = ["model=tiny_deepseek_v4", "data.context_length=32", "harvest.batch_size=4", "store.chunk_rows=128"]
 FFN_IN = "harvest.sites=[L0.ffn_in,L1.ffn_in,L2.ffn_in,L3.ffn_in]"
@@ -105,6 +106,7 @@ def test_verify_names_an_expert_id_out_of_range(runs_dir):
     store, _ = harvest_biased(runs_dir, "harvest.sites=[L1.ffn_out]", "harvest.max_tokens=256")
     ids = zarr.open_array(store.root.zarr_store(read_only=False), path="shards/r00000-of-00001/router.L1.ids")
     ids[5, 0] = 99  # a valid chunk (its crc rewritten) holding an expert the layer does not have
+    recommit(store.root.path, "r00000-of-00001", "router.L1.ids", 0)  # as though its writer had written it
     problems = verify(store.root, progress=False).problems
     assert any("router.L1.ids rows [0, 128)" in p and "expert ids outside [0, 8)" in p for p in problems), problems
 

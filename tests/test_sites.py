@@ -7,6 +7,7 @@ into the cache) and on a tiny random DeepSeek-V4 (hyper-connection streams).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from omegaconf import OmegaConf
 
 from activations.adapters import make_adapter
 from activations.config import ModelConfig
-from activations.models import load_model
+from activations.errors import ConfigError
+from activations.models import load_model, resolve_dtype
 from activations.sites import SITE_KINDS, Site, SiteError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -270,6 +272,55 @@ def test_truncated_loading_matches_the_full_model(name, request):
     # a site that exists in the model but was not loaded says so
     with pytest.raises(SiteError, match="loaded truncated"):
         adapter.site(Site(2, "resid_post"))
+
+
+@pytest.mark.parametrize("units, expected", [((False, False), torch.float32), ((True, False), torch.bfloat16),
+                                             ((False, True), torch.bfloat16)])
+def test_model_dtype_auto_is_bfloat16_only_where_it_runs_natively(units, expected, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: units[0])
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: units[1])
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("float32", torch.device("cuda")) == torch.float32
+    with pytest.raises(ConfigError, match="unknown model.dtype 'fp16': use one of float32, bfloat16 or auto"):
+        resolve_dtype("fp16", torch.device("cpu"))
+    model, _ = load_model(model_cfg("tiny_deepseek_v4", dtype="auto", device="cpu"))
+    assert model.model.embed_tokens.weight.dtype == expected
+
+
+class Reports(logging.Handler):
+    """transformers' load reports, as its logger emits them."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_a_truncated_load_reports_only_what_is_wrong(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    reports, logger = Reports(), logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # as a fresh process has it, whatever earlier tests set
+    logger.addHandler(reports)
+    config = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    cfg = model_cfg("smollm2_135m", source="hub", path=str(tmp_path), tokenizer="embedded", device="cpu")
+    load_model(cfg, max_layer=1)
+    assert not reports.messages  # blocks 2-3 left out on purpose: nothing to report
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    load_model(cfg, max_layer=1)
+    logger.removeHandler(reports)
+    logger.setLevel(level)
+    [report] = reports.messages  # a weight the kept blocks lack is still reported
+    assert "LOAD REPORT" in report and "layers.0.mlp.up_proj.weight" in report and "MISSING" in report
 
 
 # --- bad input ------------------------------------------------------------------------------

@@ -20,13 +20,15 @@ def forward_logits(steerer, ids, interventions=()) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def firing(smol):
+def firing(smol_steerer):
     """(ids, the condition feature, its activation per prompt position) for PROMPT."""
-    ids = torch.tensor(smol.tokenizer(PROMPT).input_ids)[None]
+    ids = torch.tensor(smol_steerer.tokenizer(PROMPT).input_ids)[None]
     site = Site.parse(SMOL_SITE)
-    rows = smol.adapter.capture([site], ids)[site][0]
-    acts = smol.sae(site).encode(rows.float()).detach()
-    f = int((acts > 0).sum(0).argmax())  # the feature that fires at the most positions
+    rows = smol_steerer.adapter.capture([site], ids)[site][0]
+    acts = smol_steerer.sae(site).encode(rows.float()).detach()
+    counts = (acts > 0).sum(0)
+    counts[acts[0] > 0] = -1  # not one that fires on the first token: a test needs positions before its first firing
+    f = int(counts.argmax())  # the feature that fires at the most positions
     return ids, f"{SMOL_SITE}/{f}", acts[:, f]
 
 

@@ -45,12 +45,12 @@ def test_scores_are_proxies_combined_by_harmonic_mean():
 
 
 @pytest.mark.slow
-def test_tiny_evaluation_sweeps_on_dev_and_reports_on_test(smol_run, tmp_path):
+def test_tiny_evaluation_sweeps_on_dev_and_reports_on_test(own_smol_run, tmp_path):
     prompts, contrast = tmp_path / "heldout.txt", tmp_path / "contrast.txt"
     prompts.write_text("\n".join(["What is rain?", "Why do birds sing?", "What is a river?", "How do trees grow?",
                                   "What is snow?", "Why is grass green?"]) + "\n")
     contrast.write_text("What is wind?\nHow do clouds form?\n")
-    cfg = compose_config("steer", [f"run.runs_dir={smol_run.parent}", f"run.run_name={smol_run.name}",
+    cfg = compose_config("steer", [f"run.runs_dir={own_smol_run.parent}", f"run.run_name={own_smol_run.name}",
                                    "contrast.name=terse-test", f"contrast.prompts={contrast}", "contrast.layers=[2,3]",
                                    "eval.target=terse-test", f"eval.prompts={prompts}", "eval.dev_prompts=2",
                                    "eval.layers=[2,3]", "eval.scales=[4.0]", "eval.max_new_tokens=8",
@@ -67,20 +67,21 @@ def test_tiny_evaluation_sweeps_on_dev_and_reports_on_test(smol_run, tmp_path):
     assert results["conditions"][0]["reduction_vs_unsteered"] == 0
     assert set(results["verdict"]) >= {"reduction", "reduction_target_met", "control_excluded"}
 
-    vectors = smol_run / "vectors"
+    vectors = own_smol_run / "vectors"
     steered, control = SteeringVector.load(vectors, "terse-test"), SteeringVector.load(vectors, "terse-test.random")
     for layer in (2, 3):
         assert float(control.directions[layer].norm()) == pytest.approx(float(steered.directions[layer].norm()), rel=1e-5)
         assert abs(float(torch.cosine_similarity(control.directions[layer], steered.directions[layer], dim=0))) < 0.3
-    saved = json.loads((smol_run / "steer_eval" / "results.json").read_text())
-    assert saved["chosen"] == results["chosen"] and (smol_run / "steer_eval" / "report.md").exists()
-    assert (smol_run / "config" / "steer-eval.yaml").exists()
+    saved = json.loads((own_smol_run / "steer_eval" / "results.json").read_text())
+    assert saved["chosen"] == results["chosen"] and (own_smol_run / "steer_eval" / "report.md").exists()
+    assert (own_smol_run / "config" / "steer-eval.yaml").exists()
 
 
-def test_an_llm_judge_rates_answers_through_the_openai_compatible_server(server, smol_run):
+def test_an_llm_judge_rates_answers_through_the_openai_compatible_server(server, smol):
     """The judge is the steering server itself (SmolLM2 over real HTTP): any such endpoint will do."""
     base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     judge = make_judge(OmegaConf.structured(JudgeConfig(base_url=base_url, model="smollm2_135m")), server.steerer.run)
     ratings = judge(["What is rain?", "Name a colour."], ["Water falling from clouds.", "Blue."], "a terse answer")
     assert set(ratings) == {"concept", "relevance", "fluency"} and all(0 <= v <= 1 for v in ratings.values())
-    assert len((smol_run / "steer_eval" / "judge_cache.jsonl").read_text().splitlines()) == 6
+    assert server.steerer.run.root == smol.run.root  # this test's own copy of the run
+    assert len(smol.run.judge_cache.read_text().splitlines()) == 6

@@ -12,7 +12,8 @@ from activations.rundir import RunDir
 from conftest import SMOL_SITE, compose_config, copy_run, run_stage
 from features.report import build_report
 from pipeline.steer import run_action
-from steering.feature_eval import auroc, baseline_instruction, choose_setting, evaluate_features, repeat_share
+from steering.feature_eval import (auroc, baseline_instruction, choose_setting, evaluate_features, repeat_share,
+                                   summary)
 from steering.interventions import SteeringError
 from steering.steerer import Steerer
 
@@ -51,6 +52,17 @@ def test_helpers_measure_what_they_say():
             == "Use the words Wherefore, fore, aned in your answer.")
     assert auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
     assert auroc([0.1, 0.2], [True, True]) is None
+
+
+def test_the_output_score_auroc_uses_only_the_features_that_have_one():
+    def result(index, steers):
+        return {"index": index, "steers": steers, "op": "add", "score": 0.5, "gain": 0.1, "gain_over_baseline": 0.0,
+                "perplexity_ratio": 1.0}
+
+    results = [result(0, True), result(1, False), result(2, True), result(3, False)]
+    assert "output_score_auroc" not in summary(results, {})  # label.output_score=false: no scores at all
+    assert "output_score_auroc" not in summary(results, {0: None, 1: None, 2: None, 3: None})
+    assert summary(results, {0: 0.9, 1: 0.1, 2: None, 3: None})["output_score_auroc"] == 1.0
 
 
 @pytest.mark.slow

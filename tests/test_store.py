@@ -11,7 +11,8 @@ import zarr
 
 from activations.store import ActivationStore, ShardWriter, StoreError
 from activations.store.chunks import is_plain, read_rows
-from store_fixtures import A, B, SITES, append_in_batches, cut, make_rows, writer
+from activations.store.positions import BLOCK
+from store_fixtures import A, B, SITES, append_in_batches, cut, make_rows, run_main, writer
 
 def as_stored(x, dtype):
     """What the store keeps of a float32 tensor: bf16 rounding, or nothing for float32."""
@@ -66,8 +67,8 @@ def test_chunk_files_read_directly_equal_zarrs_reads(tmp_path, compression):
             got = store.read_shard(shard, name, start, stop)
             np.testing.assert_array_equal(got, array[start:stop], err_msg=f"{name} [{start}, {stop})")
             if compression is None:  # the direct path was taken, not zarr's
-                np.testing.assert_array_equal(read_rows(tmp_path / "activations" / "shards" / shard / name, array,
-                                                        start, stop), got)
+                folder = tmp_path / "activations" / "shards" / shard / name
+                np.testing.assert_array_equal(read_rows(folder, array, start, stop, lambda index: None), got)
 
 
 def test_uncommitted_rows_are_invisible(tmp_path):
@@ -105,7 +106,8 @@ def test_commits_are_chunk_aligned_and_never_rewrite_a_chunk(tmp_path):
             assert manifest(root)["rows"] == w.committed_rows
             seen = seen or (first_chunk.stat().st_ino, first_chunk.stat().st_mtime_ns)
     w.finish()
-    assert manifest(root) | {"stats": None} == {"rows": 100, "consumed": 100, "done": True, "stats": None}
+    assert manifest(root) | {"stats": None, "crc32c": None} == {"rows": 100, "consumed": 100, "done": True, "stats": None,
+                                                                "crc32c": None}
     assert (first_chunk.stat().st_ino, first_chunk.stat().st_mtime_ns) == seen
 
 
@@ -147,6 +149,36 @@ def test_resume_after_an_abandoned_writer(tmp_path):
         np.testing.assert_allclose(got.stats(site)["mean_norm"], want.stats(site)["mean_norm"], rtol=1e-12)
     for name in ("tokens", "doc_ids", "positions"):
         np.testing.assert_array_equal(got.tokens(0, got.n_tokens)[name], want.tokens(0, want.n_tokens)[name])
+
+
+def test_committed_checksums_of_whole_blocks_move_to_block_files(tmp_path, capsys):
+    """A manifest keeps the checksums of its last chunks only; whole blocks of BLOCK go to their own files,
+    which readers and verify check against as they check the manifest's (positions.py)."""
+    rows, root = make_rows(4 * BLOCK + 30), tmp_path / "activations"  # chunks of 2 rows: two whole blocks and 15
+    killed = writer(root, chunk_rows=2)
+    append_in_batches(killed, cut(rows, 0, 2 * BLOCK + 40), 9)  # a block written, then a kill
+    killed._lock.close()
+    resumed = writer(root, chunk_rows=2)
+    append_in_batches(resumed, cut(rows, resumed.consumed, len(rows["tokens"])), 7)
+    resumed.finish()
+
+    shard = "r00000-of-00001"
+    blocks = sorted(path.name for path in (root / "manifests" / f"{shard}.crc32c").iterdir())
+    assert blocks == ["000000.json", "000001.json"] and {len(v) for v in manifest(root)["crc32c"].values()} == {15}
+    store = ActivationStore(tmp_path)
+    np.testing.assert_array_equal(store.read(A, 0, store.n_tokens), rows[A].to(torch.bfloat16).float().numpy())
+    code, lines, _ = run_main(capsys, "verify", tmp_path)
+    assert code == 0 and lines[-1].startswith("verify: ok"), lines
+
+    chunks = root / "shards" / shard / A / "c"
+    first, second = (chunks / "3" / "0").read_bytes(), (chunks / str(BLOCK + 1) / "0").read_bytes()
+    (chunks / "3" / "0").write_bytes(second)  # a chunk of block 0 in the place of one of block 1
+    (chunks / str(BLOCK + 1) / "0").write_bytes(first)
+    with pytest.raises(StoreError, match=f"{A} rows \\[6, 8\\) in shard {shard}: not the chunk committed here"):
+        ActivationStore(tmp_path).read(A, 0, 10)
+    code, lines, _ = run_main(capsys, "verify", tmp_path)
+    assert code == 1 and [line.split(":")[0] for line in lines[:2]] == [
+        f"{A} rows [6, 8) in shard {shard}", f"{A} rows [{2 * BLOCK + 2}, {2 * BLOCK + 4}) in shard {shard}"]
 
 
 def test_two_shards_read_in_rank_order(tmp_path):
@@ -328,7 +360,8 @@ def test_an_exception_leaves_the_partial_chunk_uncommitted(tmp_path):
         with writer(root, background=True) as w:
             w.append(make_rows(20))
             raise ValueError("the model crashed")
-    assert manifest(root) | {"stats": None} == {"rows": 16, "consumed": 16, "done": False, "stats": None}
+    assert manifest(root) | {"stats": None, "crc32c": None} == {"rows": 16, "consumed": 16, "done": False, "stats": None,
+                                                                "crc32c": None}
     assert ActivationStore(root).n_tokens == 16
 
 

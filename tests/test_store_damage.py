@@ -1,5 +1,6 @@
 """Damaged stores: every read path names the damage (site, rows, shard, the fix) or, for a torn
-manifest, reads the last good commit. No path returns zeros for rows a manifest commits."""
+manifest, reads the last good commit. No path returns zeros, another chunk's rows or other numbers
+for rows a manifest commits, and no malformed metadata escapes as a traceback."""
 
 import itertools
 import json
@@ -15,11 +16,13 @@ from features.mining import FeatureMiner, MiningPlan
 from sae.architectures import build_sae
 from sae.training import training_batches
 from store_fixtures import (
-    A, IDENTITY, SITES, all_rows, assert_same_rows, concat, damage, write_shard, write_store,
+    A, IDENTITY, MALFORMED, SITES, all_rows, assert_same_rows, concat, damage, malform, run_main, scale_norms, write_shard,
+    write_store,
 )
 
 SHARD = "r00001-of-00002"  # the damaged shard of the `split` store: the last one
-KINDS = ["delete", "truncate", "flip", "manifest_ahead"]
+# chunks (missing, cut, changed, swapped, linked, a directory), array metadata, the manifest
+KINDS = ["delete", "truncate", "flip", "swap", "link", "directory", "retype", "big_endian", "manifest_ahead"]
 
 
 def tiny_sae(d_in: int):
@@ -62,6 +65,12 @@ PATHS = {"read": (read_all, A), "iter_batches": (iterate, A), "context": (contex
          "label": (mine, A), "merge": (merge_it, "tokens")}
 
 
+def names(message: str, column: str, kind: str, lo: int, hi: int, reason: str) -> bool:
+    """Whether a message names the damage; either chunk of a swapped pair, whichever was read first."""
+    ranges = [(lo, hi), (hi, 2 * hi - lo)] if kind == "swap" else [(lo, hi)]
+    return any(message.startswith(f"{column} rows [{a}, {b}) in shard {SHARD}: {reason}") for a, b in ranges)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("path", PATHS)
 def test_every_read_path_names_the_damage(split, kind, path):
@@ -72,7 +81,7 @@ def test_every_read_path_names_the_damage(split, kind, path):
     with pytest.raises(StoreError) as caught:
         read(store, offset + lo + 1)
     message = str(caught.value)
-    assert message.startswith(f"{column} rows [{lo}, {hi}) in shard {SHARD}: {reason}"), message
+    assert names(message, column, kind, lo, hi, reason), message
     assert f"run `python -m pipeline.store verify {split.root}`" in message and "\n" not in message
 
 
@@ -87,10 +96,94 @@ def test_reads_that_miss_the_damage_still_work(split, windows):
         store.read(A, first + 23, first + 24)  # one row of the missing chunk is enough
 
 
-def test_verify_names_what_the_readers_name(split):
-    lo, hi, _ = damage(split.root.path, "delete", SHARD, A)
+@pytest.mark.parametrize("kind", KINDS)
+def test_verify_names_what_the_readers_name(split, kind):
+    lo, hi, reason = damage(split.root.path, kind, SHARD, A)
+    problems = verify(split.root, progress=False).problems
+    assert any(names(p, A, kind, lo, hi, reason) for p in problems), problems
+    if kind in ("delete", "link", "directory"):  # one chunk hurt: one problem
+        assert len(problems) == 1, problems
+
+
+def test_swapped_chunks_of_a_compressed_store_are_named_through_zarr(tmp_path, windows):
+    """Compressed chunks are read by zarr, not from their files: the store zarr reads through checks them."""
+    root = tmp_path / "zstd" / "activations"
+    write_store(root, windows, 2, compression="zstd")
+    lo, hi, reason = damage(root, "swap", SHARD, A)
+    store = ActivationStore(root)
+    offset = store.shard_records[1].offset
+    with pytest.raises(StoreError) as caught:
+        store.read(A, offset + lo, offset + hi)
+    assert names(str(caught.value), A, "swap", lo, hi, reason), caught.value
+    problems = verify(root, progress=False).problems
+    assert len(problems) == 2 and all(names(p, A, "swap", lo, hi, reason) for p in problems), problems
+
+
+# ----------------------------------------------------------------------------------------
+# metadata: malformed, missing, or lying about the rows
+
+
+@pytest.mark.parametrize("kind", MALFORMED)
+def test_malformed_metadata_is_one_line_naming_its_file(split, kind, capsys):
+    path, says = malform(split.root.path, kind, SHARD, A)
+    with pytest.raises(StoreError) as caught:
+        read_all(ActivationStore(split.root), 0)
+    message = str(caught.value)
+    assert f"{path}: {says}" in message or f"{path} does not load" in message, message
+    assert "\n" not in message
+    code, lines, err = run_main(capsys, "verify", split.root)
+    if kind.startswith("array"):  # one array of one shard: a damaged range among verify's problems
+        assert code == 1 and message.startswith(f"{lines[0]}; the store is damaged"), lines
+    else:
+        assert code == 2 and err == f"store verify: error: {message}"
+
+
+def test_train_refuses_malformed_metadata_in_one_line(tiny_harvest, tmp_path):
+    for kind in MALFORMED:
+        runs = copy_run(tiny_harvest, tmp_path / kind)
+        path, says = malform(runs / "demo" / "activations", kind, "r00000-of-00001", "L2.ffn_out")
+        with pytest.raises(StoreError) as caught:
+            train_stage(runs)
+        assert path in str(caught.value) and says in str(caught.value) and "\n" not in str(caught.value), kind
+
+
+def train_stage(runs, *overrides):
+    from sae.training import train as train_sae
+
+    return train_sae(compose_config("train", [f"run.runs_dir={runs}", "train.batch_size=256", "eval.ce=false",
+                                              "eval.tokens=256", "train.tokens=512", *overrides]))
+
+
+def test_a_missing_manifest_with_rows_on_disk_is_named(split, tiny_harvest, tmp_path):
+    (split.root.path / "manifests" / f"{SHARD}.json").unlink()
+    written = split.shard_records[1].rows
     result = verify(split.root, progress=False)
-    assert result.problems == [f"{A} rows [{lo}, {hi}) in shard {SHARD}: chunk missing"]
+    assert not result.ok and result.problems[0].startswith(
+        f"manifests/{SHARD}.json is missing, but shard {SHARD} holds {written} rows written"), result.problems
+
+    runs = copy_run(tiny_harvest, tmp_path / "runs")
+    store = runs / "demo" / "activations"
+    rows = ActivationStore(store).n_tokens
+    (store / "manifests" / "r00000-of-00001.json").unlink()
+    with pytest.raises(StoreError, match=f"0 committed tokens; shard r00000-of-00001 has {rows} rows written but no "
+                                         "manifest"):
+        train_stage(runs)
+
+
+def test_verify_recomputes_the_statistics(split):
+    scale_norms(split.root.path, SHARD, A, 100)
+    problems = verify(split.root, progress=False).problems
+    assert len(problems) == 1 and problems[0].startswith(
+        f"manifests/{SHARD}.json: statistics of {A} disagree with its rows in norm_sum"), problems
+
+
+def test_train_refuses_statistics_that_disagree_with_its_rows(tiny_harvest, tmp_path):
+    runs = copy_run(tiny_harvest, tmp_path / "runs")
+    scale_norms(runs / "demo" / "activations", "r00000-of-00001", "L2.ffn_out", 100)
+    with pytest.raises(StoreError, match="L2.ffn_out: the statistics of the store in .* give a mean row norm of .*, its "
+                                         "first batch of 256 rows .*: its manifests are damaged; run `python -m "
+                                         "pipeline.store verify"):
+        train_stage(runs)
 
 
 # ----------------------------------------------------------------------------------------

@@ -7,13 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 from conftest import ROOT
 from activations.store import ActivationStore, ShardWriter, blocks, info, merge, verify
 from store_fixtures import (
-    A, B, CONTEXT, IDENTITY, SITES, all_rows, assert_same_rows, concat, corpus, damage, run_main, write_shard, write_store,
+    A, B, IDENTITY, SITES, all_rows, assert_same_rows, concat, damage, recommit, run_main, write_shard, write_store,
 )
 
 def test_info_tells_committed_from_still_being_written(tmp_path, windows, capsys):
@@ -70,6 +69,7 @@ def test_verify_finds_non_finite_rows_written_past_the_writer(split, capsys):
     array = zarr.open_array(split.root.path / "shards" / "r00000-of-00002" / B, mode="r+")
     array[9, 2] = 0x7FC0  # bf16 NaN bits, behind the writer's back (the checksum is valid)
     array[20, 0] = 0xFF80  # -inf
+    recommit(split.root.path, "r00000-of-00002", B, 1, 2)
     code, lines, _ = run_main(capsys, "verify", split.root)
     assert code == 1
     assert lines[:2] == [f"{B} rows [8, 16) in shard r00000-of-00002: 1 non-finite rows (writers drop those, so the chunk is damaged)",

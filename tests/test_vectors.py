@@ -11,7 +11,7 @@ import torch
 
 from steering.steerer import encode_prompt
 from steering.contrast import contrast_vector
-from steering.exports import export_ds4, export_gguf, export_native
+from steering.exports import export_ds4, export_gguf
 from steering.vectors import SteeringVector, VectorError, nearest_features
 from activations.sites import Site
 from pipeline.steer import contrast, export, project
@@ -61,22 +61,31 @@ def test_nearest_features_finds_the_decoder_row_itself():
     assert found[0][0] == 17 and abs(found[0][1] - 1) < 1e-5 and found[1][1] < 1
 
 
-def test_ds4_export_is_a_headerless_unit_row_table_with_a_sidecar(tiny, tmp_path):
-    vector = random_vector(tiny, "ds4vec", "ffn_out", [1, 3], 5.0, op="project")
-    paths = export_ds4(vector, tmp_path)
-    n_layers, d_model = tiny.adapter.n_layers, tiny.adapter.d_model
-    assert paths[0].stat().st_size == n_layers * d_model * 4
-    table = np.fromfile(paths[0], dtype="<f4").reshape(n_layers, d_model)
-    np.testing.assert_allclose(np.linalg.norm(table, axis=1), [0, 1, 0, 1], atol=1e-6)
-    np.testing.assert_allclose(table[3], (vector.directions[3] / vector.directions[3].norm()).numpy(), atol=1e-6)
-    sidecar = json.loads(paths[1].read_text())
-    assert sidecar["format"] == "ds4-directional-steering-v1" and sidecar["site"] == "ffn_out"
-    assert (sidecar["n_layers"], sidecar["d_model"], sidecar["layers"]) == (n_layers, d_model, [1, 3])
+FLASH = {"model": "deepseek_v4_flash", "family": "deepseek_v4", "model_type": "deepseek_v4", "d_model": 4096,
+         "n_layers": 43}
 
+
+def test_ds4_export_is_a_headerless_unit_row_table_with_a_sidecar(tmp_path):
+    rows = {1: 5 * torch.randn(4096), 3: torch.randn(4096)}
+    vector = SteeringVector("ds4vec", "ffn_out", "project", "fraction", rows, FLASH)
+    paths = export_ds4(vector, tmp_path)
+    assert paths[0].stat().st_size == 704_512  # the only size ds4 loads: 43 x 4096 float32s
+    table = np.fromfile(paths[0], dtype="<f4").reshape(43, 4096)
+    np.testing.assert_allclose(np.linalg.norm(table, axis=1), [0, 1, 0, 1] + [0] * 39, atol=1e-6)
+    np.testing.assert_allclose(table[3], (rows[3] / rows[3].norm()).numpy(), atol=1e-6)
+    sidecar = json.loads(paths[1].read_text())
+    assert sidecar["format"] == "dialbox-ds4-export-v1"  # ours: ds4's own tag defines fewer keys
+    assert (sidecar["shape"], sidecar["component"], sidecar["layers"]) == ([43, 4096], "ffn", [1, 3])
+
+
+def test_ds4_export_refuses_what_ds4_would_not_load(tiny, tmp_path):
+    with pytest.raises(VectorError, match=r"ds4 runs only DeepSeek-V4-Flash .* \(4 x 64\), which ds4 would refuse"):
+        export_ds4(random_vector(tiny, "small", "ffn_out", [1, 3], 1.0, op="project"), tmp_path)
     with pytest.raises(VectorError, match="only at ffn_out or attn_out"):
         export_ds4(random_vector(tiny, "resid", "resid_post", [1], 1.0, op="project"), tmp_path)
     with pytest.raises(VectorError, match="change its meaning"):
         export_ds4(random_vector(tiny, "added", "ffn_out", [1], 1.0), tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_gguf_control_vector_reads_back_as_llama_cpp_expects(smol, tmp_path):
@@ -108,9 +117,9 @@ def steer_config(run, *overrides):
     return compose_config("steer", [f"run.runs_dir={run.parent}", f"run.run_name={run.name}", *overrides])
 
 
-def test_export_stage_turns_a_feature_into_native_and_gguf_files(smol_run, smol, tmp_path):
+def test_export_stage_turns_a_feature_into_native_and_gguf_files(own_smol_run, smol, tmp_path):
     f = live_feature(smol, SMOL_SITE)
-    native = export(steer_config(smol_run, f"export.feature={SMOL_SITE}/{f}", f"export.out_dir={tmp_path}"))
+    native = export(steer_config(own_smol_run, f"export.feature={SMOL_SITE}/{f}", f"export.out_dir={tmp_path}"))
     meta = json.loads(native[1].read_text())
     assert (meta["site"], meta["operation"], meta["units"], meta["layers"]) == ("resid_post", "add", "max_act", [3])
     assert meta["source"]["features"] == [f"{SMOL_SITE}/{f}"] and meta["model"]["model"] == "smollm2_135m"
@@ -118,25 +127,25 @@ def test_export_stage_turns_a_feature_into_native_and_gguf_files(smol_run, smol,
     saved = SteeringVector.load(tmp_path, f"{SMOL_SITE}-{f}").directions[3]
     torch.testing.assert_close(saved, smol.sae(Site.parse(SMOL_SITE)).W_dec[f].detach() * max_act)
 
-    gguf_path = export(steer_config(smol_run, f"export.vector={SMOL_SITE}-{f}", "export.format=gguf",
+    gguf_path = export(steer_config(own_smol_run, f"export.vector={SMOL_SITE}-{f}", "export.format=gguf",
                                     f"export.out_dir={tmp_path}"))[0]
     assert [t.name for t in gguf.GGUFReader(gguf_path).tensors] == ["direction.3"]
     with pytest.raises(VectorError, match="ds4 steers only at ffn_out"):
-        export(steer_config(smol_run, f"export.vector={SMOL_SITE}-{f}", "export.format=ds4"))
+        export(steer_config(own_smol_run, f"export.vector={SMOL_SITE}-{f}", "export.format=ds4"))
     with pytest.raises(ValueError, match="exactly one of export.vector"):
-        export(steer_config(smol_run, "export.format=ds4"))
+        export(steer_config(own_smol_run, "export.format=ds4"))
 
 
-def test_contrast_stage_saves_a_named_vector_and_lists_the_features_it_moves(smol_run, tmp_path, capsys):
+def test_contrast_stage_saves_a_named_vector_and_lists_the_features_it_moves(own_smol_run, tmp_path, capsys):
     positives, negatives = tmp_path / "pos.txt", tmp_path / "neg.txt"
     positives.write_text("Answer in one word: what is rain?\nAnswer in one word: what is snow?\n")
     negatives.write_text("What is rain?\n# a comment\n\nWhat is snow?\n")
-    vector = contrast(steer_config(smol_run, "contrast.name=oneword", f"contrast.positive_file={positives}",
+    vector = contrast(steer_config(own_smol_run, "contrast.name=oneword", f"contrast.positive_file={positives}",
                                    f"contrast.negative_file={negatives}", "contrast.layers=[2,3]"))
-    assert vector.layers == [2, 3] and (smol_run / "vectors" / "oneword.safetensors").exists()
+    assert vector.layers == [2, 3] and (own_smol_run / "vectors" / "oneword.safetensors").exists()
     out = capsys.readouterr().out
     assert f"features of the SAE at {SMOL_SITE} nearest oneword at L3" in out  # only L3 has an SAE
-    listed = project(steer_config(smol_run, "project.target=oneword", "project.layer=3", "project.top=4"))
+    listed = project(steer_config(own_smol_run, "project.target=oneword", "project.layer=3", "project.top=4"))
     assert listed[0].count(f"{SMOL_SITE}/") == 4
     with pytest.raises(ValueError, match="no prompt file"):
-        contrast(steer_config(smol_run, "contrast.prompts=/nonexistent.txt"))
+        contrast(steer_config(own_smol_run, "contrast.prompts=/nonexistent.txt"))

@@ -8,13 +8,16 @@ Layout under the store root (`<run_dir>/activations/`):
                                      [rows, width] array per site (e.g. "L15.resid_post")
     manifests/r00000-of-00002.json   that shard's commit record, replaced atomically
     manifests/r00000-of-00002.json.prev  the commit before it, read if the manifest is ever torn
+    manifests/r00000-of-00002.crc32c/    the committed crc32c of its chunks, a file per block of 64
 
 A writer only ever writes whole chunks past its last commit, makes them durable, then
 replaces its manifest. The manifest is the only thing readers trust: rows past it do not
 exist, so a killed writer leaves nothing half-written behind and resumes from its manifest.
-Every chunk carries a crc32c checksum. Every read of committed rows checks that their chunks
-are there and decode, and raises StoreError naming the damage rather than return zeros;
-`python -m pipeline.store verify` lists every damaged chunk.
+Every chunk carries a crc32c checksum, which the manifest commits by array and position. Every
+read of committed rows checks the array's metadata against the format, that their chunks are there,
+decode and are the ones committed at their positions, and raises StoreError naming the damage rather
+than return zeros or other rows; `python -m pipeline.store verify` lists every damaged chunk and
+checks the manifests' statistics against the rows.
 
 zarr has no bfloat16, so bf16 rows are stored as their uint16 bit pattern (exact) with
 `logical_dtype: bfloat16` in the array attributes; readers always get float32.

@@ -13,12 +13,16 @@ from activations.errors import DialboxError
 
 
 FORMAT = "dialbox-activations"
-FORMAT_VERSION = 1
+# 2: manifests commit each chunk's crc32c (positions.py); stores of version 1 still read, unchecked there.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DTYPES = ("bfloat16", "float32")
 TOKEN_COLUMNS = {"tokens": np.int32, "doc_ids": np.int64, "positions": np.int32, "windows": np.int64}
 # Columns a writer may be given without: stores written before they existed read them as this.
 OPTIONAL_COLUMNS = {"windows": -1}
 STORAGE_OPTIONS_ENV = "DIALBOX_STORAGE_OPTIONS"
+# The codec chains a store's arrays are written with: little-endian rows, optionally zstd, then crc32c.
+CODEC_CHAINS = (["bytes", "crc32c"], ["bytes", "zstd", "crc32c"])
 # Per routed layer, two [n, top_k] arrays: the chosen expert ids and their gate weights (bf16 bits).
 ROUTER_PARTS = {"ids": np.int16, "weights": np.uint16}
 
@@ -29,8 +33,6 @@ class StoreError(DialboxError, RuntimeError):
 
 def shard_name(rank: int, world_size: int) -> str:
     return f"r{rank:05d}-of-{world_size:05d}"
-
-
 
 
 def router_key(layer: int, part: str) -> str:
@@ -68,25 +70,104 @@ def manifest_key(name: str) -> str:
 PREVIOUS = ".prev"
 
 
-def read_manifest(root, name: str) -> tuple[dict | None, str | None]:
-    """A shard's last good commit (None before its first), and why, if it is not the newest one."""
+def read_manifest(root, name: str, widths: dict) -> tuple[dict | None, str | None]:
+    """A shard's last good commit (None before its first), and why, if it is not the newest one.
+    `widths` are the store's sites' widths, which the statistics must sum over."""
     key = manifest_key(name)
     data = root.read(key)
     if data is None:
         return None, None
     try:
-        return json.loads(data), None
+        return _commit_record(json.loads(data), f"{root}/{key}", widths), None
     except json.JSONDecodeError as err:
         torn = f"{root}/{key} is not valid JSON ({err})"
+    kept = root.read(key + PREVIOUS)
     try:
-        previous = json.loads(root.read(key + PREVIOUS) or "null")
-    except json.JSONDecodeError:
+        previous = _commit_record(json.loads(kept), f"{root}/{key}{PREVIOUS}", widths) if kept is not None else None
+    except (json.JSONDecodeError, StoreError):
         previous = None
     if previous is None:
         raise StoreError(f"{torn} and no good commit is kept before it: restore it, or delete it and rerun "
                          "that writer to redo the shard")
     return previous, (f"{torn}: read as the commit before it ({previous['rows']} rows, {key}{PREVIOUS}); "
                       "rerun that shard's writer to commit again")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _manifest_problem(m, widths: dict) -> str | None:
+    """What makes a parsed manifest not a commit record a writer wrote, if anything."""
+    if not isinstance(m, dict):
+        return f"holds {type(m).__name__ if m is not None else 'null'}, not a commit record"
+    for field, valid, what in [("rows", _is_count, "a row count"), ("consumed", _is_count, "a row count"),
+                               ("done", lambda v: isinstance(v, bool), "true or false"),
+                               ("stats", lambda v: isinstance(v, dict), "an object")]:
+        if field not in m:
+            return f"has no {field!r}"
+        if not valid(m[field]):
+            return f"{field!r} is {json.dumps(m[field])[:40]}, not {what}"
+    for site, stats in m["stats"].items():
+        if not isinstance(stats, dict) or not all(_is_count(stats.get(k)) for k in ("count", "nonfinite_rows")) or not (
+                _is_number(stats.get("norm_sum")) and _is_number(stats.get("max_norm"))
+                and isinstance(stats.get("sum"), list) and all(map(_is_number, stats["sum"]))):
+            return f"the statistics of {site} are not count, sum, norm_sum, max_norm and nonfinite_rows"
+        if len(stats["sum"]) != widths.get(site):
+            return (f"the statistics of {site} sum over {len(stats['sum'])} dimensions; the store has "
+                    + (f"width {widths[site]}" if site in widths else "no such site"))
+    crcs = m.get("crc32c", {})
+    if not isinstance(crcs, dict) or not all(isinstance(v, list) and all(map(_is_count, v)) for v in crcs.values()):
+        return "'crc32c' is not an object of lists of checksums"
+    return None
+
+
+def _commit_record(m, where: str, widths: dict) -> dict:
+    """A parsed manifest, refused in one line naming it when it is not a commit record."""
+    problem = _manifest_problem(m, widths)
+    if problem:
+        raise StoreError(f"{where}: {problem}: the manifest is damaged; restore it (its commit before is kept as "
+                         f"{PREVIOUS}), or delete it and rerun that shard's writer to redo the shard")
+    return m
+
+
+def root_problem(attrs: dict) -> str | None:
+    """What the root's attributes lack for a reader to lay out the store, if anything."""
+    if attrs.get("format_version") not in READABLE_VERSIONS:
+        return f"format version {attrs.get('format_version')}; this code reads {' and '.join(map(str, READABLE_VERSIONS))}"
+    checks = [("identity", lambda v: isinstance(v, dict), "an object"),
+              ("dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+              ("chunk_rows", lambda v: _is_count(v) and v > 0, "a positive row count"),
+              ("world_size", lambda v: _is_count(v) and v > 0, "a positive count"),
+              ("sites", lambda v: isinstance(v, dict) and v and all(_is_count(w) and w > 0 for w in v.values()),
+               "an object of site widths"),
+              ("router", lambda v: isinstance(v, dict), "an object")]
+    for field, valid, what in checks:
+        if field not in attrs and field != "router":  # router: only stores that hold routing
+            return f"has no {field!r}"
+        if field in attrs and not valid(attrs[field]):
+            return f"{field!r} is {json.dumps(attrs[field])[:40]}, not {what}"
+    return None
+
+
+def array_problem(array: zarr.Array, tail: tuple, dtype: np.dtype, chunk_rows: int) -> str | None:
+    """How an array's metadata departs from what the store's format fixes for it (dtype, row shape,
+    chunking along rows only, codecs), if it does: a reader would decode its chunks as other numbers."""
+    codecs = [codec.to_dict() for codec in array.metadata.codecs]
+    names = [codec["name"] for codec in codecs]
+    endian = codecs[0].get("configuration", {}).get("endian") if codecs else None
+    if array.dtype != dtype or array.shape[1:] != tail or array.chunks != (chunk_rows, *tail):
+        want = ", ".join(map(str, ("rows", *tail)))
+        return (f"array is {array.dtype} {list(array.shape)} in chunks of {list(array.chunks)}; the store says "
+                f"{dtype} [{want}] in chunks of {[chunk_rows, *tail]}")
+    if names not in CODEC_CHAINS or endian != "little":
+        return (f"array's codecs are {'+'.join(names)} ({endian}-endian); the store writes "
+                f"{' or '.join('+'.join(c) for c in CODEC_CHAINS)}, little-endian")
+    return None
 
 
 def _describe(settings: dict, keys) -> str:

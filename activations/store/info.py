@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from activations.store.format import router_key
+from activations.store.format import StoreError, router_key
 from activations.store.blocks import human_size
 from activations.store.reader import ActivationStore, ShardRecord
 
@@ -37,10 +37,8 @@ def describe(store: ActivationStore) -> dict:
 
 def _written_rows(store: ActivationStore, rec: ShardRecord) -> int:
     """Rows a shard's writer has put down, committed or not (0 before it starts)."""
-    try:
-        return store.shard_array(rec.name, "tokens").shape[0]
-    except StoreError:
-        return 0
+    array, problem = store.open_array(rec.name, "tokens")
+    return array.shape[0] if array is not None and not problem else 0
 
 
 def codecs_of(store: ActivationStore) -> list[str]:

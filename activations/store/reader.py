@@ -9,17 +9,20 @@ import numpy as np
 import zarr
 
 from activations.store.format import (
-    FORMAT, OPTIONAL_COLUMNS, TOKEN_COLUMNS, StoreError, chunk_keys, decode, read_manifest, router_columns,
-    router_key, shard_name,
+    FORMAT, OPTIONAL_COLUMNS, TOKEN_COLUMNS, StoreError, array_problem, chunk_keys, decode, read_manifest,
+    root_problem, router_columns, router_key, shard_name,
 )
 from activations.store.loader import shuffled_batches
 from activations.store.chunks import is_plain, read_rows
+from activations.store.positions import ChunkCrcs, CrcStore, MisplacedChunk, chunk_count
 from activations.store.roots import LocalRoot, store_root
 from activations.store.stats import SiteStats
 
 
 def unreadable(err: Exception) -> str:
     """Why a chunk does not decode, in the codec's own words (its first line: zarr's run on)."""
+    if isinstance(err, MisplacedChunk):
+        return str(err)
     return f"unreadable ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
 
 
@@ -34,6 +37,8 @@ class ShardRecord:
     offset: int  # global index of its first row
     stats: dict = field(default_factory=dict)
     torn: str | None = None  # why its newest manifest is not the one read (see read_manifest)
+    crcs: ChunkCrcs | None = None  # what its manifest commits for each chunk; None: a format-1 store
+    manifest: bool = True  # False: no manifest on storage (none committed yet, or it was deleted)
 
 
 class ActivationStore:
@@ -44,15 +49,20 @@ class ActivationStore:
     """
 
     def __init__(self, path, storage_options: dict | None = None):
+        self._records: dict[str, ShardRecord] = {}  # by name, once the manifests are read
         given = store_root(path, storage_options)
         inner = given.child("activations")
         self.root = inner if inner.read("zarr.json") is not None else given
         if self.root.read("zarr.json") is None:
             raise StoreError(f"no activation store at {path}: run `make harvest` first")
-        self._group = zarr.open_group(self.root.zarr_store(read_only=True), mode="r")
+        self._group = self._open_group()
         attrs = dict(self._group.attrs)
         if attrs.get("format") != FORMAT:
             raise StoreError(f"{self.root} is a zarr group but not a Dialbox activation store: run `make harvest`")
+        problem = root_problem(attrs)
+        if problem:
+            raise StoreError(f"{self.root}/zarr.json: {problem}: the store's root metadata is damaged; restore it "
+                             "from a copy, or harvest again into another run_name")
         self.identity: dict = attrs["identity"]
         self.dtype: str = attrs["dtype"]
         self.chunk_rows: int = attrs["chunk_rows"]
@@ -67,15 +77,35 @@ class ActivationStore:
         offset = 0
         for rank in range(self.world_size):
             name = shard_name(rank, self.world_size)
-            m, torn = read_manifest(self.root, name)
+            m, torn = read_manifest(self.root, name, self._widths)
             if m is None:
-                self._shards.append(ShardRecord(name, 0, 0, False, offset))
+                self._shards.append(ShardRecord(name, 0, 0, False, offset, manifest=False))
                 continue
             stats = {s: SiteStats.from_json(d) for s, d in m["stats"].items()}
-            self._shards.append(ShardRecord(name, m["rows"], m["consumed"], m["done"], offset, stats, torn))
+            crcs = ChunkCrcs(self.root, name, chunk_count(m["rows"], self.chunk_rows), m.get("crc32c", {})) if (
+                attrs["format_version"] > 1) else None
+            self._shards.append(ShardRecord(name, m["rows"], m["consumed"], m["done"], offset, stats, torn, crcs))
             offset += m["rows"]
         self.n_tokens: int = offset
         self._records = {s.name: s for s in self._shards}
+
+    def _open_group(self) -> zarr.Group:
+        """The store's zarr group, every committed chunk read through it checked against its position."""
+        try:
+            return zarr.open_group(CrcStore(self.root.zarr_store(read_only=True), self._committed_crc), mode="r")
+        except (ValueError, TypeError) as err:  # zarr's words for metadata it cannot parse
+            raise StoreError(f"{self.root}/zarr.json does not load ({type(err).__name__}: {err}): the store's root "
+                             "metadata is damaged; restore it from a copy, or harvest again into another run_name") from None
+
+    def _committed_crc(self, shard: str, name: str, index: int) -> int | None:
+        """The crc32c committed for a chunk; None for chunks past the commit and format-1 stores (unchecked)."""
+        rec = self._records.get(shard)
+        if rec is None or rec.crcs is None or index >= chunk_count(rec.rows, self.chunk_rows):
+            return None
+        value = rec.crcs.get(name, index)
+        if value is None:
+            raise MisplacedChunk("has no crc32c in its shard's manifest: the manifest is damaged")
+        return value
 
     # -- description -----------------------------------------------------------------------
 
@@ -160,7 +190,8 @@ class ActivationStore:
         self._check_present(shard, name, array, start, min(stop, committed))
         try:
             if stop <= committed and self._plain(shard, name, array):
-                return read_rows(self.root.path / "shards" / shard / name, array, start, stop)
+                folder = self.root.path / "shards" / shard / name
+                return read_rows(folder, array, start, stop, lambda index: self._committed_crc(shard, name, index))
             return array[start:stop]
         except ValueError:  # crc32c, the outermost codec, refuses a chunk that was cut or changed
             self._name_unreadable(shard, name, array, start, stop)
@@ -183,14 +214,16 @@ class ActivationStore:
                           f"array has {array.shape[0]} rows, the manifest commits {committed}")
         missing = self.missing_chunks(shard, name, start, stop)
         if missing:
-            self._damaged(shard, name, *self._chunk_rows(shard, missing[0]), "chunk missing")
+            index, reason = next(iter(missing.items()))
+            self._damaged(shard, name, *self._chunk_rows(shard, index), reason)
 
-    def missing_chunks(self, shard: str, name: str, start: int, stop: int) -> list[int]:
-        """Indices of the chunks holding rows [start, stop) of a shard's array that are not on storage."""
+    def missing_chunks(self, shard: str, name: str, start: int, stop: int) -> dict[int, str]:
+        """The chunks holding rows [start, stop) of a shard's array that are not files on storage, by
+        index, with why (missing, or something else in the chunk's place)."""
         keys = chunk_keys(self.shard_array(shard, name), start, stop)
-        absent = set(self.root.missing(f"shards/{shard}/{name}/", keys))
+        absent = self.root.missing(f"shards/{shard}/{name}/", keys)
         first = start // self.chunk_rows
-        return [first + i for i, key in enumerate(keys) if key in absent]
+        return {first + i: absent[key] for i, key in enumerate(keys) if key in absent}
 
     def _name_unreadable(self, shard: str, name: str, array: zarr.Array, start: int, stop: int) -> None:
         """Raise StoreError naming the first chunk of rows [start, stop) that does not decode."""
@@ -239,17 +272,38 @@ class ActivationStore:
         return np.zeros((0, *tail), dtype)
 
     def shard_array(self, shard: str, name: str) -> zarr.Array | None:
-        """One shard's zarr array; None for an optional column the store predates."""
+        """One shard's zarr array, once its metadata is checked against the store's format; None for
+        an optional column the store predates."""
         key = f"shards/{shard}/{name}"
         if key not in self._arrays:
-            try:
-                self._arrays[key] = self._group[key]
-            except KeyError:
-                if name not in OPTIONAL_COLUMNS:
-                    raise StoreError(f"{self.root}/{key} is missing: the store is damaged; run "
-                                     "`python -m pipeline.store verify` on it") from None
-                self._arrays[key] = None
+            array, problem = self.open_array(shard, name)
+            if problem:
+                self._damaged(shard, name, 0, self._records[shard].rows, problem)
+            self._arrays[key] = array
         return self._arrays[key]
+
+    def open_array(self, shard: str, name: str) -> tuple[zarr.Array | None, str | None]:
+        """A shard's zarr array and what is wrong with its metadata, if anything (verify's words)."""
+        key = f"shards/{shard}/{name}"
+        try:
+            array = self._group[key]
+        except KeyError:
+            return None, None if name in OPTIONAL_COLUMNS else "array missing"
+        except (ValueError, TypeError) as err:  # zarr's words for metadata it cannot parse
+            return None, f"{self.root}/{key}/zarr.json does not load ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
+        tail, dtype = self.columns()[name]
+        return array, array_problem(array, tail, dtype, self.chunk_rows)
+
+    def unmanifested(self) -> dict[str, int]:
+        """Shards with no manifest whose arrays hold rows, and how many: a deleted manifest, or a writer
+        that died before its first commit. Their rows are not read."""
+        written = {}
+        for rec in self._shards:
+            if not rec.manifest:
+                array, problem = self.open_array(rec.name, "tokens")
+                if array is not None and not problem and array.shape[0]:
+                    written[rec.name] = array.shape[0]
+        return written
 
     def _check_site(self, site: str) -> None:
         if site not in self._widths:

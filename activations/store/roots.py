@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 import fsspec
-from zarr.storage import FsspecStore
+from zarr.storage import FsspecStore, LocalStore
 
+from activations.atomic import temporary_beside
 from activations.store.format import STORAGE_OPTIONS_ENV, StoreError
 
 
@@ -33,8 +34,8 @@ class LocalRoot:
     def child(self, name: str) -> "LocalRoot":
         return LocalRoot(self.path / name)
 
-    def zarr_store(self, read_only: bool):
-        return self.path  # zarr opens a LocalStore on it, creating directories as needed
+    def zarr_store(self, read_only: bool) -> LocalStore:
+        return LocalStore(self.path, read_only=read_only)  # a writer's creates directories as needed
 
     def read(self, key: str) -> bytes | None:
         try:
@@ -46,7 +47,7 @@ class LocalRoot:
         """Readers see the old file or the new one, never a torn one, even if the disk fills."""
         path = self.path / key
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = temporary_beside(path)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -87,11 +88,12 @@ class LocalRoot:
         for path in [*files, *sorted(dirs), self.path]:
             _fsync(path)
 
-    def missing(self, prefix: str, keys: list[str]) -> list[str]:
-        """The keys under `prefix` with no file: a stat each, cheap beside the read that follows,
-        where listing a large store's folders would cost minutes."""
+    def missing(self, prefix: str, keys: list[str]) -> dict[str, str]:
+        """The keys under `prefix` with no file, with why: a stat each, cheap beside the read that
+        follows, where listing a large store's folders would cost minutes."""
         folder = os.path.join(self.path, prefix)
-        return [key for key in keys if not os.path.isfile(os.path.join(folder, key))]
+        return {key: _not_a_file(os.path.join(folder, key)) for key in keys
+                if not os.path.isfile(os.path.join(folder, key))}
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """Bytes of every file under `prefix`, by key."""
@@ -101,6 +103,13 @@ class LocalRoot:
                 path = Path(folder) / name
                 out[path.relative_to(self.path).as_posix()] = path.stat().st_size
         return out
+
+
+def _not_a_file(path: str) -> str:
+    """Why a chunk's path is not a chunk file (a stat more, only once it is known not to be one)."""
+    if os.path.isdir(path):
+        return "chunk is a directory, not a file"
+    return "chunk missing"
 
 
 class _NoLock:
@@ -145,12 +154,12 @@ class RemoteRoot:
     def sync(self, keys) -> None:
         pass
 
-    def missing(self, prefix: str, keys: list[str]) -> list[str]:
+    def missing(self, prefix: str, keys: list[str]) -> dict[str, str]:
         """The keys under `prefix` with no object, from one listing of it (a request per key
         would double a reader's requests)."""
         if prefix not in self._listed:
             self._listed[prefix] = {key.removeprefix(prefix) for key in self.sizes(prefix)}
-        return [key for key in keys if key not in self._listed[prefix]]
+        return {key: "chunk missing" for key in keys if key not in self._listed[prefix]}
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
         self.fs.invalidate_cache()  # a listing cached earlier would miss new chunks

@@ -9,8 +9,9 @@ import numpy as np
 from tqdm import tqdm
 
 from activations.store.blocks import block_rows, human_size, row_blocks, row_bytes
-from activations.store.format import TOKEN_COLUMNS, StoreError, router_key, shard_name
+from activations.store.format import PREVIOUS, TOKEN_COLUMNS, decode, router_key, shard_name
 from activations.store.reader import ActivationStore, ShardRecord, unreadable
+from activations.store.stats import SiteStats
 
 
 @dataclass
@@ -32,6 +33,7 @@ class _ShardCheck:
     windows: dict  # window index -> _WindowSpan, over all shards
     problems: list = field(default_factory=list)
     last: dict = field(default_factory=dict)  # the previous block's last row, per column
+    stats: dict = field(default_factory=dict)  # site -> statistics of its rows as read; None once one is unreadable
 
     def problem(self, name: str, lo: int, hi: int, reason: str) -> None:
         self.problems.append(f"{name} rows [{lo}, {hi}) in shard {self.rec.name}: {reason}")
@@ -46,33 +48,30 @@ class _ShardCheck:
         arrays = self.arrays()
         if arrays is None:
             return self.problems
-        missing = {name: set(self.store.missing_chunks(self.rec.name, name, 0, self.rec.rows)) for name in arrays}
+        missing = {name: self.store.missing_chunks(self.rec.name, name, 0, self.rec.rows) for name in arrays}
+        self.stats = {site: SiteStats.zeros(self.store.width(site)) for site in self.store.sites}
         for lo, hi in row_blocks(0, self.rec.rows, block_rows(self.store)):
             block = {name: self.read(name, array, lo, hi, missing[name]) for name, array in arrays.items()}
             self.check_sites(block, lo)
             self.check_router(block, lo)
             self.check_tokens(block, lo)
+            self.add_stats(block)
             bar.update(hi - lo)
+        self.check_stats()
         return self.problems
 
     def arrays(self) -> dict | None:
         """The shard's arrays, if their shapes hold the committed rows; None when they cannot be read."""
-        expected = self.store.columns()
         arrays, rows, before = {}, self.rec.rows, len(self.problems)
-        for name, (tail, dtype) in expected.items():
-            try:
-                array = self.store.shard_array(self.rec.name, name)
-            except StoreError:
-                self.problem(name, 0, rows, "array missing")
+        for name in self.store.columns():
+            array, problem = self.store.open_array(self.rec.name, name)
+            if problem:
+                self.problem(name, 0, rows, problem)
                 continue
             if array is None:  # an optional column the store predates
                 continue
             extent = array.shape[0]
-            if array.shape[1:] != tail or array.dtype != dtype or array.chunks[0] != self.store.chunk_rows:
-                want = (rows, *tail)
-                self.problem(name, 0, rows, f"array is {array.dtype} {array.shape} in chunks of {array.chunks[0]}; "
-                                            f"the store says {dtype} {want} in chunks of {self.store.chunk_rows}")
-            elif extent < rows or (self.rec.done and extent != rows):
+            if extent < rows or (self.rec.done and extent != rows):
                 done = " and is done" if self.rec.done else ""
                 self.problem(name, min(extent, rows), max(extent, rows),
                              f"array has {extent} rows, the manifest commits {rows}{done}")
@@ -80,12 +79,12 @@ class _ShardCheck:
                 arrays[name] = array
         return arrays if len(self.problems) == before else None
 
-    def read(self, name: str, array, lo: int, hi: int, missing: set[int]) -> np.ndarray | None:
+    def read(self, name: str, array, lo: int, hi: int, missing: dict[int, str]) -> np.ndarray | None:
         """The block's rows, or None after naming every chunk of it that is missing or unreadable."""
         c = self.store.chunk_rows
         absent = [i for i in range(lo // c, -(-hi // c)) if i in missing]
         for i in absent:
-            self.problem(name, *self.chunk_of(i * c), "chunk missing")
+            self.problem(name, *self.chunk_of(i * c), missing[i])
         if not absent:
             try:
                 return array[lo:hi]
@@ -113,6 +112,35 @@ class _ShardCheck:
                 a, b = self.chunk_of(lo + i * self.store.chunk_rows)
                 n = int(bad[a - lo : b - lo].sum())
                 self.problem(site, a, b, f"{n} non-finite rows (writers drop those, so the chunk is damaged)")
+
+    def add_stats(self, block: dict) -> None:
+        """Add up each site's statistics as the writer did, from the rows as read."""
+        for site, total in self.stats.items():
+            x = block.get(site)
+            self.stats[site] = None if x is None or total is None else total + SiteStats.of_rows(decode(x))
+
+    def check_stats(self) -> None:
+        """The statistics the manifest commits are those of the rows committed (but the dropped-row
+        counts, which no row records). Sums of the same numbers added in another order differ by
+        rounding only: far less than the tolerance, which a damaged number exceeds."""
+        for site, read in self.stats.items():
+            kept = self.rec.stats.get(site)
+            if read is None or kept is None or not np.isfinite(read.norm_sum):
+                continue  # unreadable chunks and non-finite rows are named already, a missing site by _check_layout
+            scale = max(read.norm_sum, 1e-30)
+            differ = [what for what, ok in [
+                ("count", kept.count == read.count),
+                ("sum", np.abs(kept.sum - read.sum).max(initial=0.0) <= 1e-6 * scale),
+                ("norm_sum", abs(kept.norm_sum - read.norm_sum) <= 1e-6 * scale),
+                ("max_norm", abs(kept.max_norm - read.max_norm) <= 1e-6 * max(read.max_norm, 1e-30)),
+            ] if not ok]
+            if differ:
+                have, want = kept.summary(), read.summary()
+                self.problems.append(
+                    f"manifests/{self.rec.name}.json: statistics of {site} disagree with its rows in "
+                    f"{', '.join(differ)} (mean norm {have['mean_norm']:.6g} committed, {want['mean_norm']:.6g} read; "
+                    f"max norm {have['max_norm']:.6g}, {want['max_norm']:.6g}): the manifest is damaged; restore "
+                    f"its commit before ({PREVIOUS}) over it and rerun that shard's writer")
 
     def check_router(self, block: dict, lo: int) -> None:
         """Expert ids name experts of the layer; gate weights are finite."""
@@ -190,13 +218,18 @@ def _check_layout(store: ActivationStore) -> list[str]:
     problems = []
     for key in store.root.sizes("manifests"):
         name = key.removeprefix("manifests/").removesuffix(".json")
-        if key.endswith(".json") and not name.startswith(".") and name not in names:
+        # a manifest, not a temporary file or a block of committed checksums (<shard>.crc32c/<block>.json)
+        if key.endswith(".json") and not name.startswith(".") and "/" not in name and name not in names:
             problems.append(f"{key}: belongs to no shard of this store (world_size {store.world_size}): "
                             "a writer ran with another harvest.world_size; remove it or use another run_name")
     for name in store.shard_groups():
         if name not in names:
             problems.append(f"shards/{name}: belongs to no shard of this store (world_size {store.world_size}): "
                             "a writer ran with another harvest.world_size; remove it or use another run_name")
+    for name, rows in store.unmanifested().items():
+        problems.append(f"manifests/{name}.json is missing, but shard {name} holds {rows} rows written: its manifest "
+                        "was deleted, or its writer has not committed yet (or died first); restore the manifest, or rerun that "
+                        "shard's writer to redo the shard")
     for rec in store.shard_records:
         if rec.torn:
             problems.append(rec.torn)

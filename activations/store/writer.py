@@ -17,6 +17,7 @@ from activations.store.format import (
     DTYPES, FORMAT, FORMAT_VERSION, OPTIONAL_COLUMNS, PREVIOUS, TOKEN_COLUMNS, StoreError, check_same, decode,
     chunk_keys, manifest_key, read_manifest, router_columns, shard_name,
 )
+from activations.store.positions import CrcStore, chunk_count, commit_crcs
 from activations.store.roots import store_root
 from activations.store.stats import SiteStats
 
@@ -105,10 +106,12 @@ class ShardWriter:
     # -- opening ---------------------------------------------------------------------------
 
     def _open_root(self, settings: dict) -> zarr.Group:
+        # Seeing each chunk go to storage records its crc32c, which the manifest commits (positions.py).
+        self._zarr = CrcStore(self.root.zarr_store(read_only=False))
         try:
-            group = zarr.open_group(self.root.zarr_store(read_only=False), mode="a", attributes=settings)
+            group = zarr.open_group(self._zarr, mode="a", attributes=settings)
         except ContainsGroupError:  # another shard's writer created it a moment ago
-            group = zarr.open_group(self.root.zarr_store(read_only=False), mode="r+")
+            group = zarr.open_group(self._zarr, mode="r+")
         check_same(self.root, dict(group.attrs), settings)
         return group
 
@@ -140,9 +143,11 @@ class ShardWriter:
         return arrays
 
     def _resume(self) -> None:
-        found, _ = read_manifest(self.root, self.name)  # a torn manifest resumes from the commit before it
+        found, _ = read_manifest(self.root, self.name, self.sites)  # a torn manifest resumes from the commit before it
         self._last_commit = json.dumps(found).encode() if found else None
-        manifest = found or {"rows": 0, "consumed": 0, "done": False, "stats": {}}
+        manifest = found or {"rows": 0, "consumed": 0, "done": False, "stats": {}, "crc32c": {}}
+        # the committed crc32c of each array's chunks from its last block file on (positions.py)
+        self._crcs = {name: list(manifest["crc32c"].get(name, [])) for name in self._arrays}
         self._committed = manifest["rows"]
         self._consumed = manifest["consumed"]
         self._done = manifest["done"]
@@ -316,8 +321,10 @@ class ShardWriter:
             for name, array in self._arrays.items():
                 array.resize((stop, *array.shape[1:]))
                 array[start:stop] = rows[name]
+                self._crcs[name] += self._written_crcs(name, array, start, stop)
             if self.fsync:
                 self._fsync_chunks(start, stop)
+            self._crcs = commit_crcs(self.root, self.name, self._crcs, chunk_count(stop, self.chunk_rows), self.fsync)
 
         consumed = self._seen if done else int(rows["_consumed"][-1])
         stats = {}
@@ -328,11 +335,21 @@ class ShardWriter:
             stats[site] = old + new
         stats = replace_stats or stats
         stats_json = {s: v.to_json() for s, v in stats.items()}
-        manifest = json.dumps({"rows": stop, "consumed": consumed, "done": done, "stats": stats_json}).encode()
+        manifest = json.dumps({"rows": stop, "consumed": consumed, "done": done, "stats": stats_json,
+                               "crc32c": self._crcs}).encode()
         self._replace_manifest(manifest)
 
         self._committed, self._consumed, self._done, self._stats = stop, consumed, done, stats
         self._dropped = {s: d[d >= consumed] for s, d in self._dropped.items()}
+
+    def _written_crcs(self, name: str, array: zarr.Array, start: int, stop: int) -> list[int]:
+        """The crc32c of the chunks just stored for rows [start, stop), a whole number of chunks from
+        the commit on, as zarr handed them to storage."""
+        keys = [f"shards/{self.name}/{name}/{key}" for key in chunk_keys(array, start, stop)]
+        missed = [key for key in keys if key not in self._zarr.written]
+        if missed:
+            raise StoreError(f"{missed[0]} was not written: zarr skipped a chunk this writer stored")
+        return [self._zarr.written.pop(key) for key in keys]
 
     def _replace_manifest(self, manifest: bytes) -> None:
         """Commit: keep the last commit beside the manifest first, so a manifest torn after all

@@ -10,7 +10,7 @@
 "use strict";
 
 const PAGE_SIZE = 100;
-const SORTABLE = { index: "Feature", density: "Density", max_act: "Max act", score: "Score", output: "Output",
+const SORTABLE = { index: "Feature", density: "Density", max_act: "Max act", score: "Score", output: "Output %ile",
   steer: "Steering" };
 const SHOW = ["all", "labelled", "unlabelled", "dead"];
 const json = new Map(); // url -> promise of its parsed JSON: each file is fetched once
@@ -71,9 +71,21 @@ function tokenChips(tokens) {
 
 // ---- routing -------------------------------------------------------------------------------
 
+// Opened from disk, the page may not fetch its own data files (browsers refuse file:// requests): say how to serve it.
+function servePrompt() {
+  const run = decodeURIComponent(location.pathname).split("/").slice(-3, -2)[0] || "<run>";
+  return el("section", { class: "error" }, el("h1", {}, "This report needs to be served"),
+    el("p", {}, "A browser will not let a page opened from disk read its data files. Serve the report and open the " +
+      "address it prints:"),
+    el("pre", {}, `make browse RUN=${run}      # http://127.0.0.1:8765/`),
+    el("p", { class: "muted" }, "or, without the model and the Steer panel: " +
+      `python -m pipeline.browse run.run_name=${run} browse.model=false`));
+}
+
 async function route() {
   const ticket = ++routing;
   const main = document.getElementById("main");
+  if (location.protocol === "file:") return main.replaceChildren(servePrompt());
   const [rawPath, query = ""] = location.hash.slice(1).split("?");
   let view;
   try {
@@ -118,6 +130,27 @@ function siteSummary(site) {
 }
 
 // ---- a site's index -------------------------------------------------------------------------
+
+// Output scores are shifts in probability (1e-9 to 1e-4, some negative) that no one compares at a glance: the
+// index shows each one's percentile among the site's scored features, and the raw score in its title.
+function outputPercentiles(data) {
+  if (!data.outputPercentile) {
+    const output = data.output || [];
+    const scored = data.index.filter((i) => output[i] !== null && output[i] !== undefined)
+      .sort((a, b) => output[a] - output[b]);
+    data.outputPercentile = data.index.map(() => null);
+    scored.forEach((i, rank) => {
+      data.outputPercentile[i] = scored.length > 1 ? Math.round((100 * rank) / (scored.length - 1)) : 100;
+    });
+  }
+  return data.outputPercentile;
+}
+
+function outputCell(score, percentile) {
+  if (score === null) return el("td", { class: "num" }, "–");
+  return el("td", { class: "num", title: `output score ${score} (percentile ${percentile} of this site)` },
+    `${percentile}`);
+}
 
 // Search text and sort orders are built on first use and kept with the index data.
 function searchText(data) {
@@ -214,7 +247,7 @@ async function siteView(site, params) {
       el("td", {}, featureLink(site.site, i, String(i))), el("td", { class: "label" }, label),
       el("td", {}, tokenChips(data.top[i])), el("td", { class: "num" }, percent(data.density[i])),
       el("td", { class: "num" }, num(data.max_act[i])), el("td", { class: "num" }, num(data.score[i])),
-      el("td", { class: "num" }, num((data.output || [])[i] ?? null)),
+      outputCell((data.output || [])[i] ?? null, outputPercentiles(data)[i]),
       el("td", { class: "num" }, steerCell((data.steer || [])[i] ?? null, (data.steers || [])[i] ?? null)));
   }
 

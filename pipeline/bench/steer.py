@@ -10,11 +10,15 @@ unsteered and steered, 64 tokens each). Target: at most 30 s on an idle 2-core m
 And the steering server's batching: 8 clients at once, each with its own steering, 64 tokens each
 (greedy), against the same requests sent one at a time. Target: >= 2.5x the throughput, and every
 output identical.
+And a load test: a burst of --burst clients at once (400), far beyond the server's queue (8 rows + 64
+waiting), against the default limits and against max_connections=32 (so that most are refused at
+accept, not at the queue). Target: every client answered 200 or 429, none reset or dropped.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import statistics
@@ -24,6 +28,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,6 +43,7 @@ from pipeline.bench import make_command, write_section
 from pipeline.config import compose
 from activations.sites import Site
 from steering.contrast import read_prompts
+
 
 def tokens_per_s(steerer: Steerer, prompts: list[str], interventions: list, tokens: int) -> float:
     start = time.perf_counter()
@@ -88,6 +94,33 @@ def batching(steerer: Steerer, site: Site, prompts: list[str], tokens: int) -> d
     return dict(alone=alone, together=together, identical=alone_texts == together_texts, clients=len(bodies))
 
 
+def burst(steerer: Steerer, clients: int, limits: ServerLimits) -> Counter:
+    """How the server answers `clients` requests sent at once: a count per status, or per exception for a
+    connection reset or dropped."""
+    server = SteeringServer(steerer, "127.0.0.1", 0, max_tokens=16, limits=limits)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    body = json.dumps({"prompt": "The sea is", "max_tokens": 16, "temperature": 0})
+    together = threading.Barrier(clients)
+
+    def ask(_) -> int | str:
+        together.wait()
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=600)
+        try:
+            connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            return connection.getresponse().status
+        except (OSError, http.client.HTTPException) as e:
+            return type(e).__name__
+        finally:
+            connection.close()
+
+    try:
+        with ThreadPoolExecutor(clients) as pool:
+            return Counter(pool.map(ask, range(clients)))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def one_prompt_seconds(runs: Path, model: str) -> float:
     """Wall time of the steer stage in a fresh process, as `make steer` runs it."""
     command = [sys.executable, "-m", "pipeline.steer", f"run.runs_dir={runs}", "run.run_name=bench", f"model={model}",
@@ -104,6 +137,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--burst", type=int, default=400, help="clients at once in the load test")
     args = parser.parse_args(argv)
 
     site = Site.parse(args.site)
@@ -123,6 +157,7 @@ def main(argv=None) -> None:
             for way in order:
                 rates[way].append(tokens_per_s(steerer, prompts, ways[way], args.tokens))
         served = batching(steerer, site, prompts, args.tokens)
+        bursts = {limit: burst(steerer, args.burst, ServerLimits(max_connections=limit)) for limit in (256, 32)}
         one_prompt = one_prompt_seconds(Path(tmp), args.model)
     median = {way: statistics.median(v) for way, v in rates.items()}
     rows = [[f"one `{way}` at {args.site} / none", f"{median[way]:,.1f} / {median['none']:,.1f} tok/s",
@@ -131,6 +166,12 @@ def main(argv=None) -> None:
                  f"{served['together']:,.1f} / {served['alone']:,.1f} tok/s, outputs "
                  + ("identical" if served["identical"] else "**DIFFERENT**"),
                  f"**{served['together'] / served['alone']:.2f}**", ">= 2.5, identical"])
+    for limit, answers in bursts.items():
+        failures = {k: n for k, n in answers.items() if k not in (200, 429)}
+        rows.append([f"server: a burst of {args.burst} clients at once (queue 8 + 64, {limit} connections)",
+                     f"{answers[200]} answered 200, {answers[429]} 429, " + (
+                         ", ".join(f"**{n} {k}**" for k, n in failures.items()) if failures else "none reset or dropped"),
+                     "", "every one 200 or 429"])
     rows.append(["one-prompt `python -m pipeline.steer` (imports, model load, 2 x 64 tokens)",
                  f"{one_prompt:.1f} s wall", "", "<= 30 s"])
     per_round = "; ".join(f"{way}: " + ", ".join(f"{x:,.1f}" for x in v) for way, v in rates.items())
@@ -140,6 +181,8 @@ def main(argv=None) -> None:
              f"Server: {served['clients']} HTTP clients, each steering with its own random `add` vector (one of 3 "
              f"layers, scale 1-4), greedy /v1/chat/completions of up to {args.tokens} tokens, against the same requests "
              "sent one after another to the same server; tokens/s counts completion tokens. "
+             f"Load test: {args.burst} HTTP clients released together by a barrier, each its own connection and one "
+             "greedy /v1/completions of 16 tokens, against the default limits and against max_connections=32. "
              f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
              + (" (above the CPU count: other jobs shared the machine and the ratios are noise)" if os.getloadavg()[0] > os.cpu_count() else "")
              + ".\n")

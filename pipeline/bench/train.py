@@ -31,7 +31,7 @@ from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
 from activations.markdown import table
-from pipeline.bench import write_section
+from pipeline.bench import make_command, write_section
 from activations.config import StoreConfig
 from pipeline.config import SAEConfig, TrainConfig
 from activations.harvesting import chunk_rows_for
@@ -175,7 +175,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def main(argv=None) -> None:
+def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-in", type=int, default=576)  # SmolLM2-135M's residual width
     parser.add_argument("--d-sae", type=int, default=9216)
@@ -195,164 +195,202 @@ def main(argv=None) -> None:
     if args.quick:  # quick sizes become the defaults; flags given still win
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    steps, warmup, B = args.steps or (20 if cuda else 3), 3 if cuda else 1, args.batch
+    return args
 
-    x = synthetic_activations(args.batches * B, args.d_in, device)
-    data = list(x.split(B))
-    sae_cfg = OmegaConf.structured(SAEConfig(k=args.k, d_sae=args.d_sae))
-    # A fresh SAE has no dead latents for a million tokens, so AuxK would never run: every round
-    # starts with the same `dead_frac` of the latents marked dead in every trainer (see mark_dead).
-    train_cfg = OmegaConf.create({"train": OmegaConf.structured(TrainConfig(batch_size=B, device=args.device))})
 
-    def new_sae():
+class Contenders:
+    """The ways to train, on the same batches from the same weights: Dialbox's step from memory and from a
+    store (and on CUDA with torch's kernels), sae-lens's SAETrainer by default and with autocast."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.device = args, torch.device(args.device)
+        self.cuda = self.device.type == "cuda"
+        self.steps, self.warmup = args.steps or (20 if self.cuda else 3), 3 if self.cuda else 1
+        self.x = synthetic_activations(args.batches * args.batch, args.d_in, self.device)
+        self.data = list(self.x.split(args.batch))
+        self.sae_cfg = OmegaConf.structured(SAEConfig(k=args.k, d_sae=args.d_sae))
+        self.train_cfg = OmegaConf.create({"train": OmegaConf.structured(TrainConfig(batch_size=args.batch,
+                                                                                     device=args.device))})
+        self.sae = self.new_sae()
+        self.d_sae, self.lr = self.sae.cfg.d_sae, learning_rate(self.sae_cfg, self.sae.cfg.d_sae)
+        self.dialboxes = {"dialbox": self.dialbox(self.train_cfg.train, self.sae)}
+        if self.cuda:  # the same step with torch's kernels: what the Triton kernels (sae/triton_topk.py) gain
+            self.dialboxes["dialbox torch kernels"] = self.dialbox(
+                OmegaConf.merge(self.train_cfg.train, {"triton_kernels": False}), self.new_sae())
+        self.lens = {"sae-lens": self.sae_lens(False), "sae-lens autocast": self.sae_lens(True)}
+        # A fresh SAE has no dead latents for a million tokens, so AuxK would never run: every round
+        # starts with the same `dead_frac` of the latents marked dead in every trainer (mark_dead).
+        dead = torch.randperm(self.d_sae, generator=torch.Generator().manual_seed(1))
+        self.dead = dead[:round(args.dead_frac * self.d_sae)].to(self.device)
+
+    def new_sae(self):
         torch.manual_seed(0)  # every trainer starts from the same weights
-        return build_sae(sae_cfg, args.d_in, {"hook_name": SITE}, args.device)
+        return build_sae(self.sae_cfg, self.args.d_in, {"hook_name": SITE}, self.args.device)
 
-    sae = new_sae()
-    lr = learning_rate(sae_cfg, sae.cfg.d_sae)
-    dialbox = Trainer([Member("base", SITE, sae, 1.0, lr)], total_steps=10**9, cfg=train_cfg.train)
-    dialboxes = {"dialbox": dialbox}
-    if cuda:  # the same step with torch's kernels: what the Triton kernels (sae/triton_topk.py) gain
-        torch_kernels = OmegaConf.merge(train_cfg.train, {"triton_kernels": False})
-        dialboxes["dialbox torch kernels"] = Trainer([Member("base", SITE, new_sae(), 1.0, lr)], 10**9, torch_kernels)
+    def dialbox(self, cfg, sae) -> Trainer:
+        return Trainer([Member("base", SITE, sae, 1.0, learning_rate(self.sae_cfg, sae.cfg.d_sae))], 10**9, cfg)
 
-    def sae_lens(autocast: bool) -> SAETrainer:
-        # sae-lens's defaults, but for what must match: lr (its runner sets lr_end = lr / 10), the
-        # batch and no wandb.
-        cfg = SAETrainerConfig(total_training_samples=10**12, train_batch_size_samples=B, lr=lr, lr_end=lr / 10,
-                               device=args.device, autocast=autocast, logger=LoggingConfig(log_to_wandb=False))
-        return SAETrainer(cfg, new_sae(), data_provider=itertools.cycle(data))
+    def sae_lens(self, autocast: bool) -> SAETrainer:
+        # sae-lens's defaults, but for what must match: lr (its runner sets lr_end = lr / 10), the batch and no wandb.
+        cfg = SAETrainerConfig(total_training_samples=10**12, train_batch_size_samples=self.args.batch, lr=self.lr,
+                               lr_end=self.lr / 10, device=self.args.device, autocast=autocast,
+                               logger=LoggingConfig(log_to_wandb=False))
+        return SAETrainer(cfg, self.new_sae(), data_provider=itertools.cycle(self.data))
 
-    def memory_steps(trainer):
-        def run(n):
+    def mark_dead(self) -> None:
+        """"Has not fired for longer than the dead window", in each trainer's own counter."""
+        for trainer in self.dialboxes.values():
+            trainer.members[0].steps_since_fired[self.dead] = 10**9
+        for trainer in self.lens.values():
+            trainer.n_forward_passes_since_fired[self.dead] = 10**9
+
+    def store_steps(self, store: ActivationStore) -> int:
+        """Steps of the store way per timing: whole shuffle windows (the reader reads `shuffle_chunks` chunks
+        at a time), their reads included, the rate a long run sees."""
+        window = max(1, self.train_cfg.train.shuffle_chunks * store.chunk_rows // self.args.batch)
+        return -(-self.steps // window) * window
+
+    def ways(self, store: ActivationStore) -> dict:
+        """{name: run(n)}, each running n steps (the store way whole windows) and returning the steps it ran."""
+        def from_memory(trainer):
+            def run(n):
+                for _ in range(n):
+                    trainer.step({SITE: self.data[trainer.step_count % len(self.data)]})
+                return n
+            return run
+
+        def fit(trainer):
+            def run(n):  # the body of SAETrainer.fit with wandb, evals and checkpoints off
+                for _ in range(n):
+                    trainer.maybe_reset_sparsity()
+                    trainer.step(next(trainer.data_provider))
+                    trainer.n_training_steps += 1
+                return n
+            return run
+
+        def from_store(n):  # what `make train` runs: shuffled batches read ahead by the loader's threads
+            n = self.store_steps(store) if n == self.steps else n
+            batches = training_batches(store, [SITE], self.train_cfg, 0, pin_memory=self.cuda)
             for _ in range(n):
-                trainer.step({SITE: data[trainer.step_count % len(data)]})
-        return run
-
-    def fit_steps(trainer):
-        def run(n):  # the body of SAETrainer.fit with wandb, evals and checkpoints off
-            for _ in range(n):
-                trainer.maybe_reset_sparsity()
-                trainer.step(next(trainer.data_provider))
-                trainer.n_training_steps += 1
-        return run
-
-    with tempfile.TemporaryDirectory() as tmp:
-        store = write_store(tmp, x.split(B), args.d_in)
-
-        # What `make train` runs: shuffled batches read ahead by the loader's threads, moved to the device.
-        # The reader reads `shuffle_chunks` chunks at a time, so each timing covers whole windows of
-        # batches, their reads included: the rate a long run sees.
-        window = max(1, train_cfg.train.shuffle_chunks * store.chunk_rows // B)
-        store_steps = -(-steps // window) * window
-
-        def dialbox_store(n):
-            batches = training_batches(store, [SITE], train_cfg, 0, pin_memory=cuda)
-            for _ in range(store_steps if n == steps else n):
-                dialbox.step({s: v.to(device, non_blocking=True) for s, v in next(batches).items()})
+                self.dialboxes["dialbox"].step({s: v.to(self.device, non_blocking=True) for s, v in next(batches).items()})
             batches.close()  # its reads end with it, so none goes on while another way is timed
+            return n
 
-        lens, lens_autocast = sae_lens(False), sae_lens(True)
-        dead = torch.randperm(sae.cfg.d_sae, generator=torch.Generator().manual_seed(1))
-        dead = dead[:round(args.dead_frac * sae.cfg.d_sae)].to(device)
+        ways = {"dialbox": from_memory(self.dialboxes["dialbox"]), **{n: fit(t) for n, t in self.lens.items()},
+                "dialbox store": from_store}
+        ways.update({name: from_memory(t) for name, t in self.dialboxes.items() if name != "dialbox"})
+        return ways
 
-        def mark_dead():  # "has not fired for longer than the dead window", in each trainer's own counter
-            for trainer in dialboxes.values():
-                trainer.members[0].steps_since_fired[dead] = 10**9
-            for trainer in (lens, lens_autocast):
-                trainer.n_forward_passes_since_fired[dead] = 10**9
-
-        ways = {"dialbox": memory_steps(dialbox), "sae-lens": fit_steps(lens),
-                "sae-lens autocast": fit_steps(lens_autocast), "dialbox store": dialbox_store}
-        ways.update({name: memory_steps(trainer) for name, trainer in dialboxes.items() if name != "dialbox"})
+    def race(self, store: ActivationStore) -> dict[str, list[float]]:
+        """Tokens/s of every way in each round: `steps` steps each after a warm-up, in an order rotated each
+        round so that no way always runs first."""
+        ways = self.ways(store)
         for run in ways.values():  # warm-up: allocator, kernels, the first dead-latent pass
-            run(warmup)
+            run(self.warmup)
         rates = {name: [] for name in ways}
-        for r in range(args.rounds):
-            order = list(ways)[r % len(ways):] + list(ways)[:r % len(ways)]  # no way always runs first
-            mark_dead()
-            for name in order:
-                sync(device)
+        for r in range(self.args.rounds):
+            self.mark_dead()
+            for name in list(ways)[r % len(ways):] + list(ways)[:r % len(ways)]:
+                sync(self.device)
                 start = time.perf_counter()
-                ways[name](steps)
-                sync(device)
-                timed = store_steps if name == "dialbox store" else steps
-                rates[name].append(timed * B / (time.perf_counter() - start))
-        peak = matmul_peak(device)
-        decoders = {"Triton": triton_kernels().decode, "torch embedding_bag": torch_decode} if cuda else {}
-        decoder_ms = {name: 1e3 * decoder_seconds(fn, args.d_in, sae.cfg.d_sae, args.k, B, device)
-                      for name, fn in decoders.items()}
-        encoder_ms = encoder_forward_ms(args.d_in, sae.cfg.d_sae, args.k, B, device) if cuda else {}
-    with tempfile.TemporaryDirectory() as tmp:
-        reader = reader_rates(tmp, args.reader_width, args.reader_rows, B, args.rounds, args.reader_epochs)
+                steps = ways[name](self.steps)
+                sync(self.device)
+                rates[name].append(steps * self.args.batch / (time.perf_counter() - start))
+        return rates
 
-    tps = {name: statistics.median(v) for name, v in rates.items()}
-    # FLOPs of one Dialbox step per token: the three encoder matmuls (forward, grad W_enc, grad of
-    # the input, which b_dec's gradient needs) and the k decoder rows and k_aux AuxK rows, forward
-    # and two backward products each; elementwise work, topk and Adam not counted.
-    d_in, d_sae, k_aux = args.d_in, sae.cfg.d_sae, min(args.d_in // 2, sae.cfg.d_sae)
-    flops_per_token = 6 * d_in * (d_sae + args.k + k_aux)
-    achieved = tps["dialbox"] * flops_per_token
-    reader_rows = statistics.median(reader)
-    reader_gbs = reader_rows * args.reader_width * 2 / 1e9
 
-    def fmt(name):
-        return f"{tps[name]:,.0f}"
+def kernel_times(c: Contenders) -> tuple[float, dict, dict]:
+    """(bf16 matmul peak FLOP/s, the decoder alone in ms per kernel, the encoder forward in ms per way); the
+    last two on CUDA only."""
+    args = c.args
+    decoders = {"Triton": triton_kernels().decode, "torch embedding_bag": torch_decode} if c.cuda else {}
+    decoder_ms = {name: 1e3 * decoder_seconds(fn, args.d_in, c.d_sae, args.k, args.batch, c.device)
+                  for name, fn in decoders.items()}
+    encoder_ms = encoder_forward_ms(args.d_in, c.d_sae, args.k, args.batch, c.device) if c.cuda else {}
+    return matmul_peak(c.device), decoder_ms, encoder_ms
 
+
+def flops_per_token(d_in: int, d_sae: int, k: int) -> int:
+    """FLOPs of one Dialbox step per token: the three encoder matmuls (forward, grad W_enc, grad of the input,
+    which b_dec's gradient needs) and the k decoder rows and k_aux AuxK rows, forward and two backward
+    products each; elementwise work, topk and Adam not counted."""
+    return 6 * d_in * (d_sae + k + min(d_in // 2, d_sae))
+
+
+def result_rows(args, tps: dict[str, float], peak: float, reader_rows: float, decoder_ms: dict,
+                encoder_ms: dict) -> list[list[str]]:
+    """The table: each ratio computed from the medians it is shown beside."""
+    def ratio(a: str, b: str, target: str, unit: str = "x") -> list[str]:
+        value = f"{tps[a] / tps[b]:.2f}{unit}"
+        return [f"{tps[a]:,.0f} / {tps[b]:,.0f} tok/s", f"**{value}**", target]
+
+    achieved = tps["dialbox"] * flops_per_token(args.d_in, args.d_sae, args.k)
     rows = [
-        ["Dialbox / sae-lens SAETrainer (default)", f"{fmt('dialbox')} / {fmt('sae-lens')} tok/s",
-         f"**{tps['dialbox'] / tps['sae-lens']:.2f}x**", ">= 3x"],
-        ["Dialbox / sae-lens SAETrainer (autocast=True)", f"{fmt('dialbox')} / {fmt('sae-lens autocast')} tok/s",
-         f"**{tps['dialbox'] / tps['sae-lens autocast']:.2f}x**", ">= 2x"],
-        ["Dialbox from activation store / from memory", f"{fmt('dialbox store')} / {fmt('dialbox')} tok/s",
-         f"**{tps['dialbox store'] / tps['dialbox']:.2f}**", ">= 0.90"],
+        ["Dialbox / sae-lens SAETrainer (default)", *ratio("dialbox", "sae-lens", ">= 3x")],
+        ["Dialbox / sae-lens SAETrainer (autocast=True)", *ratio("dialbox", "sae-lens autocast", ">= 2x")],
+        ["Dialbox from activation store / from memory", *ratio("dialbox store", "dialbox", ">= 0.90", unit="")],
         ["Dialbox step / bf16 matmul peak", f"{achieved / 1e12:.3g} / {peak / 1e12:.3g} TFLOP/s",
          f"**{achieved / peak:.1%}**", ""],
         [f"store reader alone, width {args.reader_width} bf16, page cache", f"{reader_rows:,.0f} rows/s",
-         f"**{reader_gbs:.2f} GB/s**", ">= 1.5 GB/s"],
+         f"**{reader_rows * args.reader_width * 2 / 1e9:.2f} GB/s**", ">= 1.5 GB/s"],
     ]
-    if cuda:
+    if decoder_ms:  # CUDA
         rows[4:4] = [
-            ["Dialbox step, Triton kernels / torch kernels", f"{fmt('dialbox')} / {fmt('dialbox torch kernels')} tok/s",
-             f"**{tps['dialbox'] / tps['dialbox torch kernels']:.2f}x**", ""],
+            ["Dialbox step, Triton kernels / torch kernels", *ratio("dialbox", "dialbox torch kernels", "")],
             ["TopK decoder alone, forward + backward: torch embedding_bag / Triton",
              f"{decoder_ms['torch embedding_bag']:.3g} / {decoder_ms['Triton']:.3g} ms",
              f"**{decoder_ms['torch embedding_bag'] / decoder_ms['Triton']:.2f}x**", ""],
             encoder_row(encoder_ms),
         ]
-    spread = "; ".join(f"{n}: " + ", ".join(f"{v:,.0f}" for v in rates[n]) for n in ways)
-    notes = f"""
-TopK SAE d_in {d_in} -> d_sae {d_sae}, k {args.k}, AuxK coefficient {sae.cfg.aux_loss_coefficient:g}, with the
+    return rows
+
+
+def notes(c: Contenders, rates: dict[str, list[float]], reader: list[float], encoder_ms: dict) -> str:
+    args, cuda, train = c.args, c.cuda, c.train_cfg.train
+    d_in, d_sae = args.d_in, c.d_sae
+    spread = "; ".join(f"{n}: " + ", ".join(f"{v:,.0f}" for v in rates[n]) for n in rates)
+    return f"""
+TopK SAE d_in {d_in} -> d_sae {d_sae}, k {args.k}, AuxK coefficient {c.sae.cfg.aux_loss_coefficient:g}, with the
 same {args.dead_frac:.0%} of the latents marked dead in every trainer at the start of each round (OpenAI's
-ceiling for dead latents; `--dead-frac 1` is the worst case), batch {B},
+ceiling for dead latents; `--dead-frac 1` is the worst case), batch {args.batch},
 on {args.device}. Data: {args.batches} batches of synthetic activations (sparse sums of {4 * d_in} random unit
 directions, 16 per row, plus noise; mean norm sqrt(d_in); bf16-rounded), cycled; in memory they sit on the device.
-Every trainer starts from the same weights and lr ({lr:.3g}). Dialbox runs `sae.trainer.Trainer.step`, the loop
-of `make train` (grad clipping, Adam, dead-latent counters, its logging step every {train_cfg.train.log_every}).
+Every trainer starts from the same weights and lr ({c.lr:.3g}). Dialbox runs `sae.trainer.Trainer.step`, the loop
+of `make train` (grad clipping, Adam, dead-latent counters, its logging step every {train.log_every}).
 sae-lens runs the body of `SAETrainer.fit` (`maybe_reset_sparsity`, `step(next(data_provider))`) with its
 default config (constant lr, Adam, fp32, no TF32) and wandb, evals and checkpoints off; `step` is the seam
 `fit` itself calls. The store run writes the same rows with `ShardWriter` (bf16, default chunking) to a
 temporary directory and trains from `sae.training.training_batches` (`ActivationStore.iter_batches`, read ahead
-by {train_cfg.train.loader_workers} threads{", pinned" if cuda else ""}); each timing starts a reader and covers whole shuffle windows ({store_steps} steps, the reads
-of their {train_cfg.train.shuffle_chunks} chunks each included), as a long run sees them. The rows were just
+by {train.loader_workers} threads{", pinned" if cuda else ""}); each timing starts a reader and covers whole shuffle windows (the reads
+of their {train.shuffle_chunks} chunks each included), as a long run sees them. The rows were just
 written, so they come from the page cache.
-{args.rounds} rounds x {steps} steps per way after {warmup} warm-up step(s), order rotated each round;
+{args.rounds} rounds x {c.steps} steps per way after {c.warmup} warm-up step(s), order rotated each round;
 medians reported. Tokens/s per round: {spread}.
-FLOPs per token of the Dialbox step: 6 * d_in * (d_sae + k + k_aux) = {flops_per_token:,}: the encoder's
-three matmuls (forward, grad W_enc, grad of its input for b_dec), and the k decoder and k_aux = d_in/2 AuxK
+FLOPs per token of the Dialbox step: 6 * d_in * (d_sae + k + k_aux) = {flops_per_token(d_in, d_sae, args.k):,}: the
+encoder's three matmuls (forward, grad W_enc, grad of its input for b_dec), and the k decoder and k_aux = d_in/2 AuxK
 rows gathered forward and twice backward; elementwise work, topk and Adam are not counted. The peak is the
 median bf16 FLOP/s of a {"8192" if cuda else "2048"}^3 matmul measured in this run.{cuda_notes(args, d_sae, encoder_ms) if cuda else ""}
 The reader alone: {args.reader_rows:,} random rows of width {args.reader_width} written as bf16 with `ShardWriter`,
-synced to disk, then read back as {args.reader_epochs} shuffled epochs of batches of {B} per round (`ActivationStore.iter_batches`: chunk reads and
+synced to disk, then read back as {args.reader_epochs} shuffled epochs of batches of {args.batch} per round (`ActivationStore.iter_batches`: chunk reads and
 row shuffles on {TrainConfig().loader_workers} threads), nothing consuming them; the rows were just written, so they
 come from the page cache. Rows/s per round: {", ".join(f"{v:,.0f}" for v in reader)}. Load average at the end:
 {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.
 """
-    given = argv if argv is not None else sys.argv[1:]
-    command = "make bench-train" + (f" ARGS='{' '.join(given)}'" if given else "")
-    write_section("bench-train" if not cuda else "bench-train-cuda", command, table(["measure", "values", "ratio", "target"], rows) + "\n" + notes)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    contenders = Contenders(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        rates = contenders.race(write_store(tmp, contenders.data, args.d_in))
+        peak, decoder_ms, encoder_ms = kernel_times(contenders)
+    with tempfile.TemporaryDirectory() as tmp:
+        reader = reader_rates(tmp, args.reader_width, args.reader_rows, args.batch, args.rounds, args.reader_epochs)
+    tps = {name: statistics.median(v) for name, v in rates.items()}
+    rows = result_rows(args, tps, peak, statistics.median(reader), decoder_ms, encoder_ms)
+    body = table(["measure", "values", "ratio", "target"], rows) + "\n" + notes(contenders, rates, reader, encoder_ms)
+    command = make_command("bench-train", argv if argv is not None else sys.argv[1:])
+    write_section("bench-train-cuda" if contenders.cuda else "bench-train", command, body)
 
 
 if __name__ == "__main__":
