@@ -74,12 +74,12 @@ function tokenChips(tokens) {
 // Opened from disk, the page may not fetch its own data files (browsers refuse file:// requests): say how to serve it.
 function servePrompt() {
   const run = decodeURIComponent(location.pathname).split("/").slice(-3, -2)[0] || "<run>";
-  return el("section", { class: "error" }, el("h1", {}, "This report needs to be served"),
+  return el("section", {}, el("h1", { class: "error" }, "This report needs to be served"),
     el("p", {}, "A browser will not let a page opened from disk read its data files. Serve the report and open the " +
       "address it prints:"),
     el("pre", {}, `make browse RUN=${run}      # http://127.0.0.1:8765/`),
     el("p", { class: "muted" }, "or, without the model and the Steer panel: " +
-      `python -m pipeline.browse run.run_name=${run} browse.model=false`));
+      `make browse RUN=${run} ARGS='browse.model=false'`));
 }
 
 async function route() {
