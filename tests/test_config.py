@@ -27,6 +27,7 @@ def test_a_good_choice_composes_as_its_string():
     assert cfg.sae.architecture == "jumprelu" and f"{cfg.train.parallel}" == "site"
 
 
+@pytest.mark.slow  # stage subprocesses
 def test_the_command_line_refuses_a_typo_before_any_work():
     result = run_stage("pipeline.train", "sae.architecture=topkk", check=False)
     assert result.returncode != 0 and "expected one of [topk, batchtopk" in result.stderr

@@ -175,6 +175,7 @@ def test_jsonl_corpus(runs_dir, tmp_path):
     assert doc_ids.min() == 0 and doc_ids.max() == 39
 
 
+@pytest.mark.slow  # stage subprocesses
 def test_cli_prints_one_line_errors_and_the_resolved_config(runs_dir):
     bad = run_stage("pipeline.harvest", f"run.runs_dir={runs_dir}", *TINY, "harvest.sites=[L1.nope]", check=False)
     assert bad.returncode == 2

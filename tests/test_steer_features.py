@@ -175,7 +175,7 @@ def test_a_feature_built_to_steer_steers_and_a_random_direction_does_not(tmp_pat
 
     runs = tmp_path / "runs"
     common = [f"run.runs_dir={runs}"]
-    harvest(compose_config("harvest", [*common, f"harvest.sites=[{LATE_SITE}]", "harvest.max_tokens=2048",
+    harvest(compose_config("harvest", [*common, f"harvest.sites=[{LATE_SITE}]", "harvest.max_tokens=2048", "model.dtype=auto",
                                        "data.context_length=64", "harvest.batch_size=8", "store.chunk_rows=256"]))
     train(compose_config("train", [*common, "sae.expansion_factor=1", "sae.k=8", "train.batch_size=256",
                                    "eval.ce=false", "eval.tokens=256"]))
@@ -187,7 +187,8 @@ def test_a_feature_built_to_steer_steers_and_a_random_direction_does_not(tmp_pat
     steerer = Steerer(run.root)
     word = steerer.tokenizer(" ocean", add_special_tokens=False).input_ids[0]
     store = run.open_store()
-    plant(run.saes(LATE_SITE), planted, steerer.model.get_output_embeddings().weight[word].detach(), store, LATE_SITE)
+    plant(run.saes(LATE_SITE), planted, steerer.model.get_output_embeddings().weight[word].detach().float(), store,
+          LATE_SITE)
     direction = torch.randn(576, generator=torch.Generator().manual_seed(0))
     plant(run.saes(LATE_SITE), random_index, direction, store, LATE_SITE, read=False)
     cfg = compose_config("steer", [

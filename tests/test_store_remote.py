@@ -50,6 +50,7 @@ def remote(request, tmp_path):
     return f"memory://{tmp_path.name}", {}
 
 
+@pytest.mark.slow  # a moto S3 server round trip: 10 s
 def test_write_read_and_check_a_store_on_object_storage(remote, tmp_path, monkeypatch, capsys):
     base, options = remote
     windows = corpus()
@@ -115,6 +116,7 @@ def test_a_writer_resumes_from_the_remote_manifest(remote, tmp_path):
     assert_same_rows(all_rows(ActivationStore(url, options)), all_rows(write_store(tmp_path / "clean", windows, 1)))
 
 
+@pytest.mark.slow  # a harvest and a training run on S3
 def test_harvest_and_train_a_run_whose_store_is_on_s3(s3, tmp_path):
     """store.url puts the activations in a bucket; train finds them through the run's harvest config."""
     from conftest import compose_config
