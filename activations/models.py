@@ -88,18 +88,19 @@ def load_model(cfg: ModelConfig, max_layer: int | None = None):
     cfg: a ModelConfig or the DictConfig Hydra composes from it.
     max_layer: instantiate only blocks 0..max_layer (None = all).
     """
-    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device, "model.device"))
+    device = resolve_device(cfg.device, "model.device")
+    dtype = resolve_dtype(cfg.dtype, device)
     if max_layer is not None and max_layer < 0:
         raise ConfigError(f"max_layer={max_layer} is negative: pass a 0-based layer index or None")
 
     if cfg.source == "embedded":
-        model, tokenizer = _load_pretrained(str(embedded_model_dir()), cfg, dtype, max_layer)
+        model, tokenizer = _load_pretrained(str(embedded_model_dir()), cfg, dtype, device, max_layer)
     elif cfg.source == "hub":
         if not cfg.path:
             raise ConfigError("model.source=hub needs model.path (a Hugging Face id or a local directory)")
-        model, tokenizer = _load_pretrained(cfg.path, cfg, dtype, max_layer)
+        model, tokenizer = _load_pretrained(cfg.path, cfg, dtype, device, max_layer)
     elif cfg.source == "random":
-        model, tokenizer = _build_random(cfg, dtype, max_layer)
+        model, tokenizer = _build_random(cfg, dtype, device, max_layer)
     else:
         raise ConfigError(f"unknown model.source {cfg.source!r}: use embedded, hub or random")
 
@@ -162,7 +163,7 @@ def _truncate_config(config, max_layer: int | None):
     return config
 
 
-def _load_pretrained(path: str, cfg: ModelConfig, dtype: torch.dtype, max_layer: int | None):
+def _load_pretrained(path: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_layer: int | None):
     hub_args = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(path, **hub_args)
@@ -177,7 +178,6 @@ def _load_pretrained(path: str, cfg: ModelConfig, dtype: torch.dtype, max_layer:
     if cfg.attn_implementation:
         extra["attn_implementation"] = cfg.attn_implementation
     # A device_map (e.g. `auto`) spreads the weights over GPUs; without one they load straight onto `device`.
-    device = resolve_device(cfg.device, "model.device")
     device_map = cfg.device_map or device
     check_memory(cfg.name, config, dtype, cfg.device_map, device, cfg.trust_remote_code)
     with _quiet_dropped_blocks(config.num_hidden_layers):
@@ -209,7 +209,7 @@ def _quiet_dropped_blocks(kept: int):
         logger.removeFilter(keep)
 
 
-def _build_random(cfg: ModelConfig, dtype: torch.dtype, max_layer: int | None):
+def _build_random(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_layer: int | None):
     config_class = getattr(transformers, cfg.config_class, None) if cfg.config_class else None
     if config_class is None:
         raise ConfigError(
@@ -222,7 +222,6 @@ def _build_random(cfg: ModelConfig, dtype: torch.dtype, max_layer: int | None):
     fields = OmegaConf.to_container(cfg.config) if OmegaConf.is_config(cfg.config) else dict(cfg.config)
     config = config_class(**fields)
     build_args = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
-    device = resolve_device(cfg.device, "model.device")
     # By default the weights are drawn in float32 on the CPU whatever the dtype and device (torch may draw
     # other numbers in another dtype, and does on another device), so that a seed names one model;
     # from_config in `dtype` then keeps the modules that must stay float32. init_on_device draws them where

@@ -87,6 +87,8 @@ def contrast(cfg: DictConfig) -> SteeringVector:
 
 def project(cfg: DictConfig) -> list[str]:
     p, run = cfg.project, RunDir.from_config(cfg)
+    if not p.target:
+        raise SteeringError("project.target is empty: give a vector name or a feature ID")
     directions, kind = target_directions(run, p.target, p.layer)
     reports = []
     for layer, direction in directions.items():

@@ -162,7 +162,9 @@ def generate_batch(steerer: Steerer, rows: list[Row]) -> None:
                                    cache=cache, use_cache=True).logits[:, -1].float()
             if not generators:
                 generators = {id(r): torch.Generator(logits.device).manual_seed(r.seed) for r in rows}
-            keep = [j for j, row in enumerate(live) if advance(steerer, row, logits[j], generators[id(row)], started)]
+            finite = logits.isfinite().all(-1).tolist()  # one check of the whole batch a step, not one per row
+            keep = [j for j, row in enumerate(live)
+                    if advance(steerer, row, logits[j], finite[j], generators[id(row)], started)]
             if len(keep) < len(live):
                 if keep:
                     cache.batch_select_indices(torch.tensor(keep, device=device))
@@ -172,12 +174,16 @@ def generate_batch(steerer: Steerer, rows: list[Row]) -> None:
             positions = mask.sum(-1, keepdim=True) - 1
 
 
-def advance(steerer: Steerer, row: Row, logits: torch.Tensor, generator: torch.Generator, started: float) -> bool:
-    """Give the row its next token; whether it stays in the batch. A row whose hooks or sampling failed
-    gets the exception as its last event and leaves: the failure is its alone."""
+def advance(steerer: Steerer, row: Row, logits: torch.Tensor, finite: bool, generator: torch.Generator,
+            started: float) -> bool:
+    """Give the row its next token; whether it stays in the batch. A row whose hooks or sampling failed, or
+    whose logits are not all finite, gets the exception as its last event and leaves: the failure is its alone."""
     try:
         if row.failure is not None:
             raise row.failure
+        if not finite:
+            raise SteeringError(f"the model's logits are not finite (NaN or infinite) after {len(row.tokens)} "
+                                "tokens: its steering pushed the activations out of range; lower the scale")
         token = choose(logits, row, generator)
     except Exception as e:
         row.events.put(e)
@@ -230,9 +236,6 @@ def batch_hooks(rows: list[Row], live) -> dict:
 
 def choose(logits: torch.Tensor, row: Row, generator: torch.Generator) -> int:
     """The row's next token: the argmax when greedy, else a draw from its own seeded generator."""
-    if not bool(logits.isfinite().all()):
-        raise SteeringError(f"the model's logits are not finite (NaN or infinite) after {len(row.tokens)} tokens: "
-                            "its steering pushed the activations out of range; lower the scale")
     if row.temperature == 0:
         return int(logits.argmax())
     # Shifted so the top logit is 0 and in float64: however small the temperature, nothing overflows

@@ -139,8 +139,6 @@ def describe_nearest(run: RunDir, sae_site: Site, direction: torch.Tensor, top: 
 
 def target_directions(run: RunDir, target: str, layer: int | None = None) -> tuple[dict[int, torch.Tensor], str]:
     """({layer: direction}, site kind) of a feature ID's decoder row or a saved vector's rows; `layer` keeps one."""
-    if not target:
-        raise VectorError("no target: give a vector name or a feature ID")
     if "/" in target:
         feature = FeatureId.parse(target)
         directions = {feature.site.layer: run.load_sae(feature.site).W_dec[feature.index].detach()}
