@@ -178,18 +178,30 @@ def expert_records(experts: pa.Table, labels: list) -> list[dict]:
 
 
 def steering_record(r: dict) -> dict:
-    """What the page's Steering section shows; corpus and model text stays plain JSON strings."""
-    keep = ("op", "scale", "units", "concept", "fluency", "score", "steers", "prompts", "perplexity_ratio",
-            "repeats", "gain", "gain_ci95", "gain_over_control", "gain_over_control_ci95", "gain_over_baseline",
-            "gain_over_baseline_ci95", "control_feature", "baseline_instruction", "examples")
-    out = {k: r[k] for k in keep if k in r}
-    for k in ("concept", "fluency", "score", "perplexity_ratio", "repeats", "gain", "gain_over_control",
-              "gain_over_baseline"):
-        out[k] = sig(out.get(k), 3)
-    for k in ("gain_ci95", "gain_over_control_ci95", "gain_over_baseline_ci95"):
-        out[k] = [sig(x, 3) for x in out.get(k) or []]
-    out["baseline_concept"] = sig(r.get("baseline", {}).get("concept"), 3)
-    out["unsteered_concept"] = sig(r.get("unsteered", {}).get("concept"), 3)
+    """What the page's Steering section shows: each dial's test numbers beside the unsteered model and the prompt
+    baseline, and two sample answers of each; model text stays plain JSON strings (the page sets text nodes)."""
+    dials = [d for d in (r, r.get("tuned")) if d]
+    examples = [{"prompt": e["prompt"], "unsteered": e["unsteered"], "baseline": e.get("baseline", "")}
+                for e in r.get("examples", [])]
+    for d in dials:
+        for e, answer in zip(examples, d.get("examples", [])):
+            e[d["dial"]] = answer["steered"]
+    return {"steers": r["steers"], "dial": r["dial"], "prompts": r["prompts"],
+            "baseline_instruction": r.get("baseline_instruction", ""), "control_feature": r.get("control_feature"),
+            "criteria": r.get("criteria"),
+            "unsteered": condition_record(r["unsteered"]), "baseline": condition_record(r["baseline"]),
+            "dials": [dial_record(d) for d in dials], "tuned_reason": r.get("tuned_reason"), "examples": examples}
+
+
+def condition_record(scores: dict) -> dict:
+    return {"presence": sig(scores.get("presence"), 3), "concept": sig(scores.get("concept"), 3)}
+
+
+def dial_record(d: dict) -> dict:
+    out = {"dial": d["dial"], "setting": d["setting"], "visibly": bool(d.get("visibly")),
+           **{k: sig(d.get(k), 3) for k in ("presence", "presence_gain", "presence_over_control", "presence_over_baseline",
+                                            "concept", "gain", "perplexity_ratio", "repeats")}}
+    out["presence_gain_ci95"] = [sig(x, 3) for x in d.get("presence_gain_ci95") or []]
     return out
 
 

@@ -123,7 +123,8 @@ def merge_parts(site_dir: Path) -> bool:
 
 def read_steering_results(site_dir: Path) -> dict[int, dict]:
     """make steer-features' result per feature index, the last one kept. A line cut short by a kill
-    is the feature that was being evaluated: it is skipped, so a rerun redoes it."""
+    is the feature that was being evaluated: it is skipped, so a rerun redoes it; so is a result from
+    before dials were compared by presence (no presence_gain)."""
     path = LabelFiles(site_dir).steering
     results = {}
     for line in path.read_text().splitlines() if path.exists() else []:
@@ -131,7 +132,8 @@ def read_steering_results(site_dir: Path) -> dict[int, dict]:
             result = json.loads(line)
         except json.JSONDecodeError:
             continue
-        results[result["index"]] = result
+        if "presence_gain" in result:
+            results[result["index"]] = result
     return results
 
 

@@ -415,12 +415,29 @@ class SteerEvalConfig:
 
 
 @dataclass
+class DialTuningConfig:
+    """How make steer-features trains a feature's tuned dial (steering/dials.py)."""
+
+    steps: int = 24  # optimiser steps, alternating +v and -v; 0 = decoder dials only
+    lr: float = 0.05  # Adam's rate, x the starting vector's norm
+    beta: float = 4.0  # the preference loss' sharpness on the mean log-likelihood margin
+    nll: float = 1.0  # weight of the positives' negative log-likelihood under +v
+    kl: float = 1.0  # weight of the KL divergence from the unsteered model along the negatives under +v
+    max_pairs: int = 16  # preference pairs (spread over the dev prompts)
+    samples: int = 4  # answers sampled per dev prompt under the decoder dial and under the prompt baseline ...
+    temperature: float = 1.0  # ... at this temperature, as more candidates for positives
+    scales: list = field(default_factory=lambda: [0.25, 0.5, 1.0])  # the trained vector's sweep on dev prompts
+
+
+@dataclass
 class SteerFeaturesConfig:
     """`python -m pipeline.steer features` (make steer-features): which features steer, how and how strongly."""
 
     site: str = ""  # the SAE's site; empty = the first labelled one
     n: int = 64  # live labelled features sampled (seeded) ...
-    features: list = field(default_factory=list)  # ... plus these (feature IDs or indices at the site)
+    features: list = field(default_factory=list)  # ... plus these (feature IDs or indices at the site) ...
+    top: int = 0  # ... plus the live labelled features that `predictor` ranks highest
+    predictor: str = "output_score"  # a predictor column of features.parquet (make label) for `top`
     prompts: str = "neutral.txt"  # neutral prompts, one a line: a file, or a name in steering/prompts/
     dev_prompts: int = 8  # the first ones after a seeded shuffle choose the setting ...
     test_prompts: int = 32  # ... and the next ones report it
@@ -436,6 +453,13 @@ class SteerFeaturesConfig:
     # ... and at most this share of its answers' 4-grams repeat an earlier one: a loop ("1111...") reads as
     # likely to the model, so perplexity alone lets it through (unsteered answers repeat about 0.01)
     max_repeats: float = 0.2
+    # The concept is present in an answer when the feature fires on one of its tokens at this fraction of its
+    # max activation (docs/guide.md, "Which features steer, and their dials") ...
+    presence: float = 0.25
+    # ... and a dial steers visibly when the share of test answers with it rises this much over unsteered and
+    # over the random control, within max_ppl_ratio and max_repeats
+    min_presence_gain: float = 0.25
+    tune: DialTuningConfig = field(default_factory=DialTuningConfig)  # the tuned dial (steering/dials.py)
     bootstrap: int = 1000  # resamples for the 95% intervals
     seed: int = 0  # the feature sample, the dev/test split, the random controls and the bootstrap
     # An OpenAI-compatible endpoint that also rates the test answers (AxBench's 0-2 concept, relevance, fluency).

@@ -28,7 +28,7 @@ from pipeline.cli import one_line_errors
 from pipeline.config import register_configs
 from steering.contrast import build_contrast
 from steering.evaluation import run_eval, save_eval
-from steering.feature_eval import evaluate_features, features_report, output_scores, summary
+from steering.feature_eval import evaluate_features, features_report, predictor_scores, summary
 from steering.exports import EXPORTS
 from steering.feature_vectors import save_feature_vector
 from steering.interventions import SteeringError
@@ -137,7 +137,7 @@ def features(cfg: DictConfig) -> dict:
     f = cfg.steer_features
     outcome = evaluate_features(steerer_for(cfg), f)
     run = RunDir.from_config(cfg)
-    scores = output_scores(run, outcome["site"])
+    scores = predictor_scores(run, outcome["site"])
     report = features_report(outcome["results"], summary(outcome["results"], scores, f.max_ppl_ratio), f)
     print(report)
     if f.write_benchmarks:

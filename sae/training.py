@@ -121,22 +121,30 @@ def sweep_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     return variants
 
 
+def start_member(tag: str, site: str, sae_cfg, train_cfg, mean: torch.Tensor, mean_norm: float, metadata: dict,
+                 device) -> Member:
+    """A fresh SAE as training starts one: seeded weights, activations scaled to mean norm sqrt(d_in)
+    (train.normalize), b_dec at the data mean (`mean`, `mean_norm`: the unscaled data's)."""
+    d_in = mean.numel()
+    scale = math.sqrt(d_in) / mean_norm if train_cfg.normalize else 1.0
+    torch.manual_seed(train_cfg.seed)  # every rank starts from the same weights
+    sae = build_sae(sae_cfg, d_in, metadata, str(device))
+    with torch.no_grad():
+        # Start b_dec at the data mean: real residual streams share a large mean direction, and
+        # with b_dec = 0 the few latents aligned with it win every token and the rest never fire.
+        sae.b_dec.copy_(mean * scale)
+    return Member(tag, site, sae, scale, learning_rate(sae_cfg, sae.cfg.d_sae))
+
+
 def build_members(cfg: DictConfig, store: ActivationStore, sites: list[str], device) -> list[Member]:
     members = []
     for site in sites:
-        d_in = store.width(site)
         stats = store.stats(site)
-        scale = math.sqrt(d_in) / stats["mean_norm"] if cfg.train.normalize else 1.0
         metadata = {"model_name": store.identity["model"], "hook_name": site,
                     "context_size": store.identity.get("context_length")}
         for tag, sae_cfg in sweep_configs(cfg):
-            torch.manual_seed(cfg.train.seed)  # every rank starts from the same weights
-            sae = build_sae(sae_cfg, d_in, metadata, str(device))
-            with torch.no_grad():
-                # Start b_dec at the data mean: real residual streams share a large mean direction, and
-                # with b_dec = 0 the few latents aligned with it win every token and the rest never fire.
-                sae.b_dec.copy_(torch.from_numpy(stats["mean"]) * scale)
-            members.append(Member(tag, site, sae, scale, learning_rate(sae_cfg, sae.cfg.d_sae)))
+            members.append(start_member(tag, site, sae_cfg, cfg.train, torch.from_numpy(stats["mean"]),
+                                        stats["mean_norm"], metadata, device))
     return members
 
 

@@ -1,23 +1,28 @@
-"""`make steer-features`: which features steer, with which op and scale, and how strongly.
+"""`make steer-features`: which features steer, with which dial, and how visibly.
 
-For each feature of a seeded sample of live labelled features (plus any IDs given):
+For each feature of a seeded sample of live labelled features (plus the ones make label's predictor ranks
+highest, plus any IDs given), two dials (docs/guide.md, "Which features steer, and their dials"):
 
-1. dev prompts (neutral requests that name no concept): every (op, scale) of the sweep generates
-   greedily. Each answer is scored by
-     concept  the share of its tokens on which the feature fires, read through the feature's SAE
-              in the unsteered model over prompt + answer;
-     fluency  unsteered perplexity / the answers' perplexity under the unsteered model (at most 1),
-              times the share of 4-grams that do not repeat: a degenerate loop is not fluent.
-   The setting with the best harmonic mean of the two is chosen, as AxBench chooses a factor, among
-   the settings within the perplexity and repeat limits below (all of them when none is).
-2. test prompts: the chosen setting is reported next to the unsteered model, a random live
-   feature at the same setting (the control), and the prompt baseline, the bar to beat (the prompt
-   plus "Mention <label> in your answer.", or "Use the words ..." for a token-list label).
+  decoder  the SAE's decoder row, add or clamp, at the setting of a sweep
+  tuned    a vector trained on the model's own dev answers that carry the concept (steering/dials.py)
 
-A feature steers when the 95% bootstrap interval (over test prompts) of its concept gain over the
-control excludes 0, its perplexity is at most `max_ppl_ratio` times the unsteered one and at most
-`max_repeats` of its answers' 4-grams repeat (a loop reads as likely to the model). `steers` is derived
-again from the stored scores on every run, so a changed limit applies to features already evaluated.
+1. dev prompts (neutral requests that name no concept): every setting of each dial generates greedily.
+   Each answer is read through the feature's SAE in the unsteered model over prompt + answer: the concept
+   is *present* when the feature fires on one of its tokens at `presence` x its max activation or more.
+   The setting with the best harmonic mean of the feature's mean peak (presence's graded form) and
+   fluency (unsteered perplexity / the answers' perplexity, at most 1, times the share of 4-grams that
+   do not repeat) is chosen, as AxBench chooses a factor, among the settings within the perplexity and
+   repeat limits (all of them when none is).
+2. test prompts: each dial's chosen setting is reported next to the unsteered model, a random live
+   feature pushed as hard (the control), and the prompt baseline, the bar to beat (the prompt plus
+   "Mention <label> in your answer.", or "Use the words ..." for a token-list label).
+
+A dial steers visibly when the share of test answers with the concept rises by `min_presence_gain` over
+unsteered and over the control, the gain's 95% bootstrap interval (over test prompts) excludes 0, its
+perplexity is at most `max_ppl_ratio` times the unsteered one and at most `max_repeats` of its answers'
+4-grams repeat (a loop reads as likely to the model). The per-token share of the concept is kept as a
+second measure. `steers` and the best dial are derived again from the stored numbers on every run, so a
+changed limit applies to features already evaluated.
 
 Each finished feature is one JSON line in features/<site>/steering.jsonl, so a killed run resumes
 and a rerun evaluates only the features not done; the steer_* columns of features.parquet are
@@ -29,7 +34,8 @@ from __future__ import annotations
 import math
 import random
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,12 +47,17 @@ from activations.sites import FeatureId, Site
 from features.tables import append_steering_result, read_steering_results, set_feature_columns
 from steering.batching import Row, generate_rows
 from steering.contrast import read_prompts
+from steering.dials import Pair, tune_dial
 from steering.evaluation import bootstrap, make_judge, read_answers
 from steering.interventions import SteeringError
-from steering.steerer import Steerer, encode_prompt
+from steering.steerer import Steerer, encode_prompt, tuned_dial_name
+from steering.vectors import SteeringVector
 
-COLUMNS = {"steer_op": "string", "steer_scale": "float32", "steer_units": "string", "steer_concept": "float32",
-           "steer_fluency": "float32", "steer_score": "float32", "steers": "bool", "steer_prompts": "int32"}
+COLUMNS = {"steer_op": "string", "steer_scale": "float32", "steer_units": "string", "steer_dial": "string",
+           "steer_presence": "float32", "steer_gain": "float32", "steer_concept": "float32", "steer_fluency": "float32",
+           "steer_score": "float32", "steers": "bool", "steer_prompts": "int32"}
+# make label's cheap predictors of whether a feature steers (columns of features.parquet)
+PREDICTORS = ("output_score",)
 
 
 @dataclass(frozen=True)
@@ -64,10 +75,13 @@ class Setting:
 
 @dataclass
 class Answers:
-    """Greedy answers to a prompt set under one condition, read back by the unsteered model."""
+    """Greedy (or sampled) answers to a prompt set under one condition, read back by the unsteered model."""
 
     texts: list[str]
+    ids: list[torch.Tensor]  # each answer's token ids
+    acts: list[np.ndarray]  # each answer's [tokens, watched features] activations / each feature's max activation
     fires: np.ndarray  # [prompts, watched features]: share of answer tokens where each feature fires
+    peaks: np.ndarray  # [prompts, watched features]: each feature's top activation on the answer / its max activation
     nll: np.ndarray  # [prompts]: mean negative log-likelihood per answer token (nan when empty)
     tokens: np.ndarray  # [prompts]: answer lengths
     repeats: np.ndarray  # [prompts]: share of the answer's 4-grams that repeat an earlier one
@@ -77,6 +91,18 @@ class Answers:
         return float(np.exp((self.nll[ok] * self.tokens[ok]).sum() / self.tokens[ok].sum())) if ok.any() else math.inf
 
 
+@dataclass
+class Dial:
+    """One way to steer a feature, as chosen on the dev prompts: its interventions and what they scored."""
+
+    name: str  # decoder | tuned
+    interventions: list
+    setting: str
+    dev: dict  # the chosen setting's dev scores, and the whole sweep
+    control: list  # a random live feature pushed as hard: the control at the same setting
+    info: dict = field(default_factory=dict)  # the decoder's op/scale/units, the tuned dial's vector and training
+
+
 class FeatureEvaluation:
     """The steering evaluation of some features of one site (see the module docstring)."""
 
@@ -84,6 +110,7 @@ class FeatureEvaluation:
         self.steerer, self.site, self.cfg = steerer, site, cfg
         self.sae = steerer.sae(site)
         self.watch = features  # every feature whose firing is read from every answer
+        self.max_acts = torch.tensor([steerer.max_act(site, i) for i in features])
         prompts = read_prompts(cfg.prompts)
         random.Random(cfg.seed).shuffle(prompts)
         if cfg.dev_prompts + cfg.test_prompts > len(prompts):
@@ -95,30 +122,33 @@ class FeatureEvaluation:
         self._cache: dict[tuple, Answers] = {}
         self.judge = make_judge(cfg.judge, steerer.run)  # None without an endpoint
 
-    def answers(self, conditions: list[tuple]) -> list[Answers]:
-        """Greedy answers for each condition (prompts, interventions, suffix), all generated as rows of
-        shared batches, then read after their plain prompts (the suffix is the baseline's method, not part
-        of the task) with the watched features' SAE activations."""
+    def answers(self, conditions: list[tuple], temperature: float = 0.0, seed: int = 0) -> list[Answers]:
+        """Answers for each condition (prompts, interventions, suffix), all generated as rows of shared
+        batches (greedy, or sampled with a seed per row), then read after their plain prompts (the suffix
+        is the baseline's method, not part of the task) with the watched features' SAE activations."""
         rows = [Row(encode_prompt(self.steerer.tokenizer, p + suffix, self.steerer.chat_default),
-                    self.steerer.hooks(interventions), max_new_tokens=self.cfg.max_new_tokens)
-                for prompts, interventions, suffix in conditions for p in prompts]
+                    self.steerer.hooks(interventions), max_new_tokens=self.cfg.max_new_tokens,
+                    temperature=temperature, seed=seed + k)
+                for prompts, interventions, suffix in conditions for k, p in enumerate(prompts)]
         generated = iter(generate_rows(self.steerer, rows, self.cfg.batch_size))
         return [self.read(prompts, [next(generated) for _ in prompts]) for prompts, _, _ in conditions]
 
     def read(self, prompts: list[str], generated: list) -> Answers:
-        """The generations' scores: where the watched features fire, their likelihood and repeats."""
+        """The generations' scores: where the watched features fire, how strongly, their likelihood and repeats."""
         contexts = [encode_prompt(self.steerer.tokenizer, p, self.steerer.chat_default) for p in prompts]
         tokens = [torch.tensor(g.tokens, dtype=torch.long) for g in generated]
         read = read_answers(self.steerer, contexts, tokens, self.cfg.batch_size, site=self.site)
-        fires = np.zeros((len(prompts), len(self.watch)))
-        for k, (_, rows) in enumerate(read):
-            if len(rows):
-                with torch.inference_mode():
-                    acts = self.sae.encode(rows.to(self.steerer.device))[:, self.watch]
-                fires[k] = (acts > 0).float().mean(0).cpu().numpy()
+        acts = []
+        for _, rows in read:
+            with torch.inference_mode():
+                acts.append((self.sae.encode(rows.to(self.steerer.device))[:, self.watch].float().cpu()
+                             / self.max_acts).numpy())
+        fires = np.stack([(a > 0).mean(0) if len(a) else np.zeros(len(self.watch)) for a in acts])
+        peaks = np.stack([a.max(0) if len(a) else np.zeros(len(self.watch)) for a in acts])
         lengths = np.array([len(t) for t in tokens])
         nll = np.array([-lp / n if n else math.nan for (lp, _), n in zip(read, lengths)])
-        return Answers([g.text for g in generated], fires, nll, lengths, np.array([repeat_share(t) for t in tokens]))
+        return Answers([g.text for g in generated], tokens, acts, fires, peaks, nll, lengths,
+                       np.array([repeat_share(t) for t in tokens]))
 
     def shared(self, key: tuple, prompts: list[str], interventions: list) -> Answers:
         """Answers that do not depend on the feature evaluated (unsteered, random control): made once."""
@@ -126,51 +156,141 @@ class FeatureEvaluation:
             self._cache[key] = self.answers([(prompts, interventions, "")])[0]
         return self._cache[key]
 
+    def present(self, answers: Answers, column: int) -> np.ndarray:
+        """[prompts] 1 where the concept is present in the answer: the feature fires on one of its tokens
+        at `presence` x its max activation or more."""
+        return (answers.peaks[:, column] >= self.cfg.presence).astype(float)
+
     def scores(self, answers: Answers, plain: Answers, column: int) -> dict:
-        concept = float(answers.fires[:, column].mean())
+        """presence (share of answers with the concept), concept (share of answer tokens on which the feature
+        fires), fluency, and the sweep's score: the harmonic mean of fluency and the mean peak (presence's
+        graded form: 8 dev prompts give presence in steps of 1/8, ties the sweep could not break)."""
         fluency = min(1.0, plain.perplexity() / answers.perplexity()) * (1 - float(answers.repeats.mean()))
-        return {"concept": concept, "fluency": fluency, "score": harmonic(concept, fluency),
-                "perplexity": answers.perplexity(), "repeats": float(answers.repeats.mean())}
+        peak = float(np.clip(answers.peaks[:, column], 0, 1).mean())
+        return {"presence": float(self.present(answers, column).mean()), "concept": float(answers.fires[:, column].mean()),
+                "fluency": fluency, "score": harmonic(peak, fluency), "perplexity": answers.perplexity(),
+                "repeats": float(answers.repeats.mean())}
+
+    def sweep(self, candidates: list[tuple[str, list]], column: int) -> tuple[int, dict, list[Answers]]:
+        """The best of the candidates (setting text, interventions) on the dev prompts: its position, its dev
+        scores with the whole sweep's, and every candidate's answers."""
+        plain_dev = self.shared(("plain", "dev"), self.dev, [])
+        swept = self.answers([(self.dev, interventions, "") for _, interventions in candidates])
+        scored = [(k, self.scores(answers, plain_dev, column)) for k, answers in enumerate(swept)]
+        k, dev = choose_setting(scored, self.cfg.max_ppl_ratio * plain_dev.perplexity(), self.cfg.max_repeats)
+        return k, {"setting": candidates[k][0], **dev, "sweep": [{"setting": candidates[j][0], **sc} for j, sc in scored]}, swept
+
+    def decoder_dial(self, feature: str, column: int, control: str) -> tuple[Dial, list[Answers]]:
+        """The decoder row added or clamped, at the setting of the sweep the dev prompts choose."""
+        k, dev, swept = self.sweep([(str(s), [s.intervention(feature)]) for s in self.settings], column)
+        s = self.settings[k]
+        info = {"op": s.op, "scale": s.scale, "units": s.units}
+        return Dial("decoder", [s.intervention(feature)], str(s), dev, [s.intervention(control)], info), swept
+
+    def tuned_dial(self, index: int, column: int, label: str, decoder: Dial, swept: list[Answers],
+                   control: str) -> Dial | None:
+        """A vector trained on dev answers in which the concept is present (steering/dials.py), swept over
+        multiples of itself; None when no fluent dev answer had the concept, so there was nothing to learn from."""
+        t, started = self.cfg.tune, time.monotonic()
+        baseline = (self.dev, [], " " + baseline_instruction(label))
+        candidates = [*swept, *self.answers([baseline])]
+        for s in range(t.samples):  # sampled answers: more chances of the concept, and variety
+            candidates += self.answers([(self.dev, decoder.interventions, ""), baseline], temperature=t.temperature,
+                                       seed=self.cfg.seed + 1000 * (s + 1))
+        pairs = self.pairs(candidates, column)[: t.max_pairs]
+        if not pairs:
+            return None
+        vector, losses = tune_dial(self.steerer, self.site, self.start_vector(index), pairs, t)
+        feature = f"{self.site}/{index}"
+        name = tuned_dial_name(FeatureId.parse(feature))
+        source = {"method": "tuned", "features": [feature], "objective": "RePS-style preference + NLL + KL",
+                  "data": f"{len(pairs)} pairs from {len(self.dev)} dev prompts (seed {self.cfg.seed})",
+                  "steps": t.steps, "lr": t.lr, "beta": t.beta, "nll": t.nll, "kl": t.kl, "start": "decoder row",
+                  "losses": [round(x, 4) for x in losses]}
+        save_dial(self.steerer, name, self.site, vector, {**source, "multiplier": 1.0})
+        k, dev, _ = self.sweep([(f"tuned x{m:g}", [{"vector": name, "scale": float(m)}]) for m in t.scales], column)
+        m = float(t.scales[k])
+        save_dial(self.steerer, name, self.site, vector * m, {**source, "multiplier": m})  # scale 1: as chosen
+        norm_ratio = float(vector.norm()) * m / self.steerer.mean_norm(self.site)
+        control_push = [{"feature": control, "op": "add", "scale": norm_ratio, "units": "norm"}]
+        info = {"vector": name, "pairs": len(pairs), "steps": t.steps, "multiplier": m, "norm_ratio": norm_ratio,
+                "train_seconds": round(time.monotonic() - started, 1)}
+        return Dial("tuned", [{"vector": name}], f"tuned x{m:g}", dev, control_push, info)
+
+    def pairs(self, candidates: list[Answers], column: int) -> list[Pair]:
+        """Preference pairs from dev answers: each distinct answer with the concept that stays fluent (perplexity
+        within the limit, few repeats) against the unsteered answer to the same prompt, spread over the prompts."""
+        plain = self.shared(("plain", "dev"), self.dev, [])
+        limit = math.log(self.cfg.max_ppl_ratio * plain.perplexity())
+        by_prompt: list[dict] = [{} for _ in self.dev]
+        for answers in candidates:
+            good = (self.present(answers, column) > 0) & (answers.nll <= limit) & (answers.repeats <= self.cfg.max_repeats)
+            for k in np.flatnonzero(good):
+                by_prompt[k].setdefault(tuple(answers.ids[k].tolist()), answers.ids[k])
+        contexts = [encode_prompt(self.steerer.tokenizer, p, self.steerer.chat_default) for p in self.dev]
+        found = [list(d.values()) for d in by_prompt]
+        order = [(k, found[k][depth]) for depth in range(max(map(len, found), default=0))
+                 for k in range(len(found)) if depth < len(found[k])]
+        return [Pair(contexts[k], answer, plain.ids[k]) for k, answer in order if len(plain.ids[k])]
+
+    def start_vector(self, index: int) -> torch.Tensor:
+        """The decoder row at the sweep's middle add strength: where the tuned dial starts."""
+        row = self.sae.W_dec[index].detach().float().cpu()
+        scales = sorted(self.cfg.add_scales) or [0.25]
+        return row / row.norm().clamp_min(1e-12) * scales[len(scales) // 2] * self.steerer.mean_norm(self.site)
 
     def evaluate(self, index: int, label: str, control: int) -> dict:
-        """One feature: the dev sweep, then the test report against its controls."""
-        feature, column = f"{self.site}/{index}", self.watch.index(index)
-        plain_dev = self.shared(("plain", "dev"), self.dev, [])
-        swept = self.answers([(self.dev, [s.intervention(feature)], "") for s in self.settings])
-        sweep = [(s, self.scores(answers, plain_dev, column)) for s, answers in zip(self.settings, swept)]
-        best, dev_scores = choose_setting(sweep, self.cfg.max_ppl_ratio * plain_dev.perplexity(), self.cfg.max_repeats)
+        """One feature: each dial's dev sweep, then the test report against the controls and the prompt baseline."""
+        feature, column, control_id = f"{self.site}/{index}", self.watch.index(index), f"{self.site}/{control}"
+        decoder, swept = self.decoder_dial(feature, column, control_id)
+        dials = [decoder]
+        if self.cfg.tune.steps > 0:
+            tuned = self.tuned_dial(index, column, label, decoder, swept, control_id)
+            dials += [tuned] if tuned else []
         plain = self.shared(("plain", "test"), self.test, [])
-        steered, baseline = self.answers([(self.test, [best.intervention(feature)], ""),
-                                          (self.test, [], " " + baseline_instruction(label))])
-        control_id = f"{self.site}/{control}"
-        random_control = self.shared(("control", best, control), self.test, [best.intervention(control_id)])
+        *steered, baseline = self.answers([*[(self.test, d.interventions, "") for d in dials],
+                                           (self.test, [], " " + baseline_instruction(label))])
+        reports = {d.name: self.dial_report(d, answers, plain, baseline, column) for d, answers in zip(dials, steered)}
+        result = {"feature": feature, "index": index, "label": label, "control_feature": control_id,
+                  "presence_threshold": self.cfg.presence, **decoder.info, **reports["decoder"],
+                  "tuned": reports.get("tuned"), "tuned_reason": None if "tuned" in reports or self.cfg.tune.steps == 0
+                  else "no dev answer had the concept: nothing to train on",
+                  "unsteered": self.scores(plain, plain, column), "baseline": self.scores(baseline, plain, column),
+                  "baseline_instruction": baseline_instruction(label), "prompts": len(self.test),
+                  # AxBench's 0-2 ratings (concept, relevance, fluency) scaled to [0, 1], when a judge is configured
+                  "judge": {name: self.judge(self.test, answers.texts, label or feature)
+                            for name, answers in [*zip(reports, steered), ("baseline", baseline)]}
+                  if self.judge else None}
+        return result
+
+    def dial_report(self, dial: Dial, steered: Answers, plain: Answers, baseline: Answers, column: int) -> dict:
+        """A dial's test numbers: presence and per-token gains over unsteered, the random control at the same
+        setting and the prompt baseline, with 95% intervals, fluency, and two sample answers."""
+        control = self.shared(("control", dial.name, dial.setting, str(dial.control)), self.test, dial.control)
         draws, seed = self.cfg.bootstrap, self.cfg.seed
+        ci = lambda x: bootstrap(lambda i: x[i].mean(), len(x), draws, seed)  # noqa: E731
+        present = self.present(steered, column)
+        presence_gain = present - self.present(plain, column)
+        presence_over_control = present - self.present(control, column)
         gain = steered.fires[:, column] - plain.fires[:, column]
-        over_control = steered.fires[:, column] - random_control.fires[:, column]
-        over_baseline = steered.fires[:, column] - baseline.fires[:, column]
+        over_control = steered.fires[:, column] - control.fires[:, column]
         scores = self.scores(steered, plain, column)
-        ppl_ratio = scores["perplexity"] / plain.perplexity()
-        interval = bootstrap(lambda i: over_control[i].mean(), len(over_control), draws, seed)
-        return {
-            "feature": feature, "index": index, "label": label, "op": best.op, "scale": best.scale,
-            "units": best.units, "dev": {"setting": str(best), **dev_scores,
-                                         "sweep": [{"setting": str(s), **sc} for s, sc in sweep]},
-            "concept": scores["concept"], "fluency": scores["fluency"], "score": scores["score"],
-            "perplexity": scores["perplexity"], "perplexity_ratio": ppl_ratio, "repeats": scores["repeats"],
-            "unsteered": self.scores(plain, plain, column), "control_feature": control_id,
-            "control": self.scores(random_control, plain, column), "baseline": self.scores(baseline, plain, column),
-            "baseline_instruction": baseline_instruction(label),
-            "gain": float(gain.mean()), "gain_ci95": bootstrap(lambda i: gain[i].mean(), len(gain), draws, seed),
-            "gain_over_control": float(over_control.mean()), "gain_over_control_ci95": interval,
-            "gain_over_baseline": float(over_baseline.mean()),
-            "gain_over_baseline_ci95": bootstrap(lambda i: over_baseline[i].mean(), len(over_baseline), draws, seed),
-            "prompts": len(self.test),
-            "examples": [{"prompt": self.test[k], "unsteered": plain.texts[k], "steered": steered.texts[k]}
-                         for k in range(min(2, len(self.test)))],
-            # AxBench's 0-2 ratings (concept, relevance, fluency) scaled to [0, 1], when a judge is configured
-            "judge": {name: self.judge(self.test, answers.texts, label or feature)
-                      for name, answers in (("steered", steered), ("baseline", baseline))} if self.judge else None,
+        report = {
+            "dial": dial.name, "setting": dial.setting, "dev": dial.dev, **dial.info, **scores,
+            "perplexity_ratio": scores["perplexity"] / plain.perplexity(),
+            "presence_gain": float(presence_gain.mean()), "presence_gain_ci95": ci(presence_gain),
+            "presence_over_control": float(presence_over_control.mean()),
+            "presence_over_baseline": float((present - self.present(baseline, column)).mean()),
+            "gain": float(gain.mean()), "gain_ci95": ci(gain),
+            "gain_over_control": float(over_control.mean()), "gain_over_control_ci95": ci(over_control),
+            "gain_over_baseline": float((steered.fires[:, column] - baseline.fires[:, column]).mean()),
+            "control": self.scores(control, plain, column),
+            "examples": [{"prompt": self.test[k], "unsteered": plain.texts[k], "steered": steered.texts[k],
+                          "baseline": baseline.texts[k]} for k in range(min(2, len(self.test)))],
         }
+        report["within_limits"] = within_limits(report, self.cfg)
+        report["visibly"] = steers_visibly(report, self.cfg)
+        return report
 
 
 def choose_setting(sweep: list[tuple], max_perplexity: float, max_repeats: float) -> tuple:
@@ -181,10 +301,37 @@ def choose_setting(sweep: list[tuple], max_perplexity: float, max_repeats: float
     return max(within or sweep, key=lambda item: item[1]["score"])
 
 
-def steers(result: dict, cfg: DictConfig) -> bool:
-    """Whether an evaluated feature steers: its gain over the random control excludes 0 within the limits."""
-    return bool(result["gain_over_control_ci95"][0] > 0 and result["perplexity_ratio"] <= cfg.max_ppl_ratio
-                and result["repeats"] <= cfg.max_repeats)
+def within_limits(report: dict, cfg: DictConfig) -> bool:
+    """The dial's answers stay readable: perplexity at most max_ppl_ratio x unsteered, few repeated 4-grams."""
+    return bool(report["perplexity_ratio"] <= cfg.max_ppl_ratio and report["repeats"] <= cfg.max_repeats)
+
+
+def steers_visibly(report: dict, cfg: DictConfig) -> bool:
+    """A dial steers visibly when the share of test answers with the concept rises by min_presence_gain over
+    unsteered and over the random control at the same setting, the gain's 95% interval excludes 0, and the
+    answers stay within the perplexity and repeat limits."""
+    return bool(report["presence_gain"] >= cfg.min_presence_gain and report["presence_over_control"] >= cfg.min_presence_gain
+                and report["presence_gain_ci95"][0] > 0 and within_limits(report, cfg))
+
+
+def judge_dials(result: dict, cfg: DictConfig) -> dict:
+    """steers (any dial visibly) and the best dial (decoder or tuned), derived again from the stored numbers: a
+    changed limit applies to features evaluated before (a changed presence threshold needs a new evaluation)."""
+    reports = [r for r in (result, result.get("tuned")) if r]
+    for r in reports:
+        r["within_limits"], r["visibly"] = within_limits(r, cfg), steers_visibly(r, cfg)
+    best = max(reports, key=lambda r: (r["visibly"], r["presence_gain"] if r["within_limits"] else -1))
+    result["dial"], result["steers"] = best["dial"], any(r["visibly"] for r in reports)
+    result["criteria"] = {"presence": result.get("presence_threshold", cfg.presence),
+                          **{k: cfg[k] for k in ("min_presence_gain", "max_ppl_ratio", "max_repeats")}}
+    return result
+
+
+def save_dial(steerer: Steerer, name: str, site: Site, vector: torch.Tensor, source: dict) -> SteeringVector:
+    """A dial as a named `add` vector in the run's vectors/ (raw units: scale 1 is the dial as chosen)."""
+    dial = SteeringVector(name, site.kind, "add", "raw", {site.layer: vector.float().cpu()}, steerer.identity, source)
+    dial.save(steerer.run.vectors)
+    return dial
 
 
 def harmonic(a: float, b: float) -> float:
@@ -213,6 +360,20 @@ def choose_features(table: dict, n: int, given: list[int], seed: int) -> list[in
     live = [i for i, dead, label in zip(table["index"], table["dead"], table["label"]) if not dead and label]
     sample = random.Random(seed).sample(sorted(live), min(n, len(live)))
     return list(dict.fromkeys([*given, *sample]))
+
+
+def top_features(run, site: str, n: int, predictor: str) -> list[int]:
+    """The `n` live labelled features that `make label`'s predictor of steering ranks highest."""
+    if n <= 0:
+        return []
+    table = run.feature_table(site, ["index", "dead", "label", predictor]) or {}
+    if predictor not in table:
+        raise SteeringError(f"features.parquet at {site} has no {predictor} column: run `make label` with "
+                            f"label.output_score=true, or set steer_features.top=0")
+    ranked = sorted((-score, i) for i, dead, label, score in zip(table["index"], table["dead"], table["label"],
+                                                                 table[predictor])
+                    if not dead and label and score is not None and math.isfinite(score))
+    return [i for _, i in ranked[:n]]
 
 
 def check_features(table: dict, indices: list[int], site: str) -> None:
@@ -244,7 +405,7 @@ def evaluate_features(steerer: Steerer, cfg: DictConfig) -> dict:
         raise SteeringError(f"no feature table at {site}: run `make label` first (it gives labels and max activations)")
     given = [parse_at(f, site) for f in cfg.features]
     check_features(table, given, str(site))
-    watch = choose_features(table, cfg.n, given, cfg.seed)
+    watch = choose_features(table, cfg.n, given + top_features(run, str(site), cfg.top, cfg.predictor), cfg.seed)
     site_dir = run.features(str(site))
     done = read_steering_results(site_dir)
     todo = [i for i in watch if i not in done]
@@ -252,12 +413,11 @@ def evaluate_features(steerer: Steerer, cfg: DictConfig) -> dict:
     evaluation = FeatureEvaluation(steerer, site, watch, cfg)
     pairs = controls(table, watch, cfg.seed)
     for index in tqdm(todo, desc=f"steer features {site}", unit="feature", dynamic_ncols=True):
-        result = evaluation.evaluate(index, labels[index] or "", pairs[index])
-        result["steers"] = steers(result, cfg)
+        result = judge_dials(evaluation.evaluate(index, labels[index] or "", pairs[index]), cfg)
         append_steering_result(site_dir, result)
         done[index] = result
-    for result in done.values():  # derived again: a changed limit applies to the features evaluated before
-        result["steers"] = steers(result, cfg)
+    for result in done.values():
+        judge_dials(result, cfg)
     results = [done[i] for i in watch]
     set_feature_columns(site_dir, feature_columns(list(done.values())), COLUMNS)
     return {"site": str(site), "results": results, "evaluated_now": len(todo)}
@@ -281,40 +441,54 @@ def parse_at(text, site: Site) -> int:
 
 
 def feature_columns(results: list[dict]) -> dict[str, dict[int, object]]:
-    """The steer_* columns of features.parquet, by feature index."""
-    pick = {"steer_op": "op", "steer_scale": "scale", "steer_units": "units", "steer_concept": "concept",
-            "steer_fluency": "fluency", "steer_score": "score", "steers": "steers", "steer_prompts": "prompts"}
-    return {column: {r["index"]: r[key] for r in results} for column, key in pick.items()}
+    """The steer_* columns of features.parquet, by feature index: the decoder dial's chosen setting (what a
+    feature ID with a scale but no dial uses), the best dial and its numbers."""
+    def best(r):
+        return r["tuned"] if r["dial"] == "tuned" else r
+
+    columns = {"steer_op": lambda r: r["op"], "steer_scale": lambda r: r["scale"], "steer_units": lambda r: r["units"],
+               "steer_dial": lambda r: r["dial"], "steer_presence": lambda r: best(r)["presence"],
+               "steer_gain": lambda r: best(r)["presence_gain"], "steer_concept": lambda r: best(r)["concept"],
+               "steer_fluency": lambda r: best(r)["fluency"], "steer_score": lambda r: best(r)["score"],
+               "steers": lambda r: r["steers"], "steer_prompts": lambda r: r["prompts"]}
+    return {column: {r["index"]: pick(r) for r in results} for column, pick in columns.items()}
 
 
-def summary(results: list[dict], output_scores: dict[int, float] | None = None, max_ppl_ratio: float = 2.0) -> dict:
-    """What the benchmark reports: the share that steers, add against clamp, the gain over the prompt
-    baseline, the fluency cost, and how well the output score predicts `steers`."""
+def summary(results: list[dict], predictors: dict[str, dict[int, float]], max_ppl_ratio: float = 2.0) -> dict:
+    """What the benchmark reports, per dial: the share that steers visibly, the presence gains over unsteered
+    and over the prompt baseline, fluency and cost; and how well each predictor from make label ranks the
+    features that steer visibly (AUROC)."""
     n = len(results)
-    steers = [r for r in results if r["steers"]]
-    ops = {op: [r for r in results if r["op"] == op] for op in ("add", "clamp")}
-    by_score = sorted(results, key=lambda r: r["score"], reverse=True)
-    top = by_score[: max(1, n // 10)]
-    out = {
-        "features": n, "steer_share": len(steers) / n if n else 0.0,
-        "by_op": {op: {"chosen": len(rs), "steer": sum(r["steers"] for r in rs)} for op, rs in ops.items()},
-        "mean_gain": float(np.mean([r["gain"] for r in results])) if n else 0.0,
-        "mean_gain_over_baseline": float(np.mean([r["gain_over_baseline"] for r in results])) if n else 0.0,
-        "top_decile_beats_baseline": sum(r["gain_over_baseline"] >= 0 and r["perplexity_ratio"] <= max_ppl_ratio
-                                         for r in top),
-        "top_decile": len(top),
-        "median_perplexity_ratio": float(np.median([r["perplexity_ratio"] for r in results])) if n else 0.0,
-    }
-    scored = [r for r in results if (output_scores or {}).get(r["index"]) is not None]  # none with output_score=false
-    if scored:
-        out["output_score_auroc"] = auroc([output_scores[r["index"]] for r in scored], [r["steers"] for r in scored])
+    out = {"features": n, "steer_share": sum(r["steers"] for r in results) / n if n else 0.0, "dials": {}}
+    for name in ("decoder", "tuned"):
+        reports = [r if name == "decoder" else r.get("tuned") for r in results]
+        made = [d for d in reports if d]
+        if not made:
+            continue
+        out["dials"][name] = {
+            "made": len(made), "visibly": sum(d["visibly"] for d in made) / n,
+            "presence_gain": float(np.mean([d["presence_gain"] for d in made])),
+            "presence_over_baseline": float(np.mean([d["presence_over_baseline"] for d in made])),
+            "matches_baseline": sum(d["presence_over_baseline"] >= 0 and d["within_limits"] for d in made) / n,
+            "token_gain": float(np.mean([d["gain"] for d in made])),
+            "perplexity_ratio": float(np.median([d["perplexity_ratio"] for d in made])),
+            "repeats": float(np.mean([d["repeats"] for d in made])),
+            "seconds": float(np.mean([d["train_seconds"] for d in made])) if name == "tuned" else None}
+    out["by_op"] = {op: sum(r["op"] == op for r in results) for op in ("add", "clamp")}
+    out["baseline_presence_gain"] = float(np.mean([r["baseline"]["presence"] - r["unsteered"]["presence"]
+                                                   for r in results])) if n else 0.0
+    out["predictors"] = {}
+    for name, scores in predictors.items():
+        scored = [r for r in results if scores.get(r["index"]) is not None]
+        out["predictors"][name] = auroc([scores[r["index"]] for r in scored], [r["steers"] for r in scored])
     return out
 
 
-def output_scores(run, site: str) -> dict[int, float]:
-    """{feature: its output score} where `make label` computed one."""
-    table = run.feature_table(site, ["index", "output_score"]) or {}
-    return {int(i): s for i, s in zip(table.get("index", []), table.get("output_score", [])) if s is not None}
+def predictor_scores(run, site: str) -> dict[str, dict[int, float]]:
+    """{predictor: {feature: score}} for each predictor of steering `make label` computed."""
+    table = run.feature_table(site, ["index", *PREDICTORS]) or {}
+    return {name: {int(i): s for i, s in zip(table["index"], table[name]) if s is not None and math.isfinite(s)}
+            for name in PREDICTORS if name in table}
 
 
 def auroc(scores: list[float], labels: list[bool]) -> float | None:
@@ -328,28 +502,38 @@ def auroc(scores: list[float], labels: list[bool]) -> float | None:
 
 
 def features_report(results: list[dict], s: dict, f: DictConfig) -> str:
-    """A markdown summary: the headline numbers, then one row per feature."""
-    rows = [[r["feature"], (r["label"] or "")[:40].replace("|", "/"), f"{r['op']} {r['scale']:g} {r['units']}",
-             f"{r['gain']:+.3f} [{r['gain_ci95'][0]:+.3f}, {r['gain_ci95'][1]:+.3f}]",
-             f"{r['gain_over_control']:+.3f} [{r['gain_over_control_ci95'][0]:+.3f}, {r['gain_over_control_ci95'][1]:+.3f}]",
-             f"{r['gain_over_baseline']:+.3f}", f"{r['perplexity_ratio']:.2f}", f"{r['repeats']:.2f}",
-             "yes" if r["steers"] else "no"] for r in sorted(results, key=lambda r: -r["score"])]
-    output_auroc = s.get("output_score_auroc")
+    """A markdown summary: the headline numbers per dial, then one row per feature."""
+    def cell(d):
+        if not d:
+            return "-"
+        mark = " **visibly**" if d["visibly"] else ""
+        return (f"{d['setting']}: {d['presence']:.2f} ({d['presence_gain']:+.2f} [{d['presence_gain_ci95'][0]:+.2f}, "
+                f"{d['presence_gain_ci95'][1]:+.2f}]), ppl x{d['perplexity_ratio']:.2f}{mark}")
+
+    rows = [[r["feature"], (r["label"] or "")[:36].replace("|", "/"), f"{r['unsteered']['presence']:.2f}",
+             f"{r['baseline']['presence']:.2f}", cell(r), cell(r.get("tuned")), r["dial"]]
+            for r in sorted(results, key=lambda r: -max(r["presence_gain"], (r.get("tuned") or {}).get("presence_gain", -1)))]
+    dial_rows = [[name, f"{d['made']}", f"{d['visibly']:.0%}", f"{d['presence_gain']:+.3f}",
+                  f"{d['presence_over_baseline']:+.3f}", f"{d['matches_baseline']:.0%}", f"{d['token_gain']:+.3f}",
+                  f"{d['perplexity_ratio']:.2f}", f"{d['repeats']:.2f}",
+                  "-" if d["seconds"] is None else f"{d['seconds']:.0f} s"] for name, d in s["dials"].items()]
+    predictors = ", ".join(f"{name} {'n/a' if a is None else f'{a:.2f}'}" for name, a in s["predictors"].items())
     lines = [
         f"{s['features']} features at their site, {f.dev_prompts} dev / {f.test_prompts} test neutral prompts, greedy, "
-        f"{f.max_new_tokens} new tokens; sweep add {list(f.add_scales)} (x mean row norm), clamp "
-        f"{list(f.clamp_scales)} (x max activation). Concept = share of answer tokens on which the feature fires.", "",
-        f"- **steer: {s['steer_share']:.0%}** of the features (gain over a random live feature at the same setting "
-        f"excludes 0, perplexity <= {f.max_ppl_ratio:g}x unsteered, repeated 4-grams <= {f.max_repeats:g})",
-        f"- chosen op: add {s['by_op']['add']['chosen']} (steer {s['by_op']['add']['steer']}), clamp "
-        f"{s['by_op']['clamp']['chosen']} (steer {s['by_op']['clamp']['steer']})",
-        f"- mean concept gain over unsteered {s['mean_gain']:+.3f}; over the prompt baseline "
-        f"{s['mean_gain_over_baseline']:+.3f}; top decile by steering score matching or beating the prompt "
-        f"baseline within the perplexity limit: {s['top_decile_beats_baseline']} of {s['top_decile']}",
-        f"- median perplexity ratio (fluency cost) {s['median_perplexity_ratio']:.2f}",
-        "- output score (make label) as a predictor of `steers`: AUROC "
-        + (f"{output_auroc:.2f}" if output_auroc is not None else "n/a (no output scores, or one class only)"), "",
-        md_table(["feature", "label", "chosen (dev)", "concept gain [95% CI]", "gain over random feature [95% CI]",
-               "gain over prompt baseline", "ppl ratio", "repeated 4-grams", "steers"], rows),
+        f"{f.max_new_tokens} new tokens. Presence = the share of test answers on one of whose tokens the feature fires "
+        f"at {f.presence:g} x its max activation or more (read through the SAE in the unsteered model). A dial "
+        f"**steers visibly** when presence rises by at least {f.min_presence_gain:g} over unsteered and over a random "
+        f"live feature pushed as hard, the gain's 95% interval excludes 0, perplexity <= {f.max_ppl_ratio:g}x "
+        f"unsteered and repeated 4-grams <= {f.max_repeats:g}. Decoder sweep: add {list(f.add_scales)} (x mean row "
+        f"norm), clamp {list(f.clamp_scales)} (x max activation); tuned dial: {f.tune.steps} steps on up to "
+        f"{f.tune.max_pairs} dev pairs, swept x{list(f.tune.scales)}.", "",
+        f"- **steers visibly (best dial): {s['steer_share']:.0%}** of the features; the prompt baseline raises presence "
+        f"by {s['baseline_presence_gain']:+.3f} on average",
+        f"- decoder dial's chosen op: add {s['by_op']['add']}, clamp {s['by_op']['clamp']}",
+        f"- predictors from make label, AUROC for steering visibly: {predictors or 'none computed'}", "",
+        md_table(["dial", "made", "steers visibly", "presence gain", "over prompt baseline", "matches or beats baseline",
+                  "token-share gain", "median ppl ratio", "repeated 4-grams", "tuning cost"], dial_rows), "",
+        md_table(["feature", "label", "unsteered", "prompt baseline", "decoder dial: presence (gain [95% CI])",
+                  "tuned dial: presence (gain [95% CI])", "best"], rows),
     ]
     return "\n".join(lines)

@@ -21,6 +21,11 @@ when: a condition, `when=L12.resid_post/88>2.5` (or {"feature": ..., "above": 2.
 only at the token positions where that feature's activation, read through its SAE at its own site on
 the same forward, is above the threshold (steering/conditions.py). Elsewhere the rows are untouched.
 
+dial: how a feature steers. `decoder` adds (or clamps) its SAE decoder row; `tuned` adds the vector that
+make steer-features trained to write the feature's concept (steering/dials.py), saved as
+runs/<run>/vectors/<site>-<index>-tuned with scale 1 as chosen there. A feature given without op, scale,
+units or dial uses its best dial, as make steer-features measured it (features.parquet, steer_dial).
+
 Every intervention runs as a hook from `ModelAdapter.hooks`, so it works at every site kind
 (hyper-connection sites included), several compose in the order given, and the hooks are gone
 when `steering()` exits, whether generation finished or failed.
@@ -40,7 +45,8 @@ from activations.sites import FeatureId
 OPS = ("add", "clamp", "project")
 POSITIONS = ("all", "prompt", "generated")
 UNITS = ("max_act", "norm", "raw", "fraction")
-FIELDS = ("feature", "vector", "op", "scale", "units", "positions", "layers", "when")
+DIALS = ("decoder", "tuned")
+FIELDS = ("feature", "vector", "op", "scale", "units", "positions", "layers", "when", "dial")
 
 
 class SteeringError(DialboxError, ValueError):
@@ -56,6 +62,7 @@ class Intervention:
     positions: str = "all"
     layers: tuple | None = None  # vectors only: the layers to steer (None = all the vector has)
     when: Condition | None = None  # None: every position (within `positions`)
+    dial: str | None = None  # features only: decoder | tuned; None = the feature's best dial (make steer-features)
 
     @property
     def is_feature(self) -> bool:
@@ -82,7 +89,8 @@ class Intervention:
             FeatureId.parse(target)  # a clear error for a malformed ID, before anything loads
         return cls(target, _choice(fields, "op", OPS), _scale(fields.get("scale")), _choice(fields, "units", UNITS),
                    _choice(fields, "positions", POSITIONS) or "all", _layers(fields.get("layers")),
-                   None if fields.get("when") in (None, "") else Condition.parse(fields["when"]))
+                   None if fields.get("when") in (None, "") else Condition.parse(fields["when"]),
+                   _choice(fields, "dial", DIALS))
 
 
 @dataclass(frozen=True)

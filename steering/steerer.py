@@ -37,6 +37,11 @@ BAD_INPUT = (DialboxError,)
 DEFAULT_SETTING = {"add": (0.25, "norm"), "clamp": (2.0, "max_act"), "project": (1.0, None)}
 
 
+def tuned_dial_name(feature: FeatureId) -> str:
+    """The name of a feature's tuned dial in the run's vectors/."""
+    return f"{feature.site}-{feature.index}-tuned"
+
+
 def encode_prompt(tokenizer, prompt, chat: bool) -> torch.Tensor:
     """Token ids [seq] of a prompt (a string, or chat messages), through the chat template when chat."""
     if chat:
@@ -141,14 +146,31 @@ class Steerer:
         return op, scale, iv.units or units
 
     def calibrated(self, feature: FeatureId) -> tuple[str, float, str] | None:
-        key = str(feature.site)
+        """The decoder dial's setting make steer-features chose for the feature, if it evaluated it."""
+        op, scale, units, _ = self._steer_columns(feature.site).get(feature.index, (None,) * 4)
+        return (op, float(scale), units) if op and scale is not None and units else None
+
+    def dial(self, feature: FeatureId, iv: Intervention) -> str:
+        """The dial an intervention steers with: the one it names; else, when it sets nothing else, the
+        feature's best dial as make steer-features measured it; else the decoder row."""
+        if iv.dial is not None:
+            return iv.dial
+        best = self._steer_columns(feature.site).get(feature.index, (None,) * 4)[3]
+        if best == "tuned" and (iv.op, iv.scale, iv.units) == (None, None, None):
+            self.notes[f"{feature}: its tuned dial, its best (make steer-features); dial=decoder for the "
+                       "decoder row"] = None
+            return "tuned"
+        return "decoder"
+
+    def _steer_columns(self, site: Site) -> dict[int, tuple]:
+        """{feature: (steer_op, steer_scale, steer_units, steer_dial)} from features.parquet, read once."""
+        key = str(site)
         if key not in self._calibrations:
-            columns = self.run.feature_table(key, ["index", "steer_op", "steer_scale", "steer_units"]) or {}
-            self._calibrations[key] = {
-                i: (op, float(scale), units) for i, op, scale, units in
-                zip(columns.get("index", []), columns.get("steer_op", []), columns.get("steer_scale", []),
-                    columns.get("steer_units", [])) if op and scale is not None and units}
-        return self._calibrations[key].get(feature.index)
+            names = ["steer_op", "steer_scale", "steer_units", "steer_dial"]
+            columns = self.run.feature_table(key, ["index", *names]) or {}
+            self._calibrations[key] = {i: tuple(columns.get(n, [None] * len(columns["index"]))[k] for n in names)
+                                       for k, i in enumerate(columns.get("index", []))}
+        return self._calibrations[key]
 
     def vector(self, name: str) -> SteeringVector:
         vector = SteeringVector.load(self.run.vectors, name)
@@ -202,6 +224,8 @@ class Steerer:
         sae = self.feature_sae(feature)
         if iv.layers is not None:
             raise SteeringError(f"layers is for vectors; feature {feature} is at layer {feature.site.layer} already")
+        if self.dial(feature, iv) == "tuned":
+            return self._tuned_edit(feature, iv)
         op, scale, units = self.setting(feature, iv)
         row = sae.W_dec[feature.index].detach().float()
         if op == "project":
@@ -216,7 +240,22 @@ class Steerer:
             edit = Edit(op, row, amount, iv.positions, sae if op == "clamp" else None, feature.index)
         return [(feature.site, edit)]
 
+    def _tuned_edit(self, feature: FeatureId, iv: Intervention):
+        """The feature's tuned dial: its trained vector added, scale 1 as make steer-features chose it."""
+        name = tuned_dial_name(feature)
+        if not (self.run.vectors / f"{name}.json").exists():
+            raise SteeringError(f"feature {feature} has no tuned dial: train one with make steer-features "
+                                f"ARGS='steer_features.features=[{feature}]', or use dial=decoder")
+        if iv.op not in (None, "add") or iv.units not in (None, "raw"):
+            raise SteeringError(f"a tuned dial is added (op=add, units=raw: scale 1 is the dial as tuned); "
+                                f"drop op={iv.op} units={iv.units} or use dial=decoder")
+        vector = self.vector(name)
+        scale = 1.0 if iv.scale is None else iv.scale
+        return [(feature.site, Edit("add", vector.directions[feature.site.layer].to(self.device), scale, iv.positions))]
+
     def _vector_edits(self, iv: Intervention):
+        if iv.dial is not None:
+            raise SteeringError(f"dial is for features (decoder or tuned); {iv.target} is a vector: drop dial")
         vector = self.vector(iv.target)
         if iv.op == "clamp":
             raise SteeringError(f"clamp sets an SAE feature's activation; {iv.target} is a vector: use add or project")

@@ -48,7 +48,7 @@ def test_the_index_shows_output_scores_as_percentiles(browser, tmp_path):
     with serving(tmp_path / "report") as base:
         browser.get(base + "#L3.resid_post")
         wait_for(browser, "#feature-table tbody tr")
-        browser.find_element(By.CSS_SELECTOR, "button[data-sort=output]").click()  # highest first
+        # the index opens sorted by output score (the predictor of steering), highest first
         cells = [row.find_elements(By.TAG_NAME, "td") for row in table_rows(browser)]
         assert [(c[0].text, c[6].text) for c in cells[:2]] == [("38", "100"), ("37", "97")]  # 36 scored features
         assert cells[0][6].get_attribute("title").endswith("(percentile 100 of this site)")

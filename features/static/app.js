@@ -53,7 +53,7 @@ function count(n) {
 }
 
 function percent(x) {
-  return x === null ? "–" : `${num(100 * x)}%`;
+  return x === null || x === undefined ? "–" : `${num(100 * x)}%`;
 }
 
 // Whitespace tokens must stay visible: a newline shows as ↵, a tab as →.
@@ -194,19 +194,26 @@ function matchingRows(site, data, state) {
   return rows;
 }
 
-function readState(params) {
-  const sort = SORTABLE[params.get("sort")] ? params.get("sort") : "index";
-  const show = SHOW.includes(params.get("show")) ? params.get("show") : "all";
-  return { q: params.get("q") ?? "", show, sort,
-    desc: params.get("desc") === "1", page: Math.max(0, Number(params.get("page") ?? 0) || 0) };
+// The index opens sorted by the output score, highest first, where make label computed it: of the cheap
+// predictors of steering it ranks best (BENCHMARKS.md, steer-features), so the dials worth trying come first.
+function defaultSort(data) {
+  return (data.output || []).some((x) => x !== null) ? "output" : "index";
 }
 
-function writeState(site, state) {
+function readState(params, data) {
+  const sort = SORTABLE[params.get("sort")] ? params.get("sort") : defaultSort(data);
+  const show = SHOW.includes(params.get("show")) ? params.get("show") : "all";
+  // numbers sort highest first unless the address says otherwise; feature indices lowest first
+  const desc = params.has("desc") ? params.get("desc") === "1" : sort !== "index";
+  return { q: params.get("q") ?? "", show, sort, desc, page: Math.max(0, Number(params.get("page") ?? 0) || 0) };
+}
+
+function writeState(site, state, data) {
   const params = new URLSearchParams();
   if (state.q) params.set("q", state.q);
   if (state.show !== "all") params.set("show", state.show);
-  if (state.sort !== "index") params.set("sort", state.sort);
-  if (state.desc) params.set("desc", "1");
+  if (state.sort !== defaultSort(data)) params.set("sort", state.sort);
+  if (state.desc !== (state.sort !== "index")) params.set("desc", state.desc ? "1" : "0");
   if (state.page) params.set("page", state.page);
   const hash = `#${site.site}${params.toString() ? `?${params}` : ""}`;
   // replaceState: typing a search should not fill the back button's history.
@@ -217,7 +224,7 @@ async function siteView(site, params) {
   const data = await getJSON(`data/${site.site}/index.json`);
   if (site.expert_layers?.length) site.experts = await getJSON(`data/${site.site}/experts.json`);
   document.title = `${site.site} · Dialbox features`;
-  const state = readState(params);
+  const state = readState(params, data);
   const search = el("input", { type: "search", id: "search", value: state.q, autocomplete: "off",
     placeholder: `Search labels, tokens, a feature ID (12, ${site.site}/12)`
       + (site.experts ? ` or an expert (${site.experts[0].id})` : "") });
@@ -261,7 +268,7 @@ async function siteView(site, params) {
     body.replaceChildren(...rows.slice(state.page * PAGE_SIZE, (state.page + 1) * PAGE_SIZE).map(row));
     pager.replaceChildren(pageButton("‹ Prev", state.page - 1, pages), el("span", { id: "page-info" },
       `Page ${state.page + 1} of ${pages} · ${count(rows.length)} features`), pageButton("Next ›", state.page + 1, pages));
-    writeState(site, state);
+    writeState(site, state, data);
     performance.mark("index-rendered"); // open time, for devtools and the 65,536-feature browser test
   }
 
@@ -304,8 +311,8 @@ async function featureView(site, index, chunkSize) {
 
 const STEER_OPS = ["add", "clamp"];
 
-// Prompt, interventions (this feature first, more can be added), max tokens; the unsteered and the
-// steered continuation stream side by side. Without an API behind the page it says how to start one.
+// Prompt, interventions (this feature first, more can be added), max tokens; the unsteered, the prompt
+// baseline's (once the feature was evaluated) and the steered continuation stream side by side. Without an API behind the page it says how to start one.
 function steerPanel(f) {
   const calibrated = STEER_OPS.includes(f.steer_op) && f.steer_scale !== null && f.steer_scale !== undefined;
   const prompt = el("input", { type: "text", id: "steer-prompt", value: "Tell me about", "aria-label": "Prompt" });
@@ -316,15 +323,22 @@ function steerPanel(f) {
   const plain = el("p", { class: "generated", id: "steer-plain" });
   const steered = el("p", { class: "generated", id: "steer-steered" });
   const status = el("p", { class: "muted", id: "steer-status" });
-  rows.append(steerRow(f.id, calibrated ? f.steer_op : "add", calibrated ? f.steer_scale : "",
+  // this feature's row starts at its best dial: the tuned one, or the decoder row at its calibrated setting
+  if (f.steer_dial === "tuned") rows.append(steerRow(f.id, "tuned", "", null));
+  else rows.append(steerRow(f.id, calibrated ? f.steer_op : "add", calibrated ? f.steer_scale : "",
     calibrated ? f.steer_units : null));
+  // the prompt baseline streams beside them where the feature was evaluated: the bar a dial has to beat
+  const instruction = f.steering?.baseline_instruction;
+  const baseline = el("p", { class: "generated", id: "steer-baseline" });
   more.addEventListener("click", () => rows.append(steerRow("", "add", "", null)));
   button.addEventListener("click", async () => {
     button.disabled = true;
-    plain.textContent = steered.textContent = status.textContent = "";
+    plain.textContent = steered.textContent = baseline.textContent = status.textContent = "";
     const body = { prompt: prompt.value, max_tokens: Number(tokens.value), temperature: 0, stream: true };
+    const streams = [streamInto(plain, body), streamInto(steered, { ...body, steering: interventions(rows) })];
+    if (instruction) streams.push(streamInto(baseline, { ...body, prompt: `${prompt.value} ${instruction}` }));
     try {
-      await Promise.all([streamInto(plain, body), streamInto(steered, { ...body, steering: interventions(rows) })]);
+      await Promise.all(streams);
     } catch (err) {
       status.textContent = String(err.message);
     }
@@ -334,6 +348,7 @@ function steerPanel(f) {
     el("div", { class: "steer-controls" }, el("label", {}, "Prompt ", prompt), rows, more,
       el("label", {}, "Max tokens ", tokens), button),
     status, el("div", { class: "columns" }, el("div", {}, el("h3", {}, "Unsteered"), plain),
+      instruction ? el("div", {}, el("h3", {}, `Prompt baseline (+ "${instruction}")`), baseline) : null,
       el("div", {}, el("h3", {}, "Steered"), steered)));
   apiAvailable().then((ok) => {
     if (ok) return;
@@ -346,11 +361,13 @@ function steerPanel(f) {
   return panel;
 }
 
-// One intervention: a feature ID, add or clamp, and a scale (empty: the calibrated or default setting).
+// One intervention: a feature ID, add or clamp (its decoder row) or its tuned dial, and a scale (empty: the
+// calibrated or default setting; for the tuned dial, a multiple of it as tuned).
 function steerRow(id, op, scale, units) {
   const feature = el("input", { type: "text", class: "steer-feature", value: id, placeholder: "L3.resid_post/12",
     "aria-label": "Feature" });
-  const select = el("select", { class: "steer-op", "aria-label": "Op" }, ...STEER_OPS.map((o) => el("option", { value: o }, o)));
+  const select = el("select", { class: "steer-op", "aria-label": "Op" }, ...STEER_OPS.map((o) => el("option", { value: o }, o)),
+    el("option", { value: "tuned" }, "tuned dial"));
   select.value = op;
   const amount = el("input", { type: "number", class: "steer-scale", step: "any", value: String(scale),
     placeholder: "default", "aria-label": "Scale" });
@@ -362,7 +379,8 @@ function steerRow(id, op, scale, units) {
 function interventions(rows) {
   return [...rows.querySelectorAll(".steer-row")].filter((r) => r.querySelector(".steer-feature").value.trim())
     .map((r) => {
-      const iv = { feature: r.querySelector(".steer-feature").value.trim(), op: r.querySelector(".steer-op").value };
+      const op = r.querySelector(".steer-op").value;
+      const iv = { feature: r.querySelector(".steer-feature").value.trim(), ...(op === "tuned" ? { dial: "tuned" } : { op }) };
       const scale = r.querySelector(".steer-scale").value;
       if (scale !== "") iv.scale = Number(scale);
       if (scale !== "" && r.dataset.units) iv.units = r.dataset.units;
@@ -422,26 +440,39 @@ function steeringBlock(f) {
     return el("section", { id: "steering" }, title, el("p", { class: "muted" },
       `Not evaluated: run \`make steer-features ARGS='steer_features.features=[${f.id}]'\`.${output}`));
   }
-  const verdict = s.steers ? "Steers" : "Does not steer";
+  const verdict = s.steers ? `Steers visibly with its ${s.dial} dial` : "Does not steer visibly";
+  // One column per condition: the unsteered model, the prompt baseline (the bar to beat), then each dial.
+  const conditions = [{ name: "Unsteered", ...s.unsteered }, { name: "Prompt baseline", ...s.baseline },
+    ...s.dials.map((d) => ({ name: `${d.dial} dial${d.dial === s.dial ? " (default)" : ""}`, ...d }))];
   const rows = [
-    ["Chosen on dev prompts", `${s.op} scale=${s.scale} units=${s.units}`],
-    ["Concept (share of answer tokens where it fires)", `${num(s.concept)} (unsteered ${num(s.unsteered_concept)}, `
-      + `prompt baseline ${num(s.baseline_concept)})`],
-    ["Gain over unsteered", `${num(s.gain)}${interval(s.gain_ci95)}`],
-    ["Gain over a random feature (" + s.control_feature + ")", `${num(s.gain_over_control)}${interval(s.gain_over_control_ci95)}`],
-    ["Gain over the prompt baseline", `${num(s.gain_over_baseline)}${interval(s.gain_over_baseline_ci95)}`],
-    ["Fluency", `${num(s.fluency)} (perplexity ${num(s.perplexity_ratio)}x unsteered, repeated 4-grams ${percent(s.repeats)})`],
-    ["Output score", num(f.output_score ?? null)],
+    ["Setting (chosen on dev prompts)", (c) => c.setting ?? (c.name === "Prompt baseline" ? `"${s.baseline_instruction}"` : "–")],
+    ["Answers with the concept", (c) => percent(c.presence)],
+    ["Gain over unsteered [95% CI]", (c) => c.presence_gain === undefined ? "–"
+      : `${num(c.presence_gain)}${interval(c.presence_gain_ci95)}`],
+    [`Gain over a random feature (${s.control_feature})`, (c) => num(c.presence_over_control ?? null)],
+    ["Gain over the prompt baseline", (c) => num(c.presence_over_baseline ?? null)],
+    ["Answer tokens where it fires", (c) => percent(c.concept)],
+    ["Perplexity / unsteered", (c) => num(c.perplexity_ratio ?? null)],
+    ["Repeated 4-grams", (c) => percent(c.repeats ?? null)],
+    ["Steers visibly", (c) => (c.visibly === undefined ? "–" : c.visibly ? "yes" : "no")],
   ];
-  const table = el("table", { class: "grid" }, el("tbody", {},
-    ...rows.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v)))));
-  const examples = (s.examples || []).map((e) => el("div", { class: "columns steer-example" },
-    el("div", {}, el("h3", {}, `Unsteered: ${e.prompt}`), el("p", { class: "generated" }, e.unsteered)),
-    el("div", {}, el("h3", {}, `Steered (${s.op} ${s.scale}): ${e.prompt}`), el("p", { class: "generated" }, e.steered))));
+  const table = el("table", { class: "grid", id: "dials" },
+    el("thead", {}, el("tr", {}, el("th", {}, ""), ...conditions.map((c) => el("th", {}, c.name)))),
+    el("tbody", {}, ...rows.map(([k, cell]) => el("tr", {}, el("th", {}, k),
+      ...conditions.map((c) => el("td", {}, cell(c)))))));
+  const answers = [["unsteered", "Unsteered"], ["baseline", "Prompt baseline"],
+    ...s.dials.map((d) => [d.dial, `${d.dial} dial`])];
+  const examples = (s.examples || []).map((e) => el("div", { class: "steer-example" },
+    el("h3", {}, `Prompt: ${e.prompt}`),
+    el("div", { class: "columns" }, ...answers.map(([key, name]) =>
+      el("div", {}, el("h4", {}, name), el("p", { class: "generated" }, e[key] ?? ""))))));
+  const reason = s.tuned_reason ? el("p", { class: "muted" }, `No tuned dial: ${s.tuned_reason}.`) : null;
   return el("section", { id: "steering" }, title,
-    el("p", { class: s.steers ? "status steers" : "status" }, `${verdict} on ${s.prompts} test prompts`
-      + ` (score ${num(s.score)}; baseline instruction: "${s.baseline_instruction}")`),
-    table, ...examples);
+    el("p", { class: s.steers ? "status steers" : "status" }, `${verdict} on ${s.prompts} test prompts. `
+      + (!s.criteria ? "" : `An answer has the concept when the feature fires on one of its tokens at ${s.criteria.presence} x its max `
+      + `activation or more; a dial steers visibly when that share rises by ${s.criteria.min_presence_gain} over `
+      + `unsteered and over the random feature, within ${s.criteria.max_ppl_ratio}x perplexity.`)),
+    table, reason, ...examples);
 }
 
 // The ID is what the steering CLI and server take: one click copies it.

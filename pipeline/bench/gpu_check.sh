@@ -8,13 +8,16 @@
 # - bench-train at DeepSeek-V4-Flash width (d_in 4096, 65,536 latents, k=64, batch 4096): the step
 #   against sae-lens, training from the store (threaded loader, pinned batches) against memory, the
 #   step against the bf16 peak, the step with the Triton kernels against torch's, the decoder alone,
-#   and the store reader alone at width 4096.
+#   and the store reader alone at width 4096;
+# - last, and by far the longest (five SAEs x 200M samples, not yet timed on a GPU; SYNTH=0 skips it):
+#   bench-synth at the published budget, Dialbox's and sae-lens's SAEs scored against SynthSAEBench-16k's
+#   true features (the model is built on the GPU into $DIALBOX_CACHE the first time).
 #
 #   pipeline/bench/gpu_check.sh OUT_DIR
 #
 # Needs the project's Python packages importable and the embedded tokenizer in
 # $DIALBOX_CACHE (the tiny model borrows SmolLM2's). Writes logs, metrics and the
-# bench-harvest-flash and bench-train-cuda sections of BENCHMARKS.md into OUT_DIR.
+# bench-harvest-flash, bench-train-cuda and bench-synth-cuda sections of BENCHMARKS.md into OUT_DIR.
 set -euo pipefail
 out=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -42,4 +45,9 @@ if [ "${BENCH:-1}" = 1 ]; then
   time python3 -m pipeline.bench.train --device cuda --d-in 4096 --d-sae 65536 --k 64 --batch 4096 \
     2>&1 | tail -30 | tee "$out/bench-train.log"
   cp BENCHMARKS.md "$out/BENCHMARKS.md"
+  if [ "${SYNTH:-1}" = 1 ]; then
+    time python3 -m pipeline.bench.synth --device "$device" --samples 200000000 --eval-samples 1000000 2>&1 \
+      | tr '\r' '\n' | tail -60 | tee "$out/bench-synth.log" || echo "FAILED: bench-synth"
+    cp BENCHMARKS.md "$out/BENCHMARKS.md"
+  fi
 fi

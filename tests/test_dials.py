@@ -1,0 +1,51 @@
+"""steering/dials.py: a tuned dial learns, from preference pairs, to make the model write the positive answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from activations.sites import Site
+from conftest import SMOL_SITE, live_feature
+from steering.dials import Pair, answer_logprobs, tune_dial
+from steering.steerer import encode_prompt
+
+OCEAN = "The ocean is vast and the sea is deep; waves roll over the ocean floor."
+TOWN = "I walked through the town and bought some bread at the bakery."
+
+
+def pairs_for(smol, prompts):
+    encode = lambda text: torch.tensor(smol.tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    return [Pair(encode_prompt(smol.tokenizer, p, smol.chat_default), encode(" " + OCEAN), encode(" " + TOWN))
+            for p in prompts]
+
+
+def margin(smol, site, pairs, push):
+    with torch.no_grad():
+        logprobs = answer_logprobs(smol, site, [(p.context, p.positive) for p in pairs]
+                                   + [(p.context, p.negative) for p in pairs], push)
+    answers = torch.cat([p.positive for p in pairs] + [p.negative for p in pairs]).to(logprobs.device)
+    taken = logprobs.gather(1, answers[:, None])[:, 0]
+    n = sum(len(p.positive) for p in pairs)
+    return float(taken[:n].mean() - taken[n:].mean())
+
+
+def test_a_tuned_dial_learns_to_prefer_the_positive_answers_and_leaves_the_model_alone(smol):
+    site = Site.parse(SMOL_SITE)
+    pairs = pairs_for(smol, ["Tell me about your day.", "Describe a place you like."])
+    start = smol.sae(site).W_dec[live_feature(smol, SMOL_SITE)].detach().float().cpu()
+    start = start / start.norm() * 0.25 * smol.mean_norm(site)
+    weights = [p.detach().clone() for p in smol.model.parameters()][:3]
+    flags = [p.requires_grad for p in smol.model.parameters()]
+    cfg = OmegaConf.create({"steps": 6, "lr": 0.05, "beta": 4.0, "nll": 1.0, "kl": 1.0})
+    vector, losses = tune_dial(smol, site, start, pairs, cfg)
+    assert len(losses) == 6 and vector.shape == start.shape and torch.isfinite(vector).all()
+    # the trained dial prefers the positive answers more than its start did, and the -v direction less
+    assert margin(smol, site, pairs, vector.to(smol.device)) > margin(smol, site, pairs, start.to(smol.device)) + 0.05
+    assert margin(smol, site, pairs, -vector.to(smol.device)) < margin(smol, site, pairs, vector.to(smol.device))
+    # only the dial was trained: the model's weights and their requires_grad flags are as they were
+    assert all(torch.equal(a, b) for a, b in zip(weights, list(smol.model.parameters())[:3]))
+    assert [p.requires_grad for p in smol.model.parameters()] == flags
+    with pytest.raises(ValueError, match="at least one pair"):
+        tune_dial(smol, site, start, [], cfg)
