@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from activations.sites import Site
-from conftest import SMOL_SITE, live_feature
+from conftest import SMOL_SITE, TINY_SITES, live_feature
 from steering.dials import Pair, answer_logprobs, tune_dial
 from steering.steerer import encode_prompt
 
@@ -49,3 +51,15 @@ def test_a_tuned_dial_learns_to_prefer_the_positive_answers_and_leaves_the_model
     assert [p.requires_grad for p in smol.model.parameters()] == flags
     with pytest.raises(ValueError, match="at least one pair"):
         tune_dial(smol, site, start, [], cfg)
+
+
+def test_a_tuned_dial_trains_through_deepseek_v4_hyper_connection_streams(tiny):
+    """The same code at DeepSeek-V4's residual, four hyper-connection streams (a tiny random model)."""
+    site = Site.parse(TINY_SITES[0])
+    ids = lambda n, seed: torch.randint(10, 200, (n,), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    pairs = [Pair(ids(6, k), ids(5, 10 + k), ids(5, 20 + k)) for k in range(2)]
+    start = tiny.sae(site).W_dec[0].detach().float().cpu()
+    cfg = OmegaConf.create({"steps": 4, "lr": 0.05, "beta": 4.0, "nll": 1.0, "kl": 1.0})
+    vector, losses = tune_dial(tiny, site, start, pairs, cfg)
+    assert vector.shape == start.shape and not torch.equal(vector, start) and all(map(math.isfinite, losses))
+    assert margin(tiny, site, pairs, vector.to(tiny.device)) > margin(tiny, site, pairs, start.to(tiny.device))
