@@ -105,7 +105,7 @@ quality: setup
 	$(PY) -m pipeline.bench.quality $(ARGS)
 
 # SAE quality against ground truth: Dialbox's trainer beside sae-lens's on SynthSAEBench-16k (about 30 minutes
-# on 2 cores, after a one-time half-hour build of the model into the cache; not part of `make bench`).
+# on 2 cores, after a one-time 20-minute build of the model into the cache; not part of `make bench`).
 # ARGS='--samples 200000000 --eval-samples 1000000' is the published budget, for a GPU; ARGS=--quick a smoke test.
 bench-synth: setup
 	$(PY) -m pipeline.bench.synth $(ARGS)

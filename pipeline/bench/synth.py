@@ -1,6 +1,6 @@
 """make bench-synth: how faithful are the features? SAEs scored against the ground truth of SynthSAEBench-16k.
 
-    python -m pipeline.bench.synth [--samples 300000] [--eval-samples 50000] [--device auto]
+    python -m pipeline.bench.synth [--samples 1000000] [--eval-samples 50000] [--device auto]
     python -m pipeline.bench.synth --samples 200000000 --eval-samples 1000000   # the published budget (a GPU)
     python -m pipeline.bench.synth --quick   # the same recipe at 512 features in 64 dimensions: seconds
 
@@ -282,7 +282,9 @@ Published numbers for reference, from SAELens's SynthSAEBench page: width 4096, 
 
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=300_000,
+    # 200k samples took 5.4 minutes of sampling and training and 1.3 of evaluation on 2 idle cores (BENCHMARKS.md):
+    # a million is about half an hour
+    parser.add_argument("--samples", type=int, default=1_000_000,
                         help="training samples per SAE, rounded down to whole batches (about 30 minutes on 2 CPU cores)")
     parser.add_argument("--eval-samples", type=int, default=50_000, help="held-out samples, rounded down to whole batches")
     parser.add_argument("--width", type=int, default=4096, help="SAE latents")
