@@ -36,6 +36,7 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -80,11 +81,19 @@ class Answers:
     texts: list[str]
     ids: list[torch.Tensor]  # each answer's token ids
     acts: list[np.ndarray]  # each answer's [tokens, watched features] activations / each feature's max activation
-    fires: np.ndarray  # [prompts, watched features]: share of answer tokens where each feature fires
-    peaks: np.ndarray  # [prompts, watched features]: each feature's top activation on the answer / its max activation
     nll: np.ndarray  # [prompts]: mean negative log-likelihood per answer token (nan when empty)
     tokens: np.ndarray  # [prompts]: answer lengths
     repeats: np.ndarray  # [prompts]: share of the answer's 4-grams that repeat an earlier one
+
+    @cached_property
+    def fires(self) -> np.ndarray:
+        """[prompts, watched features]: the share of answer tokens on which each feature fires."""
+        return np.stack([(a > 0).mean(0) if len(a) else np.zeros(a.shape[1]) for a in self.acts])
+
+    @cached_property
+    def peaks(self) -> np.ndarray:
+        """[prompts, watched features]: each feature's top activation on the answer / its max activation."""
+        return np.stack([a.max(0) if len(a) else np.zeros(a.shape[1]) for a in self.acts])
 
     def perplexity(self) -> float:
         ok = self.tokens > 0
@@ -143,11 +152,9 @@ class FeatureEvaluation:
             with torch.inference_mode():
                 acts.append((self.sae.encode(rows.to(self.steerer.device))[:, self.watch].float().cpu()
                              / self.max_acts).numpy())
-        fires = np.stack([(a > 0).mean(0) if len(a) else np.zeros(len(self.watch)) for a in acts])
-        peaks = np.stack([a.max(0) if len(a) else np.zeros(len(self.watch)) for a in acts])
         lengths = np.array([len(t) for t in tokens])
         nll = np.array([-lp / n if n else math.nan for (lp, _), n in zip(read, lengths)])
-        return Answers([g.text for g in generated], tokens, acts, fires, peaks, nll, lengths,
+        return Answers([g.text for g in generated], tokens, acts, nll, lengths,
                        np.array([repeat_share(t) for t in tokens]))
 
     def shared(self, key: tuple, prompts: list[str], interventions: list) -> Answers:
@@ -201,9 +208,9 @@ class FeatureEvaluation:
         if not pairs:
             return None
         vector, losses = tune_dial(self.steerer, self.site, self.start_vector(index), pairs, t)
-        feature = f"{self.site}/{index}"
-        name = tuned_dial_name(FeatureId.parse(feature))
-        source = {"method": "tuned", "features": [feature], "objective": "RePS-style preference + NLL + KL",
+        feature = FeatureId(self.site, index)
+        name = tuned_dial_name(feature)
+        source = {"method": "tuned", "features": [str(feature)], "objective": "RePS-style preference + NLL + KL",
                   "data": f"{len(pairs)} pairs from {len(self.dev)} dev prompts (seed {self.cfg.seed})",
                   "steps": t.steps, "lr": t.lr, "beta": t.beta, "nll": t.nll, "kl": t.kl, "start": "decoder row",
                   "losses": [round(x, 4) for x in losses]}
@@ -288,9 +295,7 @@ class FeatureEvaluation:
             "examples": [{"prompt": self.test[k], "unsteered": plain.texts[k], "steered": steered.texts[k],
                           "baseline": baseline.texts[k]} for k in range(min(2, len(self.test)))],
         }
-        report["within_limits"] = within_limits(report, self.cfg)
-        report["visibly"] = steers_visibly(report, self.cfg)
-        return report
+        return report  # judge_dials adds within_limits and visibly
 
 
 def choose_setting(sweep: list[tuple], max_perplexity: float, max_repeats: float) -> tuple:

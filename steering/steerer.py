@@ -249,9 +249,7 @@ class Steerer:
         if iv.op not in (None, "add") or iv.units not in (None, "raw"):
             raise SteeringError(f"a tuned dial is added (op=add, units=raw: scale 1 is the dial as tuned); "
                                 f"drop op={iv.op} units={iv.units} or use dial=decoder")
-        vector = self.vector(name)
-        scale = 1.0 if iv.scale is None else iv.scale
-        return [(feature.site, Edit("add", vector.directions[feature.site.layer].to(self.device), scale, iv.positions))]
+        return self._vector_edits(Intervention(name, scale=iv.scale, positions=iv.positions))  # a named vector
 
     def _vector_edits(self, iv: Intervention):
         if iv.dial is not None:
