@@ -170,8 +170,8 @@ class TrainConfig:
     # fused with its top k (sae/triton_encode.py) where that times faster; false = torch's
     # embedding_bag and a dense encoder, which CPU always uses.
     triton_kernels: bool = True
-    # A latent is dead when it has not fired in this many tokens.
-    # 0 = a tenth of the training tokens, at most 10M (AuxK must get to work within short runs).
+    # A latent is dead (and AuxK trains it) when it has not fired in this many tokens. 0 = a tenth of the
+    # training tokens, at most 10M, and for TopK SAEs at most 200 x d_sae / k (sae/trainer.py, dead_window).
     dead_tokens: int = 0
     log_every: int = 25  # steps between wandb logs and progress-bar updates
     checkpoint_every: int = 100  # steps

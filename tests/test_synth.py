@@ -96,7 +96,7 @@ def test_quick_bench_writes_its_section(cache, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.bench, "BENCHMARKS", out)
     synth.main(["--quick", "--cache", str(cache), "--samples", "4096", "--eval-samples", "1024"])
     text = out.read_text()
-    assert "<!-- bench-synth -->" in text and "<!-- /bench-synth -->" in text
+    assert "<!-- bench-synth-quick -->" in text and "<!-- /bench-synth-quick -->" in text
     assert "make bench-synth ARGS='--quick" in text
     for name in ("Dialbox topk", "Dialbox batchtopk", "Dialbox matryoshka", "sae-lens batchtopk",
                  "sae-lens matryoshka_batchtopk"):

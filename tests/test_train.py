@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -26,7 +27,7 @@ from sae.training import train
 from sae.architectures import ARCHITECTURES, build_sae, learning_rate
 from sae.metrics import ce_recovered_note, spliced_metrics
 from sae.step import training_step
-from sae.trainer import Member, Trainer, TrainingError
+from sae.trainer import Member, Trainer, TrainingError, dead_window
 from pipeline.bench.train import synthetic_activations
 
 SMALL_SAE = ["sae.expansion_factor=4", "sae.k=8", "train.batch_size=256", "eval.tokens=512", "eval.batch_size=4"]
@@ -96,6 +97,14 @@ def test_a_short_topk_run_keeps_its_latents_alive():
     dead = [t.dead_mask(t.members[0], batch).float().mean().item() for t in (new, old)]
     assert dead[0] < 0.05 and dead[1] > 0.5, dead
     assert new.members[0].last["fvu"] < old.members[0].last["fvu"]
+
+
+def test_the_dead_window_is_a_tenth_of_training_and_at_most_200_firing_periods():
+    topk, l1 = SimpleNamespace(d_sae=512, k=5), SimpleNamespace(d_sae=512)  # sae-lens configs: only TopK's has k
+    assert dead_window(topk, 100_000) == 10_000  # a short run: a tenth of it
+    assert dead_window(topk, 4_000_000) == 200 * 512 // 5  # a latent's mean period is d_sae / k tokens
+    assert dead_window(l1, 4_000_000) == 400_000 and dead_window(l1, 10**9) == 10_000_000
+    assert dead_window(topk, 4_000_000, dead_tokens=7) == 7  # train.dead_tokens wins
 
 
 def test_a_topk_step_back_propagates_the_same_gradients_every_time():

@@ -54,7 +54,7 @@ from pipeline.bench.train import sync
 from pipeline.cli import one_line_errors
 from pipeline.config import SAEConfig, TrainConfig
 from sae.architectures import learning_rate
-from sae.trainer import Trainer
+from sae.trainer import Trainer, dead_window
 from sae.training import start_member
 
 SITE = "synthetic"  # the name Dialbox's trainer gives the one stream of activations
@@ -148,7 +148,7 @@ def dialbox(architecture: str, args, steps: int, stats_batch: torch.Tensor, devi
     widths = matryoshka_widths(args.width) if architecture == "matryoshka" else []
     sae_cfg = OmegaConf.structured(SAEConfig(architecture=architecture, k=args.k, d_sae=args.width,
                                              matryoshka_widths=widths))
-    train_cfg = OmegaConf.structured(TrainConfig(batch_size=args.batch, device=str(device)))
+    train_cfg = OmegaConf.structured(TrainConfig(batch_size=args.batch, device=str(device), dead_tokens=args.dead_tokens))
     member = start_member("base", SITE, sae_cfg, train_cfg, stats_batch.mean(0), stats_batch.norm(dim=-1).mean().item(),
                           {"hook_name": SITE}, device)
     trainer = Trainer([member], steps, train_cfg)
@@ -258,7 +258,8 @@ handed to every trainer, so all saw the same rows in the same order (the evaluat
 draw). Width {args.width}, k {args.k}, on {device}.
 Dialbox trains as `make train` does with `sae=<architecture> sae.k={args.k} sae.d_sae={args.width}
 train.batch_size={args.batch}` and the other defaults (lr {learning_rate(OmegaConf.structured(SAEConfig()), args.width):.3g}, 8e-4 / sqrt(d_sae / 16384), with 50 warm-up steps and
-a linear decay over the last 20%; AuxK; unit-norm decoder rows; inputs scaled to mean norm sqrt(d_in) and `b_dec`
+a linear decay over the last 20%; AuxK on latents silent for {dead_window(SAEConfig(k=args.k, d_sae=args.width), samples, args.dead_tokens):,}
+samples{" (`--dead-tokens`)" if args.dead_tokens else ""}; unit-norm decoder rows; inputs scaled to mean norm sqrt(d_in) and `b_dec`
 started at the mean, both from one batch drawn for the purpose; Matryoshka widths {widths}). sae-lens trains
 with the `SAETrainer` config that `SyntheticSAERunner` builds for the published runs (lr 3e-4 constant, Adam
 0.9/0.999, its defaults otherwise; Matryoshka BatchTopK widths {widths}, `use_matryoshka_aux_loss`;
@@ -293,6 +294,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="the training stream's (the model keeps its own, 42)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU when there is one)")
     parser.add_argument("--cache", type=Path, default=None, help="where the model is cached (default: the Dialbox cache)")
+    parser.add_argument("--dead-tokens", type=int, default=0,
+                        help="Dialbox's dead-latent window (train.dead_tokens; 0: make train's default, sae/trainer.py)")
     parser.add_argument("--quick", action="store_true", help="a small model of the same recipe, small SAEs: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:  # quick sizes become the defaults; flags given still win
@@ -301,6 +304,8 @@ def parse_args(argv) -> argparse.Namespace:
     for name in ("samples", "eval_samples", "width", "k", "batch"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be positive")
+    if args.dead_tokens < 0:
+        raise ConfigError(f"--dead-tokens={args.dead_tokens}: must be 0 (the default window) or positive")
     if args.samples < args.batch or args.eval_samples < args.batch:
         raise ConfigError(f"--samples and --eval-samples must hold at least one batch of {args.batch}")
     if args.k > args.width or args.width < 32:
@@ -337,7 +342,8 @@ def main(argv=None) -> None:
         device = resolve_device(args.device, "--device")
         body = run(args, device)
     command = make_command("bench-synth", argv if argv is not None else sys.argv[1:])
-    write_section("bench-synth-cuda" if device.type == "cuda" else "bench-synth", command, body)
+    # the small model's section beside the 16k model's, on CPU and on a GPU
+    write_section("bench-synth" + "-quick" * args.quick + "-cuda" * (device.type == "cuda"), command, body)
 
 
 if __name__ == "__main__":
