@@ -24,6 +24,7 @@ def test_fast_topk_step_equals_sae_lens_training_pass():
     assert_step_equals_sae_lens(torch.device("cpu"), TORCH_KERNELS, tokens=256)
 
 
+@pytest.mark.slow  # 18 s interpreted on a CPU: make test runs it, make test-fast leaves it out
 def test_triton_kernels_equal_torchs_and_sae_lens():
     """Decoder and encoder backward on each shape, and the whole step: on the GPU compiled, else interpreted."""
     pytest.importorskip("triton")  # a dev dependency on Linux x86_64, where CI runs
