@@ -100,10 +100,10 @@ class Trainer:
         self.data_parallel = data_parallel and _distributed()
         self.step_count = 0
         self.tokens = 0
-        self.dead_tokens = [dead_window(m.sae.cfg, total_steps * cfg.batch_size, cfg.dead_tokens) for m in members]
 
     def dead_mask(self, member: Member, batch_size: int) -> torch.Tensor:
-        return member.steps_since_fired * batch_size >= self.dead_tokens[self.members.index(member)]
+        window = dead_window(member.sae.cfg, self.total_steps * self.cfg.batch_size, self.cfg.dead_tokens)
+        return member.steps_since_fired * batch_size >= window
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
         """One optimiser step of every member on this batch (this rank's share of it)."""
