@@ -426,7 +426,11 @@ class DialTuningConfig:
     max_pairs: int = 16  # preference pairs (spread over the dev prompts)
     samples: int = 4  # answers sampled per dev prompt under the decoder dial and under the prompt baseline ...
     temperature: float = 1.0  # ... at this temperature, as more candidates for positives
-    scales: list = field(default_factory=lambda: [0.25, 0.5, 1.0])  # the trained vector's sweep on dev prompts
+    # Where the dial acts, in training and after: the request's positions (prompt: the model reads the dial as
+    # something it was asked and writes its answer unsteered; on the demo SAE more dials steered visibly
+    # within the perplexity limit, docs/guide.md) or all of them (each generated token pushed too)
+    positions: Positions = Positions.prompt
+    scales: list = field(default_factory=lambda: [0.5, 1.0, 2.0])  # the trained vector's sweep on dev prompts
 
 
 @dataclass
@@ -446,6 +450,9 @@ class SteerFeaturesConfig:
     # clamp 4 -> 3.7x): the Eiffel study's best, half the norm, is past it on SmolLM2.
     add_scales: list = field(default_factory=lambda: [0.15, 0.25, 0.4])
     clamp_scales: list = field(default_factory=lambda: [2.0, 4.0])  # clamp targets, x the feature's max activation
+    # add on the prompt's positions only, x mean row norm: the answer is then written unsteered, attending to a
+    # steered request, so it takes a stronger push ([] leaves these settings out)
+    prompt_scales: list = field(default_factory=lambda: [0.5, 1.0])
     max_new_tokens: int = 32  # per answer, greedy
     # answers generated together (every setting of the sweep shares batches) and read per scoring forward
     batch_size: int = 48

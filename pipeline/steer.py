@@ -110,6 +110,9 @@ def export(cfg: DictConfig) -> list[Path]:
     paths = EXPORTS[e.format](vector, out_dir)
     print(f"export: {vector.name} ({vector.operation} at {vector.kind}, layers {vector.layers}) -> "
           + ", ".join(map(str, paths)))
+    if vector.positions != "all" and e.format != "native":
+        print(f"export: note: {vector.name} was tuned to act on the {vector.positions}'s positions only; "
+              f"{e.format} applies it at every position, which make steer-features did not measure")
     return paths
 
 
@@ -138,7 +141,8 @@ def features(cfg: DictConfig) -> dict:
     outcome = evaluate_features(steerer_for(cfg), f)
     run = RunDir.from_config(cfg)
     scores = predictor_scores(run, outcome["site"])
-    report = features_report(outcome["results"], summary(outcome["results"], scores, f.max_ppl_ratio), f)
+    report = features_report(outcome["results"], summary(outcome["results"], scores, f.max_ppl_ratio), f,
+                             outcome["groups"])
     print(report)
     if f.write_benchmarks:
         # One section per run, so the demo SAE's numbers and make quality's stand side by side.

@@ -10,7 +10,8 @@ model's own answers to the dev prompts, in the spirit of RePS (AxBench's best tr
              plus "Mention <label>"), each read after the plain request
   negatives  the unsteered model's answer to the same request
 
-  loss       with +v added at every position, the model should prefer the positive answer to the
+  loss       with +v added (on the request's positions only, by default, or at every position), the model
+             should prefer the positive answer to the
              negative (mean log-likelihoods per token, a logistic loss of sharpness beta); with -v, the
              negative to the positive (RePS' second direction: v stays a direction of the concept, not a
              push toward whatever the positives share); under +v also the positives' negative
@@ -21,6 +22,11 @@ model's own answers to the dev prompts, in the spirit of RePS (AxBench's best tr
 v starts as the decoder row and is trained alone: the model's weights stay frozen, and each step costs one
 forward and one backward of the pairs. How strongly to apply it is then chosen on the dev prompts, as for
 the decoder row (steering/feature_eval.py).
+
+Where v acts (`tune.positions`): on the request's rows only (`prompt`), the dial reads to the model as
+something it was asked, and the answer is written by the model unsteered, attending to them; at every
+position (`all`) it also pushes each word the model writes. On SmolLM2 the first kept the answers fluent
+where the second broke them before the concept came (docs/guide.md, "Which features steer, and their dials").
 """
 
 from __future__ import annotations
@@ -56,10 +62,10 @@ def tune_dial(steerer, site, start: torch.Tensor, pairs: list[Pair], cfg) -> tup
     losses = []
     with frozen(steerer.model):
         with torch.no_grad():
-            plain = answer_logprobs(steerer, site, texts, torch.zeros_like(v))[negative]
+            plain = answer_logprobs(steerer, site, texts, torch.zeros_like(v), cfg.positions)[negative]
         for step in range(cfg.steps):
             sign = 1.0 if step % 2 == 0 else -1.0
-            logprobs = answer_logprobs(steerer, site, texts, sign * v)
+            logprobs = answer_logprobs(steerer, site, texts, sign * v, cfg.positions)
             taken = logprobs.gather(1, answers[:, None])[:, 0]
             means = torch.zeros(len(texts), device=device).index_add(0, rows, taken) / torch.bincount(rows)
             margin = means[: len(pairs)] - means[len(pairs):]
@@ -74,17 +80,22 @@ def tune_dial(steerer, site, start: torch.Tensor, pairs: list[Pair], cfg) -> tup
     return v.detach().cpu(), losses
 
 
-def answer_logprobs(steerer, site, texts: list[tuple[torch.Tensor, torch.Tensor]], push: torch.Tensor) -> torch.Tensor:
+def answer_logprobs(steerer, site, texts: list[tuple[torch.Tensor, torch.Tensor]], push: torch.Tensor,
+                    positions: str = "all") -> torch.Tensor:
     """[answer positions, vocab] next-token log-probabilities at every answer position (each predicting the
-    answer's next token), with `push` added at the site on every position; differentiable in push."""
+    answer's next token), with `push` added at the site on the request's rows (positions=prompt) or on every
+    row (all), as generation applies it; differentiable in push."""
     longest = max(len(c) + len(a) for c, a in texts)
     ids = torch.full((len(texts), longest), steerer.pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
+    pushed = torch.zeros(len(texts), longest)
     for row, (c, a) in enumerate(texts):  # right-padded: positions count from 0 in every row
         ids[row, : len(c) + len(a)], mask[row, : len(c) + len(a)] = torch.cat([c, a]), 1
+        pushed[row, : len(c) if positions == "prompt" else len(c) + len(a)] = 1
+    pushed = pushed.to(steerer.device)
 
-    def add(rows):
-        return rows + push.to(rows.dtype)
+    def add(rows):  # rows [batch, seq, (hyper-connection streams,) width]
+        return rows + (pushed.reshape(*pushed.shape, *(1,) * (rows.ndim - 2)) * push).to(rows.dtype)
 
     with steerer.adapter.hooks({site: add}):
         hidden = steerer.model.base_model(input_ids=ids.to(steerer.device),

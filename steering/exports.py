@@ -70,6 +70,7 @@ def export_gguf(vector: SteeringVector, out_dir: Path) -> list[Path]:
     writer = gguf.GGUFWriter(str(path), "controlvector")
     writer.add_string("controlvector.model_hint", vector.model.get("model_type", ""))
     writer.add_uint32("controlvector.layer_count", len(vector.directions))
+    writer.add_string("dialbox.positions", vector.positions)  # llama.cpp ignores it and adds at every position
     for layer, v in vector.directions.items():
         writer.add_tensor(f"direction.{layer}", v.numpy().astype(np.float32))
     writer.write_header_to_file()

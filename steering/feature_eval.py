@@ -3,8 +3,10 @@
 For each feature of a seeded sample of live labelled features (plus the ones make label's predictor ranks
 highest, plus any IDs given), two dials (docs/guide.md, "Which features steer, and their dials"):
 
-  decoder  the SAE's decoder row, add or clamp, at the setting of a sweep
-  tuned    a vector trained on the model's own dev answers that carry the concept (steering/dials.py)
+  decoder  the SAE's decoder row, add or clamp, at the setting of a sweep; added at every position or on
+           the request's positions only (the model then writes its answer unsteered, as if asked)
+  tuned    a vector trained on the model's own dev answers that carry the concept (steering/dials.py),
+           acting where it was trained to act (tune.positions: the request's positions by default)
 
 1. dev prompts (neutral requests that name no concept): every setting of each dial generates greedily.
    Each answer is read through the feature's SAE in the unsteered model over prompt + answer: the concept
@@ -54,7 +56,8 @@ from steering.interventions import SteeringError
 from steering.steerer import Steerer, encode_prompt, tuned_dial_name
 from steering.vectors import SteeringVector
 
-COLUMNS = {"steer_op": "string", "steer_scale": "float32", "steer_units": "string", "steer_dial": "string",
+COLUMNS = {"steer_op": "string", "steer_scale": "float32", "steer_units": "string", "steer_positions": "string",
+           "steer_dial": "string",
            "steer_presence": "float32", "steer_gain": "float32", "steer_concept": "float32", "steer_fluency": "float32",
            "steer_score": "float32", "steers": "bool", "steer_prompts": "int32"}
 # make label's cheap predictors of whether a feature steers (columns of features.parquet)
@@ -66,12 +69,13 @@ class Setting:
     op: str
     scale: float
     units: str
+    positions: str = "all"
 
     def intervention(self, feature: str) -> dict:
-        return {"feature": feature, "op": self.op, "scale": self.scale, "units": self.units}
+        return {"feature": feature, "op": self.op, "scale": self.scale, "units": self.units, "positions": self.positions}
 
     def __str__(self) -> str:
-        return f"{self.op} {self.scale:g} ({self.units})"
+        return f"{self.op} {self.scale:g} ({self.units}{where(self.positions)})"
 
 
 @dataclass
@@ -128,6 +132,7 @@ class FeatureEvaluation:
         self.dev, self.test = prompts[: cfg.dev_prompts], prompts[cfg.dev_prompts: cfg.dev_prompts + cfg.test_prompts]
         self.settings = [Setting("add", float(s), "norm") for s in cfg.add_scales]
         self.settings += [Setting("clamp", float(s), "max_act") for s in cfg.clamp_scales]
+        self.settings += [Setting("add", float(s), "norm", "prompt") for s in cfg.prompt_scales]
         self._cache: dict[tuple, Answers] = {}
         self.judge = make_judge(cfg.judge, steerer.run)  # None without an endpoint
 
@@ -191,7 +196,7 @@ class FeatureEvaluation:
         """The decoder row added or clamped, at the setting of the sweep the dev prompts choose."""
         k, dev, swept = self.sweep([(str(s), [s.intervention(feature)]) for s in self.settings], column)
         s = self.settings[k]
-        info = {"op": s.op, "scale": s.scale, "units": s.units}
+        info = {"op": s.op, "scale": s.scale, "units": s.units, "positions": s.positions}
         return Dial("decoder", [s.intervention(feature)], str(s), dev, [s.intervention(control)], info), swept
 
     def tuned_dial(self, index: int, column: int, label: str, decoder: Dial, swept: list[Answers],
@@ -199,6 +204,7 @@ class FeatureEvaluation:
         """A vector trained on dev answers in which the concept is present (steering/dials.py), swept over
         multiples of itself; None when no fluent dev answer had the concept, so there was nothing to learn from."""
         t, started = self.cfg.tune, time.monotonic()
+        positions = str(t.positions)
         baseline = (self.dev, [], " " + baseline_instruction(label))
         candidates = [*swept, *self.answers([baseline])]
         for s in range(t.samples):  # sampled answers: more chances of the concept, and variety
@@ -213,16 +219,17 @@ class FeatureEvaluation:
         source = {"method": "tuned", "features": [str(feature)], "objective": "RePS-style preference + NLL + KL",
                   "data": f"{len(pairs)} pairs from {len(self.dev)} dev prompts (seed {self.cfg.seed})",
                   "steps": t.steps, "lr": t.lr, "beta": t.beta, "nll": t.nll, "kl": t.kl, "start": "decoder row",
-                  "losses": [round(x, 4) for x in losses]}
-        save_dial(self.steerer, name, self.site, vector, {**source, "multiplier": 1.0})
-        k, dev, _ = self.sweep([(f"tuned x{m:g}", [{"vector": name, "scale": float(m)}]) for m in t.scales], column)
+                  "positions": positions, "losses": [round(x, 4) for x in losses]}
+        save_dial(self.steerer, name, self.site, vector, {**source, "multiplier": 1.0}, positions)
+        k, dev, _ = self.sweep([(f"tuned x{m:g}{where(positions)}", [{"vector": name, "scale": float(m)}])
+                                for m in t.scales], column)
         m = float(t.scales[k])
-        save_dial(self.steerer, name, self.site, vector * m, {**source, "multiplier": m})  # scale 1: as chosen
+        save_dial(self.steerer, name, self.site, vector * m, {**source, "multiplier": m}, positions)  # scale 1: as chosen
         norm_ratio = float(vector.norm()) * m / self.steerer.mean_norm(self.site)
-        control_push = [{"feature": control, "op": "add", "scale": norm_ratio, "units": "norm"}]
+        control_push = [{"feature": control, "op": "add", "scale": norm_ratio, "units": "norm", "positions": positions}]
         info = {"vector": name, "pairs": len(pairs), "steps": t.steps, "multiplier": m, "norm_ratio": norm_ratio,
-                "train_seconds": round(time.monotonic() - started, 1)}
-        return Dial("tuned", [{"vector": name}], f"tuned x{m:g}", dev, control_push, info)
+                "positions": positions, "train_seconds": round(time.monotonic() - started, 1)}
+        return Dial("tuned", [{"vector": name}], dev["setting"], dev, control_push, info)
 
     def pairs(self, candidates: list[Answers], column: int) -> list[Pair]:
         """Preference pairs from dev answers: each distinct answer with the concept that stays fluent (perplexity
@@ -332,11 +339,19 @@ def judge_dials(result: dict, cfg: DictConfig) -> dict:
     return result
 
 
-def save_dial(steerer: Steerer, name: str, site: Site, vector: torch.Tensor, source: dict) -> SteeringVector:
-    """A dial as a named `add` vector in the run's vectors/ (raw units: scale 1 is the dial as chosen)."""
-    dial = SteeringVector(name, site.kind, "add", "raw", {site.layer: vector.float().cpu()}, steerer.identity, source)
+def save_dial(steerer: Steerer, name: str, site: Site, vector: torch.Tensor, source: dict,
+              positions: str) -> SteeringVector:
+    """A dial as a named `add` vector in the run's vectors/ (raw units: scale 1 is the dial as chosen), acting
+    where it was tuned to act unless an intervention says otherwise."""
+    dial = SteeringVector(name, site.kind, "add", "raw", {site.layer: vector.float().cpu()}, steerer.identity, source,
+                          positions)
     dial.save(steerer.run.vectors)
     return dial
+
+
+def where(positions: str) -> str:
+    """How a setting's text names where it acts: nothing for every position."""
+    return "" if positions == "all" else f", {positions} only"
 
 
 def harmonic(a: float, b: float) -> float:
@@ -410,7 +425,10 @@ def evaluate_features(steerer: Steerer, cfg: DictConfig) -> dict:
         raise SteeringError(f"no feature table at {site}: run `make label` first (it gives labels and max activations)")
     given = [parse_at(f, site) for f in cfg.features]
     check_features(table, given, str(site))
-    watch = choose_features(table, cfg.n, given + top_features(run, str(site), cfg.top, cfg.predictor), cfg.seed)
+    top = top_features(run, str(site), cfg.top, cfg.predictor)
+    watch = choose_features(table, cfg.n, given + top, cfg.seed)
+    groups = {f"random sample ({cfg.n})": choose_features(table, cfg.n, [], cfg.seed),
+              f"top {cfg.top} by {cfg.predictor}": top}
     site_dir = run.features(str(site))
     done = read_steering_results(site_dir)
     todo = [i for i in watch if i not in done]
@@ -425,7 +443,8 @@ def evaluate_features(steerer: Steerer, cfg: DictConfig) -> dict:
         judge_dials(result, cfg)
     results = [done[i] for i in watch]
     set_feature_columns(site_dir, feature_columns(list(done.values())), COLUMNS)
-    return {"site": str(site), "results": results, "evaluated_now": len(todo)}
+    return {"site": str(site), "results": results, "evaluated_now": len(todo),
+            "groups": {name: indices for name, indices in groups.items() if indices}}
 
 
 def first_labelled_site(run) -> str:
@@ -452,6 +471,7 @@ def feature_columns(results: list[dict]) -> dict[str, dict[int, object]]:
         return r["tuned"] if r["dial"] == "tuned" else r
 
     columns = {"steer_op": lambda r: r["op"], "steer_scale": lambda r: r["scale"], "steer_units": lambda r: r["units"],
+               "steer_positions": lambda r: r.get("positions", "all"),
                "steer_dial": lambda r: r["dial"], "steer_presence": lambda r: best(r)["presence"],
                "steer_gain": lambda r: best(r)["presence_gain"], "steer_concept": lambda r: best(r)["concept"],
                "steer_fluency": lambda r: best(r)["fluency"], "steer_score": lambda r: best(r)["score"],
@@ -506,8 +526,9 @@ def auroc(scores: list[float], labels: list[bool]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
-def features_report(results: list[dict], s: dict, f: DictConfig) -> str:
-    """A markdown summary: the headline numbers per dial, then one row per feature."""
+def features_report(results: list[dict], s: dict, f: DictConfig, groups: dict[str, list[int]] | None = None) -> str:
+    """A markdown summary: the headline numbers per dial (for all the features, then for each group of them:
+    the random sample, the predictor's top), then one row per feature."""
     def cell(d):
         if not d:
             return "-"
@@ -530,15 +551,26 @@ def features_report(results: list[dict], s: dict, f: DictConfig) -> str:
         f"**steers visibly** when presence rises by at least {f.min_presence_gain:g} over unsteered and over a random "
         f"live feature pushed as hard, the gain's 95% interval excludes 0, perplexity <= {f.max_ppl_ratio:g}x "
         f"unsteered and repeated 4-grams <= {f.max_repeats:g}. Decoder sweep: add {list(f.add_scales)} (x mean row "
-        f"norm), clamp {list(f.clamp_scales)} (x max activation); tuned dial: {f.tune.steps} steps on up to "
-        f"{f.tune.max_pairs} dev pairs, swept x{list(f.tune.scales)}.", "",
+        f"norm), clamp {list(f.clamp_scales)} (x max activation), add on the prompt only {list(f.prompt_scales)}; "
+        f"tuned dial: {f.tune.steps} steps on up to {f.tune.max_pairs} dev pairs, acting at positions "
+        f"{f.tune.positions}, swept x{list(f.tune.scales)}.", "",
         f"- **steers visibly (best dial): {s['steer_share']:.0%}** of the features; the prompt baseline raises presence "
         f"by {s['baseline_presence_gain']:+.3f} on average",
         f"- decoder dial's chosen op: add {s['by_op']['add']}, clamp {s['by_op']['clamp']}",
-        f"- predictors from make label, AUROC for steering visibly: {predictors or 'none computed'}", "",
+        f"- predictors from make label, AUROC for steering visibly: {predictors or 'none computed'}",
+        *[group_line(name, [r for r in results if r["index"] in set(indices)]) for name, indices in (groups or {}).items()],
+        "",
         md_table(["dial", "made", "steers visibly", "presence gain", "over prompt baseline", "matches or beats baseline",
                   "token-share gain", "median ppl ratio", "repeated 4-grams", "tuning cost"], dial_rows), "",
         md_table(["feature", "label", "unsteered", "prompt baseline", "decoder dial: presence (gain [95% CI])",
                   "tuned dial: presence (gain [95% CI])", "best"], rows),
     ]
     return "\n".join(lines)
+
+
+def group_line(name: str, results: list[dict]) -> str:
+    """One group's headline: the share that steers visibly, by either dial and by each."""
+    s = summary(results, {})
+    dials = ", ".join(f"{dial} {d['visibly']:.0%} (matches or beats the prompt baseline: {d['matches_baseline']:.0%})"
+                      for dial, d in s["dials"].items())
+    return f"- {name}: {s['features']} features, **{s['steer_share']:.0%} steer visibly**; by dial: {dials}"

@@ -15,7 +15,9 @@ an operation, a scale and the positions it acts on:
                                          (1 removes the direction, negative amplifies it)
 
 positions: `prompt` (the prompt's rows), `generated` (the rows of generated tokens; the first new
-token is predicted from the last prompt row, so it is not yet affected), or `all`.
+token is predicted from the last prompt row, so it is not yet affected), or `all`. Unset, the target's
+own: a feature's calibrated setting or a vector's (make steer-features may choose the prompt's rows: a dial
+there reads as an instruction the model was given, not a push on every word it writes), else `all`.
 
 when: a condition, `when=L12.resid_post/88>2.5` (or {"feature": ..., "above": 2.5}): the edit applies
 only at the token positions where that feature's activation, read through its SAE at its own site on
@@ -59,7 +61,7 @@ class Intervention:
     op: str | None = None  # None: add for features, the vector's own operation for vectors
     scale: float | None = None  # None: a feature's calibrated setting (or the default); 1 for vectors
     units: str | None = None  # None: max_act for feature add/clamp, the vector's units otherwise
-    positions: str = "all"
+    positions: str | None = None  # None: the target's own (a calibrated setting's, a vector's), else all
     layers: tuple | None = None  # vectors only: the layers to steer (None = all the vector has)
     when: Condition | None = None  # None: every position (within `positions`)
     dial: str | None = None  # features only: decoder | tuned; None = the feature's best dial (make steer-features)
@@ -88,7 +90,7 @@ class Intervention:
         if "feature" in fields and fields["feature"] not in (None, ""):
             FeatureId.parse(target)  # a clear error for a malformed ID, before anything loads
         return cls(target, _choice(fields, "op", OPS), _scale(fields.get("scale")), _choice(fields, "units", UNITS),
-                   _choice(fields, "positions", POSITIONS) or "all", _layers(fields.get("layers")),
+                   _choice(fields, "positions", POSITIONS), _layers(fields.get("layers")),
                    None if fields.get("when") in (None, "") else Condition.parse(fields["when"]),
                    _choice(fields, "dial", DIALS))
 

@@ -130,32 +130,33 @@ class Steerer:
             return self.mean_norm(feature.site) / float(row.norm().clamp_min(1e-12))
         return 1.0
 
-    def setting(self, feature: FeatureId, iv: Intervention) -> tuple[str, float, str | None]:
-        """(op, scale, units) of a feature intervention. Without a scale: the setting the feature's
+    def setting(self, feature: FeatureId, iv: Intervention) -> tuple[str, float, str | None, str]:
+        """(op, scale, units, positions) of a feature intervention. Without a scale: the setting the feature's
         steering evaluation chose (features.parquet), else the default for the op."""
         if iv.scale is not None:
             op = iv.op or "add"
-            return op, iv.scale, iv.units or (None if op == "project" else "max_act")
+            return op, iv.scale, iv.units or (None if op == "project" else "max_act"), iv.positions or "all"
         calibrated = self.calibrated(feature)
         if calibrated and iv.op in (None, calibrated[0]) and iv.units in (None, calibrated[2]):
-            self.notes[f"{feature}: the calibrated setting op={calibrated[0]} scale={calibrated[1]:g} "
-                       f"units={calibrated[2]} (make steer-features)"] = None
-            return calibrated
+            op, scale, units, positions = calibrated
+            self.notes[f"{feature}: the calibrated setting op={op} scale={scale:g} units={units} "
+                       f"positions={positions} (make steer-features)"] = None
+            return op, scale, units, iv.positions or positions
         op = iv.op or "add"
         scale, units = DEFAULT_SETTING[op]
-        return op, scale, iv.units or units
+        return op, scale, iv.units or units, iv.positions or "all"
 
-    def calibrated(self, feature: FeatureId) -> tuple[str, float, str] | None:
+    def calibrated(self, feature: FeatureId) -> tuple[str, float, str, str] | None:
         """The decoder dial's setting make steer-features chose for the feature, if it evaluated it."""
-        op, scale, units, _ = self._steer_columns(feature.site).get(feature.index, (None,) * 4)
-        return (op, float(scale), units) if op and scale is not None and units else None
+        op, scale, units, positions, _ = self._steer_columns(feature.site).get(feature.index, (None,) * 5)
+        return (op, float(scale), units, positions or "all") if op and scale is not None and units else None
 
     def dial(self, feature: FeatureId, iv: Intervention) -> str:
         """The dial an intervention steers with: the one it names; else, when it sets nothing else, the
         feature's best dial as make steer-features measured it; else the decoder row."""
         if iv.dial is not None:
             return iv.dial
-        best = self._steer_columns(feature.site).get(feature.index, (None,) * 4)[3]
+        best = self._steer_columns(feature.site).get(feature.index, (None,) * 5)[4]
         if best == "tuned" and (iv.op, iv.scale, iv.units) == (None, None, None):
             self.notes[f"{feature}: its tuned dial, its best (make steer-features); dial=decoder for the "
                        "decoder row"] = None
@@ -163,10 +164,11 @@ class Steerer:
         return "decoder"
 
     def _steer_columns(self, site: Site) -> dict[int, tuple]:
-        """{feature: (steer_op, steer_scale, steer_units, steer_dial)} from features.parquet, read once."""
+        """{feature: (steer_op, steer_scale, steer_units, steer_positions, steer_dial)} from features.parquet,
+        read once (a table from before steer_positions gives None there: all positions)."""
         key = str(site)
         if key not in self._calibrations:
-            names = ["steer_op", "steer_scale", "steer_units", "steer_dial"]
+            names = ["steer_op", "steer_scale", "steer_units", "steer_positions", "steer_dial"]
             columns = self.run.feature_table(key, ["index", *names]) or {}
             self._calibrations[key] = {i: tuple(columns.get(n, [None] * len(columns["index"]))[k] for n in names)
                                        for k, i in enumerate(columns.get("index", []))}
@@ -226,18 +228,18 @@ class Steerer:
             raise SteeringError(f"layers is for vectors; feature {feature} is at layer {feature.site.layer} already")
         if self.dial(feature, iv) == "tuned":
             return self._tuned_edit(feature, iv)
-        op, scale, units = self.setting(feature, iv)
+        op, scale, units, positions = self.setting(feature, iv)
         row = sae.W_dec[feature.index].detach().float()
         if op == "project":
             if units not in (None, "fraction"):
                 raise SteeringError(f"project's scale is ds4's s (a fraction of the component along v), "
                                     f"not units={units}: drop units")
-            edit = Edit("project", unit_rows(row), scale, iv.positions)
+            edit = Edit("project", unit_rows(row), scale, positions)
         else:
             if units == "fraction":
                 raise SteeringError(f"units=fraction is for project; {op} takes units=max_act, norm or raw")
             amount = scale * self.unit(feature, units, row)
-            edit = Edit(op, row, amount, iv.positions, sae if op == "clamp" else None, feature.index)
+            edit = Edit(op, row, amount, positions, sae if op == "clamp" else None, feature.index)
         return [(feature.site, edit)]
 
     def _tuned_edit(self, feature: FeatureId, iv: Intervention):
@@ -275,7 +277,7 @@ class Steerer:
             if vector.operation == "project":
                 direction = unit_rows(direction)
             scale = 1.0 if iv.scale is None else iv.scale
-            edits.append((site, Edit(vector.operation, direction, scale, iv.positions)))
+            edits.append((site, Edit(vector.operation, direction, scale, iv.positions or vector.positions)))
         return edits
 
     # -- generation ---------------------------------------------------------------------------

@@ -46,9 +46,13 @@ class SteeringVector:
     directions: dict[int, torch.Tensor]  # layer -> [d_model] float32
     model: dict  # the adapter's describe(): name, family, model_type, d_model, n_layers
     source: dict = field(default_factory=dict)  # how it was made: method, prompts, feature IDs
+    # Where it acts when an intervention does not say: all, or prompt for a dial tuned on the prompt's rows
+    positions: str = "all"
 
     def __post_init__(self):
         check_name(self.name)
+        if self.positions not in ("all", "prompt", "generated"):
+            raise VectorError(f"vector {self.name}: positions {self.positions!r} is not one of all, prompt, generated")
         if self.kind not in SITE_KINDS:
             raise VectorError(f"vector {self.name}: unknown site kind {self.kind!r}; use one of {', '.join(SITE_KINDS)}")
         if self.operation not in OPERATIONS:
@@ -67,7 +71,8 @@ class SteeringVector:
     def metadata(self) -> dict:
         return {"format": FORMAT, "name": self.name, "site": self.kind, "sites": [str(self.site(l)) for l in self.layers],
                 "operation": self.operation, "units": self.units, "layers": self.layers, "model": self.model,
-                "norms": [round(float(v.norm()), 6) for v in self.directions.values()], "source": self.source}
+                "norms": [round(float(v.norm()), 6) for v in self.directions.values()], "source": self.source,
+                "positions": self.positions}
 
     def save(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
@@ -89,7 +94,8 @@ class SteeringVector:
             raise VectorError(f"{meta_path} is not a Dialbox vector (format {meta.get('format')!r})")
         tensors = load_file(directory / f"{name}.safetensors")
         directions = {Site.parse(s).layer: t for s, t in tensors.items()}
-        return cls(name, meta["site"], meta["operation"], meta["units"], directions, meta["model"], meta["source"])
+        return cls(name, meta["site"], meta["operation"], meta["units"], directions, meta["model"], meta["source"],
+                   meta.get("positions", "all"))
 
 
 def check_name(name: str) -> None:

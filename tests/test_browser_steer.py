@@ -26,7 +26,7 @@ HOSTILE = '<img src=x onerror=window.pwned=1> <b>bold</b> ' * 6
 
 @pytest.fixture(scope="module")
 def steer_report(smol_steerer, tmp_path_factory):
-    """A report of the SAE's site, the live feature calibrated to add at 6x its max activation."""
+    """A report of the SAE's site, the live feature calibrated to add at 6x its max activation on the prompt."""
     tmp = tmp_path_factory.mktemp("steer_report")
     live = live_feature(smol_steerer, SMOL_SITE)
     out = write_site(tmp / "features", SMOL_SITE, smol_steerer.sae(Site.parse(SMOL_SITE)).cfg.d_sae)
@@ -34,7 +34,8 @@ def steer_report(smol_steerer, tmp_path_factory):
     n = table.num_rows
     table = (table.append_column("steer_op", pa.array(["add" if i == live else None for i in range(n)]))
              .append_column("steer_scale", pa.array([6.0 if i == live else None for i in range(n)]))
-             .append_column("steer_units", pa.array(["max_act" if i == live else None for i in range(n)])))
+             .append_column("steer_units", pa.array(["max_act" if i == live else None for i in range(n)]))
+             .append_column("steer_positions", pa.array(["prompt" if i == live else None for i in range(n)])))
     pq.write_table(table, out / "features.parquet")
     build_report(tmp / "features", tmp / "report")
     return tmp / "report", live
@@ -67,7 +68,7 @@ def test_steer_from_the_feature_page_side_by_side(browser, smol, steer_report, t
         prompt = "Tell me about the sea."
         plain, steered = steer(browser, prompt, 12)
         assert plain == smol.generate(prompt, (), max_new_tokens=12, chat=False)[0].text
-        ours = [{"feature": f"{SMOL_SITE}/{live}", "op": "add", "scale": 6, "units": "max_act"}]
+        ours = [{"feature": f"{SMOL_SITE}/{live}", "op": "add", "scale": 6, "units": "max_act", "positions": "prompt"}]
         assert steered == smol.generate(prompt, ours, max_new_tokens=12, chat=False)[0].text != plain
 
         browser.find_element(By.ID, "steer-more").click()  # composition: a second feature

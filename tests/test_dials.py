@@ -23,10 +23,10 @@ def pairs_for(smol, prompts):
             for p in prompts]
 
 
-def margin(smol, site, pairs, push):
+def margin(smol, site, pairs, push, positions="prompt"):
     with torch.no_grad():
         logprobs = answer_logprobs(smol, site, [(p.context, p.positive) for p in pairs]
-                                   + [(p.context, p.negative) for p in pairs], push)
+                                   + [(p.context, p.negative) for p in pairs], push, positions)
     answers = torch.cat([p.positive for p in pairs] + [p.negative for p in pairs]).to(logprobs.device)
     taken = logprobs.gather(1, answers[:, None])[:, 0]
     n = sum(len(p.positive) for p in pairs)
@@ -40,7 +40,7 @@ def test_a_tuned_dial_learns_to_prefer_the_positive_answers_and_leaves_the_model
     start = start / start.norm() * 0.25 * smol.mean_norm(site)
     weights = [p.detach().clone() for p in smol.model.parameters()][:3]
     flags = [p.requires_grad for p in smol.model.parameters()]
-    cfg = OmegaConf.create({"steps": 6, "lr": 0.05, "beta": 4.0, "nll": 1.0, "kl": 1.0})
+    cfg = OmegaConf.create({"steps": 6, "lr": 0.05, "beta": 4.0, "nll": 1.0, "kl": 1.0, "positions": "prompt"})
     vector, losses = tune_dial(smol, site, start, pairs, cfg)
     assert len(losses) == 6 and vector.shape == start.shape and torch.isfinite(vector).all()
     # the trained dial prefers the positive answers more than its start did, and the -v direction less
@@ -59,7 +59,9 @@ def test_a_tuned_dial_trains_through_deepseek_v4_hyper_connection_streams(tiny):
     ids = lambda n, seed: torch.randint(10, 200, (n,), generator=torch.Generator().manual_seed(seed))  # noqa: E731
     pairs = [Pair(ids(6, k), ids(5, 10 + k), ids(5, 20 + k)) for k in range(2)]
     start = tiny.sae(site).W_dec[0].detach().float().cpu()
-    cfg = OmegaConf.create({"steps": 4, "lr": 0.05, "beta": 4.0, "nll": 1.0, "kl": 1.0})
-    vector, losses = tune_dial(tiny, site, start, pairs, cfg)
-    assert vector.shape == start.shape and not torch.equal(vector, start) and all(map(math.isfinite, losses))
-    assert margin(tiny, site, pairs, vector.to(tiny.device)) > margin(tiny, site, pairs, start.to(tiny.device))
+    for positions in ("prompt", "all"):
+        cfg = OmegaConf.create({"steps": 4, "lr": 0.05, "beta": 4.0, "nll": 1.0, "kl": 1.0, "positions": positions})
+        vector, losses = tune_dial(tiny, site, start, pairs, cfg)
+        assert vector.shape == start.shape and not torch.equal(vector, start) and all(map(math.isfinite, losses))
+        assert (margin(tiny, site, pairs, vector.to(tiny.device), positions)
+                > margin(tiny, site, pairs, start.to(tiny.device), positions))

@@ -199,7 +199,7 @@ def test_costly_or_malformed_fields_are_refused(server, body, words):
 def test_notes_are_said_once_per_feature_not_kept_per_request(server, smol, monkeypatch):
     """A calibrated feature named without a scale leaves one note, however many requests (refused ones
     too) name it: notes are not a log that grows with traffic."""
-    monkeypatch.setattr(smol, "calibrated", lambda feature: ("add", 0.5, "max_act"))
+    monkeypatch.setattr(smol, "calibrated", lambda feature: ("add", 0.5, "max_act", "all"))
     named = {"messages": MESSAGES, "max_tokens": 1, "steering": [{"feature": FEATURE}]}
     assert send(server, body=named)[0] == 200
     before = len(smol.notes)

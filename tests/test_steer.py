@@ -123,6 +123,7 @@ def test_unusable_interventions_are_refused_before_anything_runs(smol):
 
 def test_a_vector_from_another_model_is_refused(smol, tiny):
     random_vector(tiny, "tinyvec", "resid_post", [1], 1.0)
+    smol.run.vectors.mkdir(exist_ok=True)  # a fresh run has no vectors/ yet
     (tiny.run.root / "vectors" / "tinyvec.json").rename(smol.run.root / "vectors" / "tinyvec.json")
     (tiny.run.root / "vectors" / "tinyvec.safetensors").rename(smol.run.root / "vectors" / "tinyvec.safetensors")
     with pytest.raises(VectorError, match="made on tiny_deepseek_v4"):

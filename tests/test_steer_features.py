@@ -19,13 +19,13 @@ from features.tables import set_feature_columns
 from pipeline.steer import run_action
 from steering.exports import export_ds4, export_gguf
 from steering.feature_eval import (FeatureEvaluation, auroc, baseline_instruction, choose_setting, evaluate_features,
-                                   repeat_share, save_dial, summary)
+                                   group_line, repeat_share, save_dial, summary)
 from steering.interventions import SteeringError
 from steering.steerer import Steerer, tuned_dial_name
 from steering.vectors import SteeringVector, VectorError
 
 QUICK = ["steer_features.dev_prompts=2", "steer_features.test_prompts=4", "steer_features.add_scales=[0.5]",
-         "steer_features.clamp_scales=[4.0]", "steer_features.max_new_tokens=6", "steer_features.batch_size=4",
+         "steer_features.clamp_scales=[4.0]", "steer_features.prompt_scales=[1.0]", "steer_features.max_new_tokens=6", "steer_features.batch_size=4",
          "steer_features.bootstrap=50", "steer_features.tune.steps=2", "steer_features.tune.samples=1",
          "steer_features.tune.scales=[1.0]"]
 
@@ -80,6 +80,8 @@ def test_the_summary_counts_visible_steering_per_dial_and_scores_each_predictor(
     assert s["dials"]["tuned"]["matches_baseline"] == 0.5  # gains 0.5 and 0.3 reach the baseline's +0.2
     assert s["predictors"] == {"output_score": 1.0, "other": None}  # feature 3 has no score; no scores: no AUROC
     assert s["baseline_presence_gain"] == pytest.approx(0.2)
+    line = group_line("top 2", results[:2])  # the report's line per group (the random sample, the predictor's top)
+    assert line.startswith("- top 2: 2 features, **50% steer visibly**") and "tuned 50%" in line and "decoder 0%" in line
 
 
 @pytest.mark.slow
@@ -87,8 +89,10 @@ def test_a_short_evaluation_stores_its_results_and_the_report_shows_them(evaluat
     runs, given, outcome = evaluated
     results = outcome["results"]
     assert [r["index"] for r in results][0] == given and len(results) == 2 and outcome["evaluated_now"] == 2
+    assert outcome["groups"] == {"random sample (1)": [results[1]["index"]]}  # the given feature is in no group
     for r in results:
-        assert r["op"] in ("add", "clamp") and r["prompts"] == 4 and len(r["dev"]["sweep"]) == 2
+        assert r["op"] in ("add", "clamp") and r["prompts"] == 4 and len(r["dev"]["sweep"]) == 3
+        assert r["positions"] == ("prompt" if r["dev"]["setting"] == "add 1 (norm, prompt only)" else "all")
         assert 0 <= r["concept"] <= 1 and 0 <= r["fluency"] <= 1 and isinstance(r["steers"], bool)
         low, high = r["gain_over_control_ci95"]
         assert low <= r["gain_over_control"] <= high
@@ -101,11 +105,14 @@ def test_a_short_evaluation_stores_its_results_and_the_report_shows_them(evaluat
     assert "output_score" in table and sum(v is not None for v in table["output_score"]) > 0
 
     assert all(table["steer_dial"][k] in ("decoder", "tuned") for k in evaluated_rows)
+    assert [table["steer_positions"][k] for k in evaluated_rows] == [next(r["positions"] for r in results if r["index"] ==
+                                                                          table["index"][k]) for k in evaluated_rows]
     for r in results:  # the tuned dial is a named vector with its provenance, or the reason there is none
         assert (r["tuned"] is None) == bool(r["tuned_reason"])
         if r["tuned"]:
             source = json.loads((runs / "demo" / "vectors" / f"{r['tuned']['vector']}.json").read_text())["source"]
             assert source["features"] == [r["feature"]] and source["method"] == "tuned" and source["steps"] == 2
+            assert source["positions"] == r["tuned"]["positions"] == "prompt"  # tune.positions' default
 
     build_report(site_dir.parent, runs / "demo" / "report")
     data = runs / "demo" / "report" / "data" / SMOL_SITE
@@ -125,17 +132,21 @@ def test_a_feature_id_steers_with_its_best_dial_and_dial_picks_one(evaluated, st
     monkeypatch.setattr(steerer, "_calibrations", {})
     feature, site = FeatureId.parse(f"{SMOL_SITE}/{given}"), Site.parse(SMOL_SITE)
     direction = torch.randn(576, generator=torch.Generator().manual_seed(0))
-    save_dial(steerer, tuned_dial_name(feature), site, direction, {"method": "tuned", "features": [str(feature)]})
+    save_dial(steerer, tuned_dial_name(feature), site, direction, {"method": "tuned", "features": [str(feature)]},
+              "prompt")
     for best in ("decoder", "tuned"):
         set_feature_columns(steerer.run.features(SMOL_SITE), {"steer_dial": {given: best}}, {"steer_dial": "string"})
         steerer._calibrations.clear()
         edit = steerer.resolve([str(feature)])[site][0]  # no op, scale or dial: the best dial
         if best == "tuned":
             assert edit.op == "add" and edit.amount == 1.0 and torch.equal(edit.vector.cpu(), direction)
+            assert edit.positions == "prompt"  # where it was tuned to act ...
+            assert steerer.resolve([f"{feature} positions=all"])[site][0].positions == "all"  # ... unless told
             assert any("tuned dial" in note for note in steerer.notes)
         else:
             chosen = outcome["results"][0]
             assert edit.op == chosen["op"] and any("calibrated setting" in note for note in steerer.notes)
+            assert edit.positions == chosen["positions"]
     decoder_row = steerer.sae(site).W_dec[given].detach().float()
     assert torch.equal(steerer.resolve([f"{feature} dial=decoder"])[site][0].vector, decoder_row)
     assert torch.equal(steerer.resolve([f"{feature} scale=2"])[site][0].vector, decoder_row)  # a scale: the decoder row
@@ -151,7 +162,9 @@ def test_a_feature_id_steers_with_its_best_dial_and_dial_picks_one(evaluated, st
     # a dial exports as vectors do: a llama.cpp control vector at its layer (ds4 takes no resid_post)
     vector = SteeringVector.load(steerer.run.vectors, tuned_dial_name(feature))
     path = export_gguf(vector, tmp_path / "gguf")[0]
-    tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(path).tensors}
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    assert reader.fields["dialbox.positions"].contents() == "prompt"
     np.testing.assert_array_equal(tensors["direction.3"], direction.numpy())
     with pytest.raises(VectorError, match="ds4 steers only at ffn_out"):
         export_ds4(vector, tmp_path / "ds4")
@@ -255,6 +268,7 @@ def test_a_feature_built_to_steer_steers_and_a_random_direction_does_not(tmp_pat
         *common, f"steer_features.site={LATE_SITE}", "steer_features.n=0",
         f"steer_features.features=[{planted},{random_index}]", "steer_features.dev_prompts=4",
         "steer_features.test_prompts=16", "steer_features.add_scales=[0.15]", "steer_features.clamp_scales=[]",
+        "steer_features.prompt_scales=[]",  # the decoder row pushed at every position: what the planted row writes
         # Two blocks before the output a push of 0.15 x the mean norm already floods some answers with the word
         # (perplexity 2-2.5x, a quarter of the 4-grams repeated); the limits are loosened so that the test is
         # about the concept, not the limits.

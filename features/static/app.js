@@ -326,7 +326,7 @@ function steerPanel(f) {
   // this feature's row starts at its best dial: the tuned one, or the decoder row at its calibrated setting
   if (f.steer_dial === "tuned") rows.append(steerRow(f.id, "tuned", "", null));
   else rows.append(steerRow(f.id, calibrated ? f.steer_op : "add", calibrated ? f.steer_scale : "",
-    calibrated ? f.steer_units : null));
+    calibrated ? f.steer_units : null, calibrated ? f.steer_positions : null));
   // the prompt baseline streams beside them where the feature was evaluated: the bar a dial has to beat
   const instruction = f.steering?.baseline_instruction;
   const baseline = el("p", { class: "generated", id: "steer-baseline" });
@@ -363,7 +363,7 @@ function steerPanel(f) {
 
 // One intervention: a feature ID, add or clamp (its decoder row) or its tuned dial, and a scale (empty: the
 // calibrated or default setting; for the tuned dial, a multiple of it as tuned).
-function steerRow(id, op, scale, units) {
+function steerRow(id, op, scale, units, positions) {
   const feature = el("input", { type: "text", class: "steer-feature", value: id, placeholder: "L3.resid_post/12",
     "aria-label": "Feature" });
   const select = el("select", { class: "steer-op", "aria-label": "Op" }, ...STEER_OPS.map((o) => el("option", { value: o }, o)),
@@ -372,7 +372,8 @@ function steerRow(id, op, scale, units) {
   const amount = el("input", { type: "number", class: "steer-scale", step: "any", value: String(scale),
     placeholder: "default", "aria-label": "Scale" });
   const row = el("div", { class: "steer-row" }, feature, select, amount);
-  if (units) row.dataset.units = units; // a calibrated scale is in its own units
+  if (units) row.dataset.units = units; // a calibrated scale is in its own units ...
+  if (positions) row.dataset.positions = positions; // ... and acts where it was calibrated (the prompt, or all)
   return row;
 }
 
@@ -384,6 +385,7 @@ function interventions(rows) {
       const scale = r.querySelector(".steer-scale").value;
       if (scale !== "") iv.scale = Number(scale);
       if (scale !== "" && r.dataset.units) iv.units = r.dataset.units;
+      if (scale !== "" && r.dataset.positions) iv.positions = r.dataset.positions;
       return iv;
     });
 }
