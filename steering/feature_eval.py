@@ -219,7 +219,7 @@ class FeatureEvaluation:
         source = {"method": "tuned", "features": [str(feature)], "objective": "RePS-style preference + NLL + KL",
                   "data": f"{len(pairs)} pairs from {len(self.dev)} dev prompts (seed {self.cfg.seed})",
                   "steps": t.steps, "lr": t.lr, "beta": t.beta, "nll": t.nll, "kl": t.kl, "start": "decoder row",
-                  "positions": positions, "losses": [round(x, 4) for x in losses]}
+                  "losses": [round(x, 4) for x in losses]}
         save_dial(self.steerer, name, self.site, vector, {**source, "multiplier": 1.0}, positions)
         k, dev, _ = self.sweep([(f"tuned x{m:g}{where(positions)}", [{"vector": name, "scale": float(m)}])
                                 for m in t.scales], column)
@@ -375,11 +375,10 @@ def baseline_instruction(label: str) -> str:
     return f"Mention {label} in your answer."
 
 
-def choose_features(table: dict, n: int, given: list[int], seed: int) -> list[int]:
-    """The given features, then a seeded sample of `n` live labelled ones."""
+def sample_features(table: dict, n: int, seed: int) -> list[int]:
+    """A seeded sample of `n` live labelled features."""
     live = [i for i, dead, label in zip(table["index"], table["dead"], table["label"]) if not dead and label]
-    sample = random.Random(seed).sample(sorted(live), min(n, len(live)))
-    return list(dict.fromkeys([*given, *sample]))
+    return random.Random(seed).sample(sorted(live), min(n, len(live)))
 
 
 def top_features(run, site: str, n: int, predictor: str) -> list[int]:
@@ -425,10 +424,9 @@ def evaluate_features(steerer: Steerer, cfg: DictConfig) -> dict:
         raise SteeringError(f"no feature table at {site}: run `make label` first (it gives labels and max activations)")
     given = [parse_at(f, site) for f in cfg.features]
     check_features(table, given, str(site))
-    top = top_features(run, str(site), cfg.top, cfg.predictor)
-    watch = choose_features(table, cfg.n, given + top, cfg.seed)
-    groups = {f"random sample ({cfg.n})": choose_features(table, cfg.n, [], cfg.seed),
-              f"top {cfg.top} by {cfg.predictor}": top}
+    top, sample = top_features(run, str(site), cfg.top, cfg.predictor), sample_features(table, cfg.n, cfg.seed)
+    watch = list(dict.fromkeys([*given, *top, *sample]))  # the given features, the predictor's top, the sample
+    groups = {f"random sample ({cfg.n})": sample, f"top {cfg.top} by {cfg.predictor}": top}
     site_dir = run.features(str(site))
     done = read_steering_results(site_dir)
     todo = [i for i in watch if i not in done]
@@ -444,7 +442,7 @@ def evaluate_features(steerer: Steerer, cfg: DictConfig) -> dict:
     results = [done[i] for i in watch]
     set_feature_columns(site_dir, feature_columns(list(done.values())), COLUMNS)
     return {"site": str(site), "results": results, "evaluated_now": len(todo),
-            "groups": {name: indices for name, indices in groups.items() if indices}}
+            "groups": {name: set(indices) for name, indices in groups.items() if indices}}
 
 
 def first_labelled_site(run) -> str:
@@ -526,7 +524,7 @@ def auroc(scores: list[float], labels: list[bool]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
-def features_report(results: list[dict], s: dict, f: DictConfig, groups: dict[str, list[int]] | None = None) -> str:
+def features_report(results: list[dict], s: dict, f: DictConfig, groups: dict[str, set[int]] | None = None) -> str:
     """A markdown summary: the headline numbers per dial (for all the features, then for each group of them:
     the random sample, the predictor's top), then one row per feature."""
     def cell(d):
@@ -558,7 +556,7 @@ def features_report(results: list[dict], s: dict, f: DictConfig, groups: dict[st
         f"by {s['baseline_presence_gain']:+.3f} on average",
         f"- decoder dial's chosen op: add {s['by_op']['add']}, clamp {s['by_op']['clamp']}",
         f"- predictors from make label, AUROC for steering visibly: {predictors or 'none computed'}",
-        *[group_line(name, [r for r in results if r["index"] in set(indices)]) for name, indices in (groups or {}).items()],
+        *[group_line(name, [r for r in results if r["index"] in indices]) for name, indices in (groups or {}).items()],
         "",
         md_table(["dial", "made", "steers visibly", "presence gain", "over prompt baseline", "matches or beats baseline",
                   "token-share gain", "median ppl ratio", "repeated 4-grams", "tuning cost"], dial_rows), "",

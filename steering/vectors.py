@@ -25,6 +25,7 @@ from activations.errors import DialboxError
 from activations.rundir import RunDir
 from activations.sites import SITE_KINDS, FeatureId, Site
 from features.tables import feature_labels
+from steering.interventions import POSITIONS
 
 FORMAT = "dialbox-steering-vector-v1"
 OPERATIONS = ("add", "project")  # clamp needs an SAE, so it is an intervention on a feature, never a vector
@@ -51,8 +52,8 @@ class SteeringVector:
 
     def __post_init__(self):
         check_name(self.name)
-        if self.positions not in ("all", "prompt", "generated"):
-            raise VectorError(f"vector {self.name}: positions {self.positions!r} is not one of all, prompt, generated")
+        if self.positions not in POSITIONS:
+            raise VectorError(f"vector {self.name}: positions {self.positions!r} is not one of {', '.join(POSITIONS)}")
         if self.kind not in SITE_KINDS:
             raise VectorError(f"vector {self.name}: unknown site kind {self.kind!r}; use one of {', '.join(SITE_KINDS)}")
         if self.operation not in OPERATIONS:

@@ -89,7 +89,7 @@ def test_a_short_evaluation_stores_its_results_and_the_report_shows_them(evaluat
     runs, given, outcome = evaluated
     results = outcome["results"]
     assert [r["index"] for r in results][0] == given and len(results) == 2 and outcome["evaluated_now"] == 2
-    assert outcome["groups"] == {"random sample (1)": [results[1]["index"]]}  # the given feature is in no group
+    assert outcome["groups"] == {"random sample (1)": {results[1]["index"]}}  # the given feature is in no group
     for r in results:
         assert r["op"] in ("add", "clamp") and r["prompts"] == 4 and len(r["dev"]["sweep"]) == 3
         assert r["positions"] == ("prompt" if r["dev"]["setting"] == "add 1 (norm, prompt only)" else "all")
@@ -110,9 +110,10 @@ def test_a_short_evaluation_stores_its_results_and_the_report_shows_them(evaluat
     for r in results:  # the tuned dial is a named vector with its provenance, or the reason there is none
         assert (r["tuned"] is None) == bool(r["tuned_reason"])
         if r["tuned"]:
-            source = json.loads((runs / "demo" / "vectors" / f"{r['tuned']['vector']}.json").read_text())["source"]
+            meta = json.loads((runs / "demo" / "vectors" / f"{r['tuned']['vector']}.json").read_text())
+            source = meta["source"]
             assert source["features"] == [r["feature"]] and source["method"] == "tuned" and source["steps"] == 2
-            assert source["positions"] == r["tuned"]["positions"] == "prompt"  # tune.positions' default
+            assert meta["positions"] == r["tuned"]["positions"] == "prompt"  # tune.positions' default
 
     build_report(site_dir.parent, runs / "demo" / "report")
     data = runs / "demo" / "report" / "data" / SMOL_SITE
