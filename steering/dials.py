@@ -83,15 +83,17 @@ def tune_dial(steerer, site, start: torch.Tensor, pairs: list[Pair], cfg) -> tup
 def answer_logprobs(steerer, site, texts: list[tuple[torch.Tensor, torch.Tensor]], push: torch.Tensor,
                     positions: str = "all") -> torch.Tensor:
     """[answer positions, vocab] next-token log-probabilities at every answer position (each predicting the
-    answer's next token), with `push` added at the site on the request's rows (positions=prompt) or on every
-    row (all), as generation applies it; differentiable in push."""
+    answer's next token), with `push` added at the site on the request's rows (positions=prompt), the answer's
+    rows (generated: the first answer token is predicted from the request's last row, unpushed) or every row
+    (all), as generation applies it; differentiable in push."""
     longest = max(len(c) + len(a) for c, a in texts)
     ids = torch.full((len(texts), longest), steerer.pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     pushed = torch.zeros(len(texts), longest)
     for row, (c, a) in enumerate(texts):  # right-padded: positions count from 0 in every row
         ids[row, : len(c) + len(a)], mask[row, : len(c) + len(a)] = torch.cat([c, a]), 1
-        pushed[row, : len(c) if positions == "prompt" else len(c) + len(a)] = 1
+        start, end = len(c) if positions == "generated" else 0, len(c) if positions == "prompt" else len(c) + len(a)
+        pushed[row, start:end] = 1
     pushed = pushed.to(steerer.device)
 
     def add(rows):  # rows [batch, seq, (hyper-connection streams,) width]

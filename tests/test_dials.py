@@ -59,9 +59,18 @@ def test_a_tuned_dial_trains_through_deepseek_v4_hyper_connection_streams(tiny):
     ids = lambda n, seed: torch.randint(10, 200, (n,), generator=torch.Generator().manual_seed(seed))  # noqa: E731
     pairs = [Pair(ids(6, k), ids(5, 10 + k), ids(5, 20 + k)) for k in range(2)]
     start = tiny.sae(site).W_dec[0].detach().float().cpu()
-    for positions in ("prompt", "all"):
+    for positions in ("prompt", "generated", "all"):
         cfg = OmegaConf.create({"steps": 4, "lr": 0.05, "beta": 4.0, "nll": 1.0, "kl": 1.0, "positions": positions})
         vector, losses = tune_dial(tiny, site, start, pairs, cfg)
         assert vector.shape == start.shape and not torch.equal(vector, start) and all(map(math.isfinite, losses))
         assert (margin(tiny, site, pairs, vector.to(tiny.device), positions)
                 > margin(tiny, site, pairs, start.to(tiny.device), positions))
+    # each answer's first token is predicted from the request's last row: pushed under prompt and all, as in
+    # generation, but not under generated, whose push starts on the answer's own rows
+    texts, push = [(pairs[0].context, pairs[0].positive)], start.to(tiny.device) * 10
+    with torch.no_grad():
+        plain = answer_logprobs(tiny, site, texts, torch.zeros_like(push))
+        for positions, first_pushed in (("prompt", True), ("generated", False), ("all", True)):
+            pushed = answer_logprobs(tiny, site, texts, push, positions)
+            assert (not torch.allclose(pushed[0], plain[0])) == first_pushed, positions
+            assert not torch.allclose(pushed[1:], plain[1:]), positions
