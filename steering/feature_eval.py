@@ -60,8 +60,9 @@ COLUMNS = {"steer_op": "string", "steer_scale": "float32", "steer_units": "strin
            "steer_dial": "string",
            "steer_presence": "float32", "steer_gain": "float32", "steer_concept": "float32", "steer_fluency": "float32",
            "steer_score": "float32", "steers": "bool", "steer_prompts": "int32"}
-# make label's cheap predictors of whether a feature steers (columns of features.parquet)
-PREDICTORS = ("output_score",)
+# make label's cheap predictors of whether a feature steers (columns of features.parquet): the output score, and
+# the share of corpus tokens the feature fires on (docs/guide.md, "Knowing before paying": both, and others tried)
+PREDICTORS = ("output_score", "density")
 
 
 @dataclass(frozen=True)

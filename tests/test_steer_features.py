@@ -19,7 +19,7 @@ from features.tables import set_feature_columns
 from pipeline.steer import run_action
 from steering.exports import export_ds4, export_gguf
 from steering.feature_eval import (FeatureEvaluation, auroc, baseline_instruction, choose_setting, evaluate_features,
-                                   group_line, repeat_share, save_dial, summary)
+                                   group_line, predictor_scores, repeat_share, save_dial, summary)
 from steering.interventions import SteeringError
 from steering.steerer import Steerer, tuned_dial_name
 from steering.vectors import SteeringVector, VectorError
@@ -103,6 +103,8 @@ def test_a_short_evaluation_stores_its_results_and_the_report_shows_them(evaluat
     assert sorted(table["index"][k] for k in evaluated_rows) == sorted(r["index"] for r in results)
     assert all(table["steer_prompts"][k] == 4 and table["steers"][k] is not None for k in evaluated_rows)
     assert "output_score" in table and sum(v is not None for v in table["output_score"]) > 0
+    scores = predictor_scores(RunDir.at(runs / "demo"), SMOL_SITE)  # what make steer-features' AUROCs are of
+    assert set(scores) == {"output_score", "density"} and all(i in scores["density"] for i in table["index"])
 
     assert all(table["steer_dial"][k] in ("decoder", "tuned") for k in evaluated_rows)
     assert [table["steer_positions"][k] for k in evaluated_rows] == [next(r["positions"] for r in results if r["index"] ==
