@@ -51,13 +51,15 @@ harvest: setup
 # CE loss recovered 0.978 vs 0.978); the later stages load the model as the harvest did.
 # Then the 6 features the output score ranks highest get their dials measured (decoder row and tuned dial
 # against the prompt baseline, on 16 test prompts), so the report's first page says whether they steer. The
-# decoder sweep keeps the 4 settings that the 80-feature benchmark chose for 76 of its 80 features, and one
-# sampled answer per dev prompt and method: 3:53 on 2 cores, where the full sweep with 2 samples took 4:47
-# (both found 2 of the 6 steering visibly).
+# decoder sweep keeps the 4 settings that the 80-feature benchmark chose for 76 of its 80 features: 3:53 on 2
+# cores with one sampled answer per dev prompt and method, where the full sweep with 2 samples took 4:47 (both
+# found 2 of the 6 steering visibly). No sampled answer: on these 6 features the 96 answers sampled at
+# temperature 1 held no fluent positive, and without them every dial came out the same (16 answers a feature
+# fewer to generate).
 DEMO_LLM_FEATURES ?= 4
 DEMO_HARVEST ?= model.dtype=auto
 DEMO_TRAIN ?= train.batch_size=1024 train.lr_warmup_steps=10 sae.lr=2.1e-3
-DEMO_STEER ?= steer_features.n=0 steer_features.top=6 steer_features.test_prompts=16 steer_features.tune.samples=1 \
+DEMO_STEER ?= steer_features.n=0 steer_features.top=6 steer_features.test_prompts=16 steer_features.tune.samples=0 \
 	steer_features.add_scales=[0.15,0.25] steer_features.clamp_scales=[2] steer_features.prompt_scales=[0.5]
 demo: setup
 	$(PY) -m pipeline.harvest run.run_name=$(RUN) $(DEMO_HARVEST) $(ARGS)

@@ -219,13 +219,34 @@ def test_a_rerun_evaluates_only_what_is_not_done_and_redoes_a_line_cut_by_a_kill
     assert evaluate_features(steerer, cfg)["evaluated_now"] == 0
 
 
-LATE_SITE = "L28.resid_post"  # two blocks before the unembedding: a direction there writes the next token
+CONCEPT_SITE = "L15.resid_post"  # mid-depth, the demo's site: where SmolLM2's rows carry topics
+SEA = ["The ocean waves crashed against the rocky shore as the tide came in.",
+       "Sailors crossed the stormy sea in a small ship, far from any harbour.",
+       "Whales and dolphins swim in the deep blue waters of the Pacific Ocean.",
+       "We walked along the beach and watched the surf roll over the sand."]
+LAND = ["The committee approved the budget for the new library building.",
+        "She baked bread in the kitchen and served it with butter and jam.",
+        "The train to the city leaves the station every hour in the morning.",
+        "He wrote a letter to his brother about the harvest and the weather."]
 
 
-def plant(sae_dir, index: int, direction: torch.Tensor, store, site: str, read: bool = True) -> None:
+def diff_mean(steerer, site: str, texts: list[str], others: list[str]) -> torch.Tensor:
+    """The mean row of `texts` at `site` minus that of `others` (each text's first row left out: its norm is an
+    outlier). Between sentences about the sea and others, its top rows in the demo corpus are " seas", " waters",
+    " waves", " ocean", " sea", " depths", " coasts": a sea direction."""
+    def mean(batch):
+        ids = [steerer.tokenizer(t, return_tensors="pt").input_ids for t in batch]
+        return torch.cat([steerer.adapter.capture([site], i)[Site.parse(site)][0, 1:] for i in ids]).float().mean(0)
+
+    with torch.inference_mode():
+        return mean(texts) - mean(others)
+
+
+def plant(sae_dir, index: int, direction: torch.Tensor, store, site: str, read: bool = True,
+          quantile: float = 0.99) -> None:
     """Make feature `index` write `direction` (its decoder row) and, with `read`, also read it: it then
-    fires, strongly enough for TopK to keep it, on rows whose component along the direction is in the
-    store's top 0.2%."""
+    fires, strongly enough for TopK to keep it, on rows whose component along the direction is above the
+    store's `quantile`."""
     from safetensors.torch import load_file, save_file
 
     weights = load_file(sae_dir / "sae_weights.safetensors")
@@ -233,51 +254,49 @@ def plant(sae_dir, index: int, direction: torch.Tensor, store, site: str, read: 
     if read:
         rows = torch.from_numpy(store.read(site, 0, store.n_tokens)) - weights["b_dec"]
         weights["W_enc"][:, index] = unit * 1000
-        weights["b_enc"][index] = -1000 * torch.quantile(rows @ unit, 0.998)
+        weights["b_enc"][index] = -1000 * torch.quantile(rows @ unit, quantile)
     weights["W_dec"][index] = unit * weights["W_dec"].norm(dim=1).mean()
     save_file(weights, sae_dir / "sae_weights.safetensors")
 
 
 @pytest.mark.slow
-def test_a_feature_built_to_steer_steers_and_a_random_direction_does_not(tmp_path):
-    """A planted output feature (it writes the unembedding direction of ' ocean' two blocks before the
-    output, and reads the same direction) steers; a feature whose decoder row is replaced by a random
-    direction (it still reads what it read) does not."""
+def test_a_feature_built_to_steer_gets_dials_that_steer_visibly_and_a_random_direction_does_not(tmp_path):
+    """A planted concept feature (it reads and writes a sea direction: it fires on the top 1% of the store's
+    rows along it, " waters", " seas", ...) steers visibly, by its decoder row and by its tuned dial: a quarter
+    more test answers about the sea than unsteered and than the random control, within the fluency limits. A
+    feature whose decoder row is replaced by a random direction (it still reads what it read) steers by neither."""
     from activations.harvesting import harvest
     from features.label import label
     from sae.training import train
 
     runs = tmp_path / "runs"
     common = [f"run.runs_dir={runs}"]
-    harvest(compose_config("harvest", [*common, f"harvest.sites=[{LATE_SITE}]", "harvest.max_tokens=2048", "model.dtype=auto",
-                                       "data.context_length=64", "harvest.batch_size=8", "store.chunk_rows=256"]))
+    harvest(compose_config("harvest", [*common, f"harvest.sites=[{CONCEPT_SITE}]", "harvest.max_tokens=2048",
+                                       "model.dtype=auto", "data.context_length=64", "harvest.batch_size=8",
+                                       "store.chunk_rows=256"]))
     train(compose_config("train", [*common, "sae.expansion_factor=1", "sae.k=8", "train.batch_size=256",
                                    "eval.ce=false", "eval.tokens=256"]))
     label(compose_config("label", [*common, "label.output_score=false"]))
     run = RunDir(str(runs), "demo")
-    table = run.feature_table(LATE_SITE, ["index", "dead"])
+    table = run.feature_table(CONCEPT_SITE, ["index", "dead"])
     live = [i for i, dead in zip(table["index"], table["dead"]) if not dead]
     planted, random_index = live[0], live[1]
     steerer = Steerer(run.root)
-    word = steerer.tokenizer(" ocean", add_special_tokens=False).input_ids[0]
     store = run.open_store()
-    plant(run.saes(LATE_SITE), planted, steerer.model.get_output_embeddings().weight[word].detach().float(), store,
-          LATE_SITE)
+    plant(run.saes(CONCEPT_SITE), planted, diff_mean(steerer, CONCEPT_SITE, SEA, LAND), store, CONCEPT_SITE)
     direction = torch.randn(576, generator=torch.Generator().manual_seed(0))
-    plant(run.saes(LATE_SITE), random_index, direction, store, LATE_SITE, read=False)
-    shutil.rmtree(run.features(LATE_SITE))  # labelled again: max activations (presence's yardstick) of the planted SAE
+    plant(run.saes(CONCEPT_SITE), random_index, direction, store, CONCEPT_SITE, read=False)
+    shutil.rmtree(run.features(CONCEPT_SITE))  # labelled again: max activations (presence's yardstick) of the planted SAE
     label(compose_config("label", [*common, "label.output_score=false"]))
     cfg = compose_config("steer", [
-        *common, f"steer_features.site={LATE_SITE}", "steer_features.n=0",
-        f"steer_features.features=[{planted},{random_index}]", "steer_features.dev_prompts=4",
-        "steer_features.test_prompts=16", "steer_features.add_scales=[0.15]", "steer_features.clamp_scales=[]",
-        "steer_features.prompt_scales=[]",  # the decoder row pushed at every position: what the planted row writes
-        # Two blocks before the output a push of 0.15 x the mean norm already floods some answers with the word
-        # (perplexity 2-2.5x, a quarter of the 4-grams repeated); the limits are loosened so that the test is
-        # about the concept, not the limits.
-        "steer_features.max_ppl_ratio=3", "steer_features.max_repeats=0.5",
-        "steer_features.max_new_tokens=16", "steer_features.batch_size=16", "steer_features.bootstrap=500",
-        "steer_features.tune.steps=8", "steer_features.tune.samples=1", "steer_features.tune.scales=[0.5,1.0]"])
+        *common, f"steer_features.site={CONCEPT_SITE}", "steer_features.n=0",
+        f"steer_features.features=[{planted},{random_index}]", "steer_features.dev_prompts=8",
+        "steer_features.test_prompts=16", "steer_features.max_new_tokens=16", "steer_features.batch_size=32",
+        "steer_features.bootstrap=500",
+        # A short sweep: the decoder row added everywhere and on the request only. The second gives the fluent dev
+        # answers about the sea that the tuned dial learns from (3 of 8 here; sampled answers gave none).
+        "steer_features.add_scales=[0.15]", "steer_features.clamp_scales=[]", "steer_features.prompt_scales=[0.5]",
+        "steer_features.tune.steps=8", "steer_features.tune.samples=0", "steer_features.tune.scales=[0.5,1.0]"])
     prompts_in_training, splits = [], []
     tuned_dial, answers = FeatureEvaluation.tuned_dial, FeatureEvaluation.answers
 
@@ -300,15 +319,13 @@ def test_a_feature_built_to_steer_steers_and_a_random_direction_does_not(tmp_pat
         outcome = evaluate_features(steerer, cfg.steer_features)  # the steerer loads the SAE now: the planted one
     by_index = {r["index"]: r for r in outcome["results"]}
     planted_result, random_result = by_index[planted], by_index[random_index]
-    # The planted row writes the word it reads: the share of answer tokens on which it fires rises over the random
-    # feature pushed as hard, within the limits; the random direction's does not. (Neither reaches visible
-    # steering, a quarter more answers with the concept, at a fluent strength: BENCHMARKS.md, steer-features.)
-    assert planted_result["gain_over_control_ci95"][0] > 0 and planted_result["within_limits"], brief(planted_result)
-    assert not (random_result["gain_over_control_ci95"][0] > 0 and random_result["within_limits"]), brief(random_result)
-    # A feature without a tuned dial says why (here no fluent dev answer had the concept: the push that brings
-    # the word also breaks the text; steering/dials.py's own training is tested in tests/test_dials.py).
-    for result in (planted_result, random_result):
-        assert (result["tuned"] is None) == (result["tuned_reason"] is not None)
+    assert "sea" in planted_result["label"].lower() or "water" in planted_result["label"].lower(), planted_result["label"]
+    assert planted_result["tuned"], planted_result["tuned_reason"]
+    for dial in (planted_result, planted_result["tuned"]):
+        assert dial["visibly"], brief(dial)
+    for dial in (random_result, random_result["tuned"]):
+        assert dial is None or not dial["visibly"], brief(dial)
+    assert not random_result["steers"]
     dev, test = splits[0]  # a test prompt never reaches a tuned dial's data: its answers come from dev prompts
     assert set(prompts_in_training) == set(dev) and set(prompts_in_training).isdisjoint(test) and len(test) == 16
 
