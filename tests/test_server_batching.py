@@ -25,9 +25,10 @@ COUNTING = "1, 2, 3, 4, 5, 6,"  # goes on and on, with no end of turn
 
 @pytest.fixture(scope="module")
 def batching(smol_steerer):
-    """A server that waits long enough for a test's concurrent requests to land in one batch."""
+    """A server that waits long enough for a test's concurrent requests to land in one batch: a batch of 8 (a
+    test sends 8 at once) starts as soon as they are in; 500 ms once let 6 requests split 4 + 2 on a loaded CI."""
     with serving(SteeringServer(smol_steerer, "127.0.0.1", 0, max_tokens=400,
-                                limits=ServerLimits(max_batch=8, batch_wait_ms=500))) as server:
+                                limits=ServerLimits(max_batch=8, batch_wait_ms=3000))) as server:
         yield server
 
 
@@ -100,14 +101,14 @@ def test_a_failing_row_fails_alone_and_its_batch_generates_what_it_would_alone(b
     alone = smol.generate("The dog", (), max_new_tokens=6, chat=False)[0].text
     tiny = {"prompt": "Hi", "max_tokens": 6, "temperature": 1e-45}
     bad = {**good, "steering": ["overflowing scale=1000"]}
-    bodies = [good, {**good, "stream": True}, tiny, bad, {**bad, "stream": True}, good]
+    bodies = [good, {**good, "stream": True}, tiny, bad, {**bad, "stream": True}, good, good, good]  # max_batch
     forwards.clear()
     with ThreadPoolExecutor(len(bodies)) as pool:
         answers = list(pool.map(lambda body: post(batching, body), bodies))
     assert max(forwards) == len(bodies)  # one batch
-    (s1, plain), (s2, streamed), (s3, greedy), (s4, failed), (s5, failed_stream), (s6, plain_again) = answers
-    assert (s1, s2, s3, s4, s5, s6) == (200, 200, 200, 400, 200, 200)
-    assert json.loads(plain)["choices"][0]["text"] == json.loads(plain_again)["choices"][0]["text"] == alone
+    (s1, plain), (s2, streamed), (s3, greedy), (s4, failed), (s5, failed_stream), *again = answers
+    assert (s1, s2, s3, s4, s5) == (200, 200, 200, 400, 200) and all(status == 200 for status, _ in again)
+    assert {json.loads(text)["choices"][0]["text"] for text in [plain] + [t for _, t in again]} == {alone}
     assert "".join(e["choices"][0]["text"] for e in events(streamed)[:-1]) == alone
     assert json.loads(greedy)["choices"][0]["text"] == smol.generate("Hi", (), max_new_tokens=6, chat=False)[0].text
     assert "logits are not finite" in json.loads(failed)["error"]["message"]
