@@ -21,13 +21,14 @@ from steering.limits import ServerLimits
 
 
 class Architecture(StrEnum):
-    """sae-lens's training classes."""
+    """sae-lens's training classes (matryoshka_topk is its TopK, trained with nested losses: sae/step.py)."""
 
     topk = "topk"
     batchtopk = "batchtopk"
     jumprelu = "jumprelu"
     relu_l1 = "relu_l1"
     matryoshka = "matryoshka"
+    matryoshka_topk = "matryoshka_topk"
 
 
 class WandbMode(StrEnum):
@@ -108,7 +109,7 @@ class SAEConfig:
     architecture: Architecture = Architecture.topk
     expansion_factor: int = 16  # latents per input dimension (d_sae = expansion_factor * d_in)
     d_sae: int = 0  # absolute number of latents; overrides expansion_factor when > 0
-    k: int = 32  # active latents per token (topk, batchtopk, matryoshka)
+    k: int = 32  # active latents per token (topk, batchtopk, matryoshka, matryoshka_topk)
     # AuxK dead-latent loss weight for the TopK family (sae-lens's default; OpenAI and sparsify use
     # 1/32, which left 28% of SmolLM2's latents dead after 2M tokens against 2% with 1.0); 0 = off.
     aux_loss_coefficient: float = 1.0
@@ -116,7 +117,7 @@ class SAEConfig:
     l0_coefficient: float = 1.0  # jumprelu
     jumprelu_init_threshold: float = 0.01  # jumprelu: starting threshold of every latent
     jumprelu_bandwidth: float = 0.05  # jumprelu: width of the straight-through estimator's kernel
-    # Nested dictionary sizes for matryoshka; empty = d_sae/8, d_sae/4, d_sae/2, d_sae.
+    # Nested dictionary sizes for matryoshka and matryoshka_topk; empty = d_sae/8, d_sae/4, d_sae/2, d_sae.
     matryoshka_widths: list = field(default_factory=list)
     # Norm of each decoder row (and, as encoder = decoder^T, encoder column) at initialisation;
     # 0 = 1.0 for the TopK family, 0.1 (sae-lens's) for the others (see sae/architectures.py).

@@ -1,7 +1,8 @@
 """SAE architectures: sae-lens's training classes, built from a Dialbox SAEConfig.
 
 sae-lens owns the parameters, the losses and the file format; Dialbox only chooses the
-class and its settings here (and, for TopK, runs a faster step in sae/step.py).
+class and its settings here (and, for TopK, runs a faster step in sae/step.py, which also
+trains matryoshka_topk: sae-lens's TopK SAE under Matryoshka's nested losses).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ ARCHITECTURES = {
     "jumprelu": "jumprelu",
     "relu_l1": "standard",
     "matryoshka": "matryoshka_batchtopk",
+    "matryoshka_topk": "topk",  # a plain TopK SAE; only its training loss is nested (sae/step.py)
 }
 
 
@@ -32,7 +34,7 @@ def learning_rate(cfg, d_sae: int) -> float:
     return float(cfg.lr) if cfg.lr > 0 else 8e-4 / math.sqrt(d_sae / 16384)
 
 
-TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka", "matryoshka_topk")
 
 
 def decoder_init_norm(cfg) -> float:
@@ -57,15 +59,22 @@ def _architecture_fields(cfg, d_sae: int) -> dict:
     if arch in TOPK_FAMILY:
         fields = {"k": int(cfg.k), "aux_loss_coefficient": float(cfg.aux_loss_coefficient)}
         if arch == "matryoshka":
-            widths = list(cfg.matryoshka_widths) or [d_sae // 8, d_sae // 4, d_sae // 2, d_sae]
-            if widths[-1] != d_sae or sorted(widths) != widths:
-                raise ConfigError(f"sae.matryoshka_widths={widths} must increase and end at d_sae={d_sae}")
-            fields["matryoshka_widths"] = widths
+            fields["matryoshka_widths"] = list(nested_widths(cfg, d_sae))
         return fields
     if arch == "jumprelu":
         return {"l0_coefficient": float(cfg.l0_coefficient), "jumprelu_init_threshold": float(cfg.jumprelu_init_threshold),
                 "jumprelu_bandwidth": float(cfg.jumprelu_bandwidth)}
     return {"l1_coefficient": float(cfg.l1_coefficient)}
+
+
+def nested_widths(cfg, d_sae: int) -> tuple[int, ...]:
+    """The Matryoshka levels: each prefix of the dictionary reconstructs on its own; () for the others."""
+    if cfg.architecture not in ("matryoshka", "matryoshka_topk"):
+        return ()
+    widths = [int(w) for w in cfg.matryoshka_widths] or [d_sae // 8, d_sae // 4, d_sae // 2, d_sae]
+    if widths[-1] != d_sae or sorted(set(widths)) != widths or widths[0] <= 0:
+        raise ConfigError(f"sae.matryoshka_widths={widths} must increase and end at d_sae={d_sae}")
+    return tuple(widths)
 
 
 def build_sae(cfg, d_in: int, metadata: dict, device: str = "cpu") -> TrainingSAE:

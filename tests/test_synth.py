@@ -98,7 +98,7 @@ def test_quick_bench_writes_its_section(cache, tmp_path, monkeypatch):
     text = out.read_text()
     assert "<!-- bench-synth-quick -->" in text and "<!-- /bench-synth-quick -->" in text
     assert "make bench-synth ARGS='--quick" in text
-    for name in ("Dialbox topk", "Dialbox batchtopk", "Dialbox matryoshka", "sae-lens batchtopk",
+    for name in ("Dialbox topk", "Dialbox batchtopk", "Dialbox matryoshka", "Dialbox matryoshka_topk", "sae-lens batchtopk",
                  "sae-lens matryoshka_batchtopk"):
         assert f"| {name} | **" in text
     assert "| 512 | 1,024 | 2,048 | 4,096 |" in text  # F1 against samples seen

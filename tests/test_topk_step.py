@@ -12,9 +12,14 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from sae_lens.saes.sae import TrainStepInput
 
+from activations.errors import ConfigError
 from conftest import ROOT
-from sae.step import TORCH_KERNELS, kernels_for
+from pipeline.config import SAEConfig
+from sae.architectures import build_sae, nested_widths
+from sae.step import TORCH_KERNELS, kernels_for, topk_step
 from triton_kernel_checks import FUSED_SHAPES, SHAPES, assert_step_equals_sae_lens
 
 CHECKS = ROOT / "tests" / "triton_kernel_checks.py"
@@ -22,6 +27,37 @@ CHECKS = ROOT / "tests" / "triton_kernel_checks.py"
 
 def test_fast_topk_step_equals_sae_lens_training_pass():
     assert_step_equals_sae_lens(torch.device("cpu"), TORCH_KERNELS, tokens=256)
+
+
+def test_matryoshka_topk_step_adds_each_prefixs_own_reconstruction_loss():
+    """matryoshka_topk: sae-lens's TopK loss, plus for each inner level the error of the first `width` latents'
+    reconstruction on their own (dense, from sae-lens's own activations), in value and in every gradient."""
+    torch.manual_seed(0)
+    cfg = OmegaConf.structured(SAEConfig(architecture="matryoshka_topk", k=16, d_sae=96, matryoshka_widths=[12, 48, 96]))
+    sae = build_sae(cfg, 48, {"model_name": "m", "hook_name": "L0.ffn_out"})
+    widths = nested_widths(cfg, sae.cfg.d_sae)
+    x = torch.randn(256, 48)
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::3] = True
+    ours = topk_step(sae, x, dead, bf16_encoder=False, widths=widths)
+    ours.loss.backward()
+    our_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    theirs = sae.training_forward_pass(TrainStepInput(x, {}, dead, 0, False))
+    loss, norms = theirs.loss, sae.W_dec.norm(dim=-1)
+    for width in (12, 48):  # as sae-lens's Matryoshka decodes a level (its TopK rescales by the decoder norms)
+        inner = (theirs.feature_acts / norms)[:, :width] @ sae.W_dec[:width] + sae.b_dec
+        loss = loss + (inner - x).pow(2).sum(-1).mean()
+    loss.backward()
+    torch.testing.assert_close(ours.loss, loss)
+    assert ours.loss > theirs.loss * 1.5  # the inner levels reconstruct worse: their losses count
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(our_grads[name], p.grad, rtol=1e-4, atol=1e-6)
+
+    assert nested_widths(OmegaConf.structured(SAEConfig(architecture="matryoshka_topk")), 64) == (8, 16, 32, 64)
+    assert nested_widths(OmegaConf.structured(SAEConfig()), 64) == ()  # plain TopK: no inner levels
+    with pytest.raises(ConfigError, match="must increase and end at d_sae=96"):
+        nested_widths(OmegaConf.structured(SAEConfig(architecture="matryoshka_topk", matryoshka_widths=[48, 12, 96])), 96)
 
 
 @pytest.mark.slow  # 18 s interpreted on a CPU: make test runs it, make test-fast leaves it out

@@ -24,7 +24,7 @@ from activations.models import load_model
 from activations.sites import Site, SiteError
 from activations.store import ActivationStore, StoreError
 from sae.training import train
-from sae.architectures import ARCHITECTURES, build_sae, learning_rate
+from sae.architectures import ARCHITECTURES, build_sae, learning_rate, nested_widths
 from sae.metrics import ce_recovered_note, spliced_metrics
 from sae.step import training_step
 from sae.trainer import Member, Trainer, TrainingError, dead_window
@@ -50,7 +50,7 @@ def test_every_architecture_trains_and_loads_in_sae_lens(architecture):
     torch.manual_seed(0)
     cfg = OmegaConf.structured(SAEConfig(architecture=architecture, expansion_factor=4, k=8))
     sae = build_sae(cfg, 32, {"model_name": "m", "hook_name": "L0.ffn_out"})
-    member = Member("base", "L0.ffn_out", sae, scale=2.0, base_lr=1e-3)
+    member = Member("base", "L0.ffn_out", sae, scale=2.0, base_lr=1e-3, widths=nested_widths(cfg, sae.cfg.d_sae))
     trainer = Trainer([member], total_steps=20, cfg=OmegaConf.structured(TrainConfig(log_every=5)))
     data = torch.randn(20, 128, 32)
     for x in data:
@@ -62,7 +62,7 @@ def test_every_architecture_trains_and_loads_in_sae_lens(architecture):
     loaded_dir = f"/tmp/dialbox-test-{architecture}-{os.getpid()}"
     sae.save_inference_model(loaded_dir)
     loaded = SAE.load_from_disk(loaded_dir)
-    if architecture in ("topk", "relu_l1", "jumprelu"):  # batch-level TopK trains differently from inference
+    if architecture in ("topk", "matryoshka_topk", "relu_l1", "jumprelu"):  # batch-level TopK trains differently from inference
         torch.testing.assert_close(loaded.encode(data[0]), sae.encode(data[0]), rtol=1e-4, atol=1e-5)
     assert loaded.decode(loaded.encode(data[0])).shape == data[0].shape
 

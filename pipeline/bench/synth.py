@@ -9,8 +9,8 @@ in 768 dimensions, so an SAE's latents can be checked against the features that 
 `sae_lens.synthetic` builds the model from its authors' config (seeded) and caches it in the Dialbox cache
 (`$DIALBOX_CACHE`, else ~/.cache/dialbox): about half an hour of orthogonalisation on 2 CPU cores, once.
 Then one stream of samples from the model's own sampler; each batch goes to every trainer in turn, so all
-see the same rows: Dialbox's TopK, BatchTopK and Matryoshka through `make train`'s trainer
-(`sae.trainer.Trainer.step`, the fast TopK step), and sae-lens's BatchTopK and Matryoshka BatchTopK through
+see the same rows: Dialbox's TopK, BatchTopK, Matryoshka (BatchTopK) and Matryoshka TopK through `make train`'s
+trainer (`sae.trainer.Trainer.step`, the fast TopK step for TopK and Matryoshka TopK), and sae-lens's BatchTopK and Matryoshka BatchTopK through
 sae-lens's `SAETrainer` at the settings of the published runs. Each SAE is scored by sae-lens's
 `eval_sae_on_synthetic_data` on the same held-out samples, drawn once. The training samples are not written to
 disk: handing each batch to every trainer pays the slow sampler (about 1k rows/s on 2 cores) once per run, as a
@@ -145,7 +145,7 @@ def matryoshka_widths(width: int) -> list[int]:
 def dialbox(architecture: str, args, steps: int, stats_batch: torch.Tensor, device) -> Contender:
     """Trained as `make train sae=<architecture> sae.k=... sae.d_sae=... train.batch_size=...` trains it,
     its other settings the defaults; the data statistics a store would give come from `stats_batch`."""
-    widths = matryoshka_widths(args.width) if architecture == "matryoshka" else []
+    widths = matryoshka_widths(args.width) if architecture.startswith("matryoshka") else []
     sae_cfg = OmegaConf.structured(SAEConfig(architecture=architecture, k=args.k, d_sae=args.width,
                                              matryoshka_widths=widths))
     train_cfg = OmegaConf.structured(TrainConfig(batch_size=args.batch, device=str(device), dead_tokens=args.dead_tokens))
@@ -176,7 +176,7 @@ def sae_lens(sae_cfg, args, steps: int, device) -> Contender:
 
 def contenders(args, d_in: int, steps: int, stats_batch: torch.Tensor, device) -> list[Contender]:
     common = dict(d_in=d_in, d_sae=args.width, k=args.k, device=str(device))
-    return [*(dialbox(arch, args, steps, stats_batch, device) for arch in ("topk", "batchtopk", "matryoshka")),
+    return [*(dialbox(arch, args, steps, stats_batch, device) for arch in ("topk", "batchtopk", "matryoshka", "matryoshka_topk")),
             sae_lens(BatchTopKTrainingSAEConfig(**common), args, steps, device),
             sae_lens(MatryoshkaBatchTopKTrainingSAEConfig(
                 **common, matryoshka_widths=matryoshka_widths(args.width), use_matryoshka_aux_loss=True),
@@ -260,12 +260,13 @@ Dialbox trains as `make train` does with `sae=<architecture> sae.k={args.k} sae.
 train.batch_size={args.batch}` and the other defaults (lr {learning_rate(OmegaConf.structured(SAEConfig()), args.width):.3g}, 8e-4 / sqrt(d_sae / 16384), with 50 warm-up steps and
 a linear decay over the last 20%; AuxK on latents silent for {dead_window(SAEConfig(k=args.k, d_sae=args.width), samples, args.dead_tokens):,}
 samples{" (`--dead-tokens`)" if args.dead_tokens else ""}; unit-norm decoder rows; inputs scaled to mean norm sqrt(d_in) and `b_dec`
-started at the mean, both from one batch drawn for the purpose; Matryoshka widths {widths}). sae-lens trains
+started at the mean, both from one batch drawn for the purpose; Matryoshka widths {widths}, for Matryoshka TopK
+as nested losses of a per-sample TopK in the fast step). sae-lens trains
 with the `SAETrainer` config that `SyntheticSAERunner` builds for the published runs (lr 3e-4 constant, Adam
 0.9/0.999, its defaults otherwise; Matryoshka BatchTopK widths {widths}, `use_matryoshka_aux_loss`;
 autocast on a GPU only), driven a batch at a time through the seams `SAETrainer.fit` itself calls.
-Samples/s are each trainer's own steps, sampling excluded; the last column divides by sae-lens's BatchTopK (Matryoshka
-for Dialbox's Matryoshka).
+Samples/s are each trainer's own steps, sampling excluded; the last column divides by sae-lens's BatchTopK (its Matryoshka
+for Dialbox's Matryoshka and Matryoshka TopK).
 
 Evaluation: `eval_sae_on_synthetic_data` on the same {eval_rows:,} held-out samples for every SAE (drawn once,
 seeded), in batches of {args.batch}, each SAE at its own input scale. F1, precision and recall: each latent as a
