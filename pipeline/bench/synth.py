@@ -10,8 +10,8 @@ in 768 dimensions, so an SAE's latents can be checked against the features that 
 (`$DIALBOX_CACHE`, else ~/.cache/dialbox): about half an hour of orthogonalisation on 2 CPU cores, once.
 Then one stream of samples from the model's own sampler; each batch goes to every trainer in turn, so all
 see the same rows: Dialbox's TopK, BatchTopK, Matryoshka (BatchTopK) and Matryoshka TopK through `make train`'s
-trainer (`sae.trainer.Trainer.step`, the fast TopK step for TopK and Matryoshka TopK), and sae-lens's BatchTopK and Matryoshka BatchTopK through
-sae-lens's `SAETrainer` at the settings of the published runs. Each SAE is scored by sae-lens's
+trainer (`sae.trainer.Trainer.step`, the fast TopK step for TopK and Matryoshka TopK), and sae-lens's BatchTopK
+and Matryoshka BatchTopK through sae-lens's `SAETrainer` at the settings of the published runs. Each SAE is scored by sae-lens's
 `eval_sae_on_synthetic_data` on the same held-out samples, drawn once. The training samples are not written to
 disk: handing each batch to every trainer pays the slow sampler (about 1k rows/s on 2 cores) once per run, as a
 stored copy would, and the published budget (200M rows, 614 GB in float32) would not fit on one.
