@@ -77,6 +77,18 @@ def nested_widths(cfg, d_sae: int) -> tuple[int, ...]:
     return tuple(widths)
 
 
+def inner_levels(cfg, d_sae: int) -> tuple[tuple[int, float], ...]:
+    """matryoshka_topk's inner levels for the fast step: (width, weight of that prefix's reconstruction loss),
+    the weight sae.matryoshka_balance ** (levels below the whole dictionary); () for the other architectures."""
+    if cfg.architecture != "matryoshka_topk":
+        return ()
+    widths = nested_widths(cfg, d_sae)[:-1]
+    balance = float(cfg.matryoshka_balance)
+    if balance < 0:
+        raise ConfigError(f"sae.matryoshka_balance={balance} must be >= 0 (1: Matryoshka's plain sum of losses)")
+    return tuple((width, balance ** (len(widths) - i)) for i, width in enumerate(widths))
+
+
 def build_sae(cfg, d_in: int, metadata: dict, device: str = "cpu") -> TrainingSAE:
     """A freshly initialised sae-lens training SAE for `cfg` on `d_in`-wide activations."""
     if cfg.architecture not in ARCHITECTURES:

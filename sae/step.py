@@ -9,11 +9,13 @@ backward over the k active latents only, and the encoder's forward is fused with
 (sae/triton_encode.py) where that times faster than cuBLAS + torch.topk on the GPU at hand;
 elsewhere torch's embedding_bag decodes and the encoder back-propagates through its dense product.
 
-Given Matryoshka widths (sae=matryoshka_topk), the same step adds Matryoshka's nested losses
-(Bussmann et al. 2025; Nabeshima 2024): each prefix of the dictionary, the first widths[i] latents,
+Given Matryoshka levels (sae=matryoshka_topk), the same step adds Matryoshka's nested losses
+(Bussmann et al. 2025; Nabeshima 2024): each prefix of the dictionary, its first `width` latents,
 reconstructs the input on its own from the same k active latents, so the first latents must carry the
 broad features and cannot absorb them into their children. Each prefix is one more sparse decode of
 the k latents with those outside it zeroed: far cheaper than sae-lens's Matryoshka BatchTopK pass.
+Each prefix's loss has its own weight, smaller the deeper it lies (sae.matryoshka_balance): Chanin et
+al. (2025) found that a plain sum makes the inner latents hedge, mixing in parts of their children.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def _sparse_decode(sae: TopKTrainingSAE, values, indices, norms, decode):
 
 
 def topk_step(sae: TopKTrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | None,
-              bf16_encoder: bool = True, kernels: Kernels = TORCH_KERNELS, widths: tuple[int, ...] = ()) -> StepOutput:
+              bf16_encoder: bool = True, kernels: Kernels = TORCH_KERNELS, levels: tuple[tuple[int, float], ...] = ()) -> StepOutput:
     cfg = sae.cfg
     low = torch.bfloat16 if bf16_encoder else x.dtype
     norms = sae.W_dec.norm(dim=-1)
@@ -104,9 +106,9 @@ def topk_step(sae: TopKTrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | N
     values = values.float().relu()
     recon = _sparse_decode(sae, values, indices, norms, kernels.decode) + sae.b_dec
     loss = (recon - x).pow(2).sum(-1).mean()
-    for width in widths[:-1]:  # the whole dictionary's loss is the line above
+    for width, weight in levels:  # the inner prefixes; the whole dictionary's loss is the line above
         inner = _sparse_decode(sae, values * (indices < width), indices, norms, kernels.decode) + sae.b_dec
-        loss = loss + (inner - x).pow(2).sum(-1).mean()
+        loss = loss + weight * (inner - x).pow(2).sum(-1).mean()
 
     n_dead = int(dead_mask.sum()) if dead_mask is not None and cfg.aux_loss_coefficient > 0 else 0
     if n_dead:
@@ -160,9 +162,9 @@ def generic_step(sae: TrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | No
 
 
 def training_step(sae: TrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | None, step: int,
-                  bf16_encoder: bool = True, triton_kernels: bool = True, widths: tuple[int, ...] = ()) -> StepOutput:
-    """widths: matryoshka_topk's nested levels (sae.architectures.nested_widths), for the fast step."""
+                  bf16_encoder: bool = True, triton_kernels: bool = True, levels: tuple[tuple[int, float], ...] = ()) -> StepOutput:
+    """levels: matryoshka_topk's inner levels and their weights (sae.architectures.inner_levels)."""
     # Subclasses (BatchTopK, Matryoshka) change the activation, so only plain TopK takes the fast path.
     if type(sae) is TopKTrainingSAE:
-        return topk_step(sae, x, dead_mask, bf16_encoder, kernels_for(x.device, triton_kernels), widths)
+        return topk_step(sae, x, dead_mask, bf16_encoder, kernels_for(x.device, triton_kernels), levels)
     return generic_step(sae, x, dead_mask, step)

@@ -41,7 +41,8 @@ class Member:
     sae: TrainingSAE
     scale: float  # activations are multiplied by this during training
     base_lr: float
-    widths: tuple[int, ...] = ()  # Matryoshka levels: the fast step's nested losses (sae-lens's Matryoshka has its own)
+    # matryoshka_topk's inner levels, (width, loss weight): the fast step's nested losses (sae-lens's Matryoshka has its own)
+    levels: tuple[tuple[int, float], ...] = ()
     optimizer: torch.optim.Optimizer = None
     steps_since_fired: torch.Tensor = None
     fire_counts: torch.Tensor = None  # tokens each latent fired on, since the last histogram
@@ -114,7 +115,7 @@ class Trainer:
         for m in self.members:
             x = batch[m.site].float() * m.scale
             out = training_step(m.sae, x, self.dead_mask(m, global_rows), self.step_count, self.cfg.bf16_encoder,
-                                self.cfg.triton_kernels, m.widths)
+                                self.cfg.triton_kernels, m.levels)
             if not torch.isfinite(out.loss):
                 raise TrainingError(f"loss of {m.site}/{m.tag} became {out.loss.item()} at step {self.step_count}")
             out.loss.backward()

@@ -31,7 +31,7 @@ from activations.corpus import iter_windows, windows_for_tokens
 from activations.rundir import RunDir, sae_metrics
 from activations.sites import Site, SiteError
 from activations.store import ActivationStore, StoreError
-from sae.architectures import build_sae, learning_rate, nested_widths
+from sae.architectures import build_sae, inner_levels, learning_rate
 from sae.metrics import spliced_metrics
 from sae.trainer import Member, Trainer, TrainingError, total_steps_for
 from activations.errors import ConfigError
@@ -133,7 +133,7 @@ def start_member(tag: str, site: str, sae_cfg, train_cfg, mean: torch.Tensor, me
         # Start b_dec at the data mean: real residual streams share a large mean direction, and
         # with b_dec = 0 the few latents aligned with it win every token and the rest never fire.
         sae.b_dec.copy_(mean * scale)
-    return Member(tag, site, sae, scale, learning_rate(sae_cfg, sae.cfg.d_sae), nested_widths(sae_cfg, sae.cfg.d_sae))
+    return Member(tag, site, sae, scale, learning_rate(sae_cfg, sae.cfg.d_sae), inner_levels(sae_cfg, sae.cfg.d_sae))
 
 
 def build_members(cfg: DictConfig, store: ActivationStore, sites: list[str], device) -> list[Member]:

@@ -18,7 +18,7 @@ from sae_lens.saes.sae import TrainStepInput
 from activations.errors import ConfigError
 from conftest import ROOT
 from pipeline.config import SAEConfig
-from sae.architectures import build_sae, nested_widths
+from sae.architectures import build_sae, inner_levels, nested_widths
 from sae.step import TORCH_KERNELS, kernels_for, topk_step
 from triton_kernel_checks import FUSED_SHAPES, SHAPES, assert_step_equals_sae_lens
 
@@ -29,33 +29,40 @@ def test_fast_topk_step_equals_sae_lens_training_pass():
     assert_step_equals_sae_lens(torch.device("cpu"), TORCH_KERNELS, tokens=256)
 
 
-def test_matryoshka_topk_step_adds_each_prefixs_own_reconstruction_loss():
+@pytest.mark.parametrize("balance", [1.0, 0.5])
+def test_matryoshka_topk_step_adds_each_prefixs_own_reconstruction_loss(balance):
     """matryoshka_topk: sae-lens's TopK loss, plus for each inner level the error of the first `width` latents'
-    reconstruction on their own (dense, from sae-lens's own activations), in value and in every gradient."""
+    reconstruction on their own (dense, from sae-lens's own activations) times balance ** its depth, in value
+    and in every gradient."""
     torch.manual_seed(0)
-    cfg = OmegaConf.structured(SAEConfig(architecture="matryoshka_topk", k=16, d_sae=96, matryoshka_widths=[12, 48, 96]))
+    cfg = OmegaConf.structured(SAEConfig(architecture="matryoshka_topk", k=16, d_sae=96, matryoshka_widths=[12, 48, 96],
+                                         matryoshka_balance=balance))
     sae = build_sae(cfg, 48, {"model_name": "m", "hook_name": "L0.ffn_out"})
-    widths = nested_widths(cfg, sae.cfg.d_sae)
+    levels = inner_levels(cfg, sae.cfg.d_sae)
+    assert levels == ((12, balance ** 2), (48, balance))  # the innermost level weighs least
     x = torch.randn(256, 48)
     dead = torch.zeros(96, dtype=torch.bool)
     dead[::3] = True
-    ours = topk_step(sae, x, dead, bf16_encoder=False, widths=widths)
+    ours = topk_step(sae, x, dead, bf16_encoder=False, levels=levels)
     ours.loss.backward()
     our_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
     theirs = sae.training_forward_pass(TrainStepInput(x, {}, dead, 0, False))
     loss, norms = theirs.loss, sae.W_dec.norm(dim=-1)
-    for width in (12, 48):  # as sae-lens's Matryoshka decodes a level (its TopK rescales by the decoder norms)
+    for width, depth in ((12, 2), (48, 1)):  # as sae-lens's Matryoshka decodes a level (its TopK rescales by the decoder norms)
         inner = (theirs.feature_acts / norms)[:, :width] @ sae.W_dec[:width] + sae.b_dec
-        loss = loss + (inner - x).pow(2).sum(-1).mean()
+        loss = loss + balance ** depth * (inner - x).pow(2).sum(-1).mean()
     loss.backward()
     torch.testing.assert_close(ours.loss, loss)
-    assert ours.loss > theirs.loss * 1.5  # the inner levels reconstruct worse: their losses count
+    assert ours.loss > theirs.loss * 1.2  # the inner levels reconstruct worse: their losses count
     for name, p in sae.named_parameters():
         torch.testing.assert_close(our_grads[name], p.grad, rtol=1e-4, atol=1e-6)
 
     assert nested_widths(OmegaConf.structured(SAEConfig(architecture="matryoshka_topk")), 64) == (8, 16, 32, 64)
     assert nested_widths(OmegaConf.structured(SAEConfig()), 64) == ()  # plain TopK: no inner levels
+    assert inner_levels(OmegaConf.structured(SAEConfig(architecture="matryoshka")), 64) == ()  # sae-lens's own loss
+    with pytest.raises(ConfigError, match="matryoshka_balance=-1.0 must be >= 0"):
+        inner_levels(OmegaConf.structured(SAEConfig(architecture="matryoshka_topk", matryoshka_balance=-1.0)), 64)
     with pytest.raises(ConfigError, match="must increase and end at d_sae=96"):
         nested_widths(OmegaConf.structured(SAEConfig(architecture="matryoshka_topk", matryoshka_widths=[48, 12, 96])), 96)
 

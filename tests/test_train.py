@@ -24,7 +24,7 @@ from activations.models import load_model
 from activations.sites import Site, SiteError
 from activations.store import ActivationStore, StoreError
 from sae.training import train
-from sae.architectures import ARCHITECTURES, build_sae, learning_rate, nested_widths
+from sae.architectures import ARCHITECTURES, build_sae, inner_levels, learning_rate
 from sae.metrics import ce_recovered_note, spliced_metrics
 from sae.step import training_step
 from sae.trainer import Member, Trainer, TrainingError, dead_window
@@ -50,7 +50,7 @@ def test_every_architecture_trains_and_loads_in_sae_lens(architecture):
     torch.manual_seed(0)
     cfg = OmegaConf.structured(SAEConfig(architecture=architecture, expansion_factor=4, k=8))
     sae = build_sae(cfg, 32, {"model_name": "m", "hook_name": "L0.ffn_out"})
-    member = Member("base", "L0.ffn_out", sae, scale=2.0, base_lr=1e-3, widths=nested_widths(cfg, sae.cfg.d_sae))
+    member = Member("base", "L0.ffn_out", sae, scale=2.0, base_lr=1e-3, levels=inner_levels(cfg, sae.cfg.d_sae))
     trainer = Trainer([member], total_steps=20, cfg=OmegaConf.structured(TrainConfig(log_every=5)))
     data = torch.randn(20, 128, 32)
     for x in data:

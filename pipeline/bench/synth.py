@@ -261,7 +261,7 @@ train.batch_size={args.batch}` and the other defaults (lr {learning_rate(OmegaCo
 a linear decay over the last 20%; AuxK on latents silent for {dead_window(SAEConfig(k=args.k, d_sae=args.width), samples, args.dead_tokens):,}
 samples{" (`--dead-tokens`)" if args.dead_tokens else ""}; unit-norm decoder rows; inputs scaled to mean norm sqrt(d_in) and `b_dec`
 started at the mean, both from one batch drawn for the purpose; Matryoshka widths {widths}, for Matryoshka TopK
-as nested losses of a per-sample TopK in the fast step). sae-lens trains
+as nested losses of a per-sample TopK in the fast step, the inner ones weighted {SAEConfig.matryoshka_balance} ** their depth). sae-lens trains
 with the `SAETrainer` config that `SyntheticSAERunner` builds for the published runs (lr 3e-4 constant, Adam
 0.9/0.999, its defaults otherwise; Matryoshka BatchTopK widths {widths}, `use_matryoshka_aux_loss`;
 autocast on a GPU only), driven a batch at a time through the seams `SAETrainer.fit` itself calls.
