@@ -99,7 +99,9 @@ def hc_pre_weights(hc, streams):
     """The `pre` stream weights of a hyper-connection, recomputed from its parameters."""
     n = hc.hc_mult
     flat = streams.flatten(2).float()
-    flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + hc.input_norm.eps)
+    norm = hc.input_norm  # its epsilon is `eps` up to transformers 5.24, `variance_epsilon` from 5.25
+    eps = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+    flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
     mixes = flat @ hc.fn[:n].float().T
     return torch.sigmoid(mixes * hc.scale[0] + hc.base[:n]) + hc.hc_eps
 
