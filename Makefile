@@ -86,7 +86,7 @@ browse: setup
 # core idle while a test waited on a subprocess, a server or a disk). TEST_WORKERS=0 runs it in one process
 # (for -s or --pdb); on a larger machine TEST_WORKERS=auto uses a process per core.
 TEST_WORKERS ?= 2
-PYTEST := WANDB_MODE=disabled $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1) $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
+PYTEST := WANDB_MODE=disabled $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1) $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: setup-test
 	$(PYTEST) $(ARGS)

@@ -1,7 +1,9 @@
 """The test suite's fixtures: named builders for the small runs, each built once per test run.
 
 Shared runs are read-only: a test that writes into one copies it first (copy_run). Steering
-tests get their own copy (smol_run, tiny_run), since steering saves vectors into its run.
+tests get their own copy (smol_run, tiny_run), since steering saves vectors into its run. smol_runs,
+smol_labelled and tiny_harvest are built once for the whole run, not once per pytest-xdist worker
+(built_once).
 
   smol_runs     runs dir: SmolLM2 harvested at L3.resid_post (8,192 tokens), a small TopK SAE
   smol_run      run dir: a copy of smol_runs/demo for steering; `smol_steerer` is its Steerer, and `smol`
@@ -55,6 +57,19 @@ def run_stage(module: str, *overrides: str, check: bool = True, timeout: float =
     return result
 
 
+# The slowest test files, slowest first (`pytest -n 0 --durations=80` on 2 cores, 2026-12-03: 176 s down to
+# 33 s). make test hands whole files to its 2 workers in collection order (--no-loadscope-reorder); pytest-xdist
+# would otherwise order them by their number of tests, and a slow file with few tests, such as the notebook's
+# one, could start last while the other worker sat idle. Longest first leaves short files to even out the end.
+SLOW_FILES = ("test_steer_features.py", "test_label.py", "test_train.py", "test_harvest.py", "test_notebook.py",
+              "test_launch.py", "test_steer.py", "test_store_remote.py", "test_browser.py", "test_topk_step.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: k for k, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: each file keeps its order
+
+
 @pytest.fixture
 def runs_dir(tmp_path) -> Path:
     return tmp_path / "runs"
@@ -75,9 +90,26 @@ def copy_run(runs: Path, dest: Path) -> Path:
     return dest
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The directory `name`, built by build(path) once for the whole test run: the first pytest-xdist worker
+    to need it builds it under a file lock, and the other finds it there instead of building its own."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the workers' temps share a parent
+    path, built = root / name, root / f"{name}.built"
+    with FileLock(str(root / f"{name}.lock")):
+        if not built.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            build(path)
+            built.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def smol_runs(tmp_path_factory) -> Path:
-    return make_trained_run(tmp_path_factory.mktemp("smol_runs"))
+    return built_once(tmp_path_factory, "smol_runs", make_trained_run)
 
 
 @pytest.fixture(scope="session")
@@ -93,9 +125,14 @@ def own_smol_run(smol_run, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def smol_labelled_by_stage(smol_runs, tmp_path_factory):
-    """The smol run labelled once by the label stage with LABEL_SMALL: (runs, the stage's result)."""
-    runs = copy_run(smol_runs, tmp_path_factory.mktemp("smol_labelled") / "runs")
-    return runs, run_stage("pipeline.label", f"run.runs_dir={runs}", *LABEL_SMALL)
+    """The smol run labelled once by the label stage with LABEL_SMALL: (runs, what the stage printed)."""
+    def label(path):
+        copy_run(smol_runs, path / "runs")
+        result = run_stage("pipeline.label", f"run.runs_dir={path / 'runs'}", *LABEL_SMALL)
+        (path / "stdout.txt").write_text(result.stdout)
+
+    path = built_once(tmp_path_factory, "smol_labelled", label)
+    return path / "runs", (path / "stdout.txt").read_text()
 
 
 @pytest.fixture(scope="session")
@@ -108,10 +145,11 @@ def tiny_harvest(tmp_path_factory) -> Path:
     """A finished tiny DeepSeek-V4 harvest at a hyper-connection site and an FFN output, routing stored."""
     from activations.harvesting import harvest
 
-    runs = tmp_path_factory.mktemp("tiny_runs")
-    harvest(compose_config("harvest", [f"run.runs_dir={runs}", *TINY, f"harvest.sites=[{','.join(TINY_SITES)}]",
-                                       "harvest.max_tokens=8192", "store.chunk_rows=256", "harvest.router=true"]))
-    return runs
+    def build(runs):
+        harvest(compose_config("harvest", [f"run.runs_dir={runs}", *TINY, f"harvest.sites=[{','.join(TINY_SITES)}]",
+                                           "harvest.max_tokens=8192", "store.chunk_rows=256", "harvest.router=true"]))
+
+    return built_once(tmp_path_factory, "tiny_runs", build)
 
 
 @pytest.fixture(scope="session")

@@ -261,8 +261,8 @@ def test_label_stage_with_an_openai_endpoint_end_to_end(smol_runs, tmp_path, end
 
 @pytest.mark.slow
 def test_label_stage_writes_the_tables(smol_labelled_by_stage):
-    runs, result = smol_labelled_by_stage
-    assert "heuristic" in result.stdout
+    runs, stdout = smol_labelled_by_stage
+    assert "heuristic" in stdout
     out = runs / "demo" / "features" / SITE
     table = pq.read_table(out / "features.parquet").to_pandas()
     meta = json.loads((out / "meta.json").read_text())
