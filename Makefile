@@ -52,10 +52,11 @@ harvest: setup
 # Then the 6 features the output score ranks highest get their dials measured (decoder row and tuned dial
 # against the prompt baseline, on 16 test prompts), so the report's first page says whether they steer. The
 # decoder sweep keeps the 4 settings that the 80-feature benchmark chose for 76 of its 80 features: 3:53 on 2
-# cores with one sampled answer per dev prompt and method, where the full sweep with 2 samples took 4:47 (both
-# found 2 of the 6 steering visibly). No sampled answer: on these 6 features the 96 answers sampled at
-# temperature 1 held no fluent positive, and without them every dial came out the same (16 answers a feature
-# fewer to generate).
+# cores with bf16 units with one sampled answer per dev prompt and method, where the full sweep with 2 samples
+# took 4:47 (both found 2 of the 6 steering visibly). On 2 AVX2 cores without bf16 units the model runs in
+# float32 and this step takes 11:28 (harvest 3:31, train 1:03, label 3:30: make demo 21 minutes after set-up).
+# No sampled answer: on these 6 features the 96 answers sampled at temperature 1 held no fluent positive, and
+# without them every dial came out the same (16 answers a feature fewer to generate).
 DEMO_LLM_FEATURES ?= 4
 DEMO_HARVEST ?= model.dtype=auto
 DEMO_TRAIN ?= train.batch_size=1024 train.lr_warmup_steps=10 sae.lr=2.1e-3

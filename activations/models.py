@@ -121,11 +121,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     has to convert, and gains nothing; with them (AVX512-BF16, AMX) a SmolLM2 forward ran 3.5x faster than
     in float32 on the 2-core demo machine."""
     if name == "auto":
-        native = device.type == "cuda" or _cpu_has_bf16_units()
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if has_native_bf16(device) else torch.float32
     if name not in DTYPES:
         raise ConfigError(f"unknown model.dtype {name!r}: use one of {', '.join(DTYPES)} or auto")
     return DTYPES[name]
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether matrix products run natively in bf16 on this device: a GPU, or a CPU with AVX512-BF16 or AMX.
+    Elsewhere torch emulates them: a 1024 x 576 x 9216 bf16 matmul took 11 s on a 2-core AVX2 CPU, 0.11 s in float32."""
+    return device.type == "cuda" or _cpu_has_bf16_units()
 
 
 def _cpu_has_bf16_units() -> bool:

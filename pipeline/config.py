@@ -169,8 +169,9 @@ class TrainConfig:
     # of the site's mean norm. The default drops "massive activation" attention-sink tokens (0.03%
     # of SmolLM2's tokens, 95% of its L15 variance), which no dictionary should spend latents on; 0 = keep all.
     outlier_norm: float = 10.0
-    # Run the TopK encoder matmul in bf16 (AMX / tensor cores); the rest stays float32.
-    bf16_encoder: bool = True
+    # Run the TopK encoder matmul in bf16; the rest stays float32. None = where the device has bf16 units
+    # (a GPU's tensor cores, a CPU's AVX512-BF16 or AMX): elsewhere torch emulates bf16 about 100x slower than float32.
+    bf16_encoder: Optional[bool] = None
     # On CUDA, with triton installed, run the TopK decoder and the encoder's backward with the
     # Triton kernels of sae/triton_topk.py (over the k active latents only), and the encoder forward
     # fused with its top k (sae/triton_encode.py) where that times faster; false = torch's

@@ -2,7 +2,7 @@
 
 The fast TopK step computes exactly the loss of sae-lens's TopKTrainingSAE
 (MSE + AuxK, decoder-norm rescaling included) but never builds the dense
-[batch, d_sae] activation matrix for the decoder: the encoder runs in bf16 and the
+[batch, d_sae] activation matrix for the decoder: the encoder runs in bf16 (where the device has bf16 units) and the
 decoder gathers the k active rows of W_dec, forward and backward. On CUDA, with triton
 installed, the Triton kernels of sae/triton_topk.py run the decoder and also the encoder's
 backward over the k active latents only, and the encoder's forward is fused with its top k
@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainingSAE, TrainStepInput
 from sae_lens.saes.topk_sae import TopKTrainingSAE
+
+from activations.models import has_native_bf16
 
 
 @dataclass
@@ -93,9 +95,11 @@ def _sparse_decode(sae: TopKTrainingSAE, values, indices, norms, decode):
 
 
 def topk_step(sae: TopKTrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | None,
-              bf16_encoder: bool = True, kernels: Kernels = TORCH_KERNELS, levels: tuple[tuple[int, float], ...] = ()) -> StepOutput:
+              bf16_encoder: bool | None = None, kernels: Kernels = TORCH_KERNELS,
+              levels: tuple[tuple[int, float], ...] = ()) -> StepOutput:
+    """bf16_encoder: None = where the device has bf16 units (elsewhere torch emulates bf16, about 100x slower)."""
     cfg = sae.cfg
-    low = torch.bfloat16 if bf16_encoder else x.dtype
+    low = torch.bfloat16 if (has_native_bf16(x.device) if bf16_encoder is None else bf16_encoder) else x.dtype
     norms = sae.W_dec.norm(dim=-1)
     W_enc, b_enc = sae.W_enc, sae.b_enc
     if cfg.rescale_acts_by_decoder_norm:
@@ -162,7 +166,7 @@ def generic_step(sae: TrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | No
 
 
 def training_step(sae: TrainingSAE, x: torch.Tensor, dead_mask: torch.Tensor | None, step: int,
-                  bf16_encoder: bool = True, triton_kernels: bool = True, levels: tuple[tuple[int, float], ...] = ()) -> StepOutput:
+                  bf16_encoder: bool | None = None, triton_kernels: bool = True, levels: tuple[tuple[int, float], ...] = ()) -> StepOutput:
     """levels: matryoshka_topk's inner levels and their weights (sae.architectures.inner_levels)."""
     # Subclasses (BatchTopK, Matryoshka) change the activation, so only plain TopK takes the fast path.
     if type(sae) is TopKTrainingSAE:

@@ -31,6 +31,7 @@ from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
 from activations.markdown import table
+from activations.models import has_native_bf16
 from pipeline.bench import make_command, write_section
 from activations.config import StoreConfig
 from pipeline.config import SAEConfig, TrainConfig
@@ -89,10 +90,20 @@ def reader_rates(root, width: int, rows: int, batch: int, rounds: int, epochs: i
     return rates
 
 
+def encoder_dtype(device: torch.device) -> torch.dtype:
+    """What the Dialbox step's encoder matmul runs in here (train.bf16_encoder's default)."""
+    return torch.bfloat16 if has_native_bf16(device) else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "float32"}[dtype]
+
+
 def matmul_peak(device: torch.device) -> float:
-    """bf16 FLOP/s of a large square matmul: the most the chip gives our encoder matmuls."""
+    """FLOP/s of a large square matmul in the encoder's dtype: the most the chip gives our encoder matmuls.
+    (Not bf16 on a CPU without bf16 units: torch emulates it there, one 2048^3 product took 56 s on 2 AVX2 cores.)"""
     n = 8192 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    a, b = (torch.randn(n, n, device=device, dtype=encoder_dtype(device)) for _ in range(2))
     reps = 10 if device.type == "cuda" else 2
     times = []
     for _ in range(6):
@@ -300,7 +311,7 @@ class Contenders:
 
 
 def kernel_times(c: Contenders) -> tuple[float, dict, dict]:
-    """(bf16 matmul peak FLOP/s, the decoder alone in ms per kernel, the encoder forward in ms per way); the
+    """(the encoder dtype's matmul peak FLOP/s, the decoder alone in ms per kernel, the encoder forward in ms per way); the
     last two on CUDA only."""
     args = c.args
     decoders = {"Triton": triton_kernels().decode, "torch embedding_bag": torch_decode} if c.cuda else {}
@@ -318,7 +329,7 @@ def flops_per_token(d_in: int, d_sae: int, k: int) -> int:
 
 
 def result_rows(args, tps: dict[str, float], peak: float, reader_rows: float, decoder_ms: dict,
-                encoder_ms: dict) -> list[list[str]]:
+                encoder_ms: dict, peak_dtype: str = "bf16") -> list[list[str]]:
     """The table: each ratio computed from the medians it is shown beside."""
     def ratio(a: str, b: str, target: str, unit: str = "x") -> list[str]:
         value = f"{tps[a] / tps[b]:.2f}{unit}"
@@ -329,7 +340,7 @@ def result_rows(args, tps: dict[str, float], peak: float, reader_rows: float, de
         ["Dialbox / sae-lens SAETrainer (default)", *ratio("dialbox", "sae-lens", ">= 3x")],
         ["Dialbox / sae-lens SAETrainer (autocast=True)", *ratio("dialbox", "sae-lens autocast", ">= 2x")],
         ["Dialbox from activation store / from memory", *ratio("dialbox store", "dialbox", ">= 0.90", unit="")],
-        ["Dialbox step / bf16 matmul peak", f"{achieved / 1e12:.3g} / {peak / 1e12:.3g} TFLOP/s",
+        [f"Dialbox step / {peak_dtype} matmul peak", f"{achieved / 1e12:.3g} / {peak / 1e12:.3g} TFLOP/s",
          f"**{achieved / peak:.1%}**", ""],
         [f"store reader alone, width {args.reader_width} bf16, page cache", f"{reader_rows:,.0f} rows/s",
          f"**{reader_rows * args.reader_width * 2 / 1e9:.2f} GB/s**", ">= 1.5 GB/s"],
@@ -369,7 +380,7 @@ medians reported. Tokens/s per round: {spread}.
 FLOPs per token of the Dialbox step: 6 * d_in * (d_sae + k + k_aux) = {flops_per_token(d_in, d_sae, args.k):,}: the
 encoder's three matmuls (forward, grad W_enc, grad of its input for b_dec), and the k decoder and k_aux = d_in/2 AuxK
 rows gathered forward and twice backward; elementwise work, topk and Adam are not counted. The peak is the
-median bf16 FLOP/s of a {"8192" if cuda else "2048"}^3 matmul measured in this run.{cuda_notes(args, d_sae, encoder_ms) if cuda else ""}
+median {dtype_name(encoder_dtype(c.device))} FLOP/s of a {"8192" if cuda else "2048"}^3 matmul measured in this run.{cuda_notes(args, d_sae, encoder_ms) if cuda else ""}
 The reader alone: {args.reader_rows:,} random rows of width {args.reader_width} written as bf16 with `ShardWriter`,
 synced to disk, then read back as {args.reader_epochs} shuffled epochs of batches of {args.batch} per round (`ActivationStore.iter_batches`: chunk reads and
 row shuffles on {TrainConfig().loader_workers} threads), nothing consuming them; the rows were just written, so they
@@ -387,7 +398,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         reader = reader_rates(tmp, args.reader_width, args.reader_rows, args.batch, args.rounds, args.reader_epochs)
     tps = {name: statistics.median(v) for name, v in rates.items()}
-    rows = result_rows(args, tps, peak, statistics.median(reader), decoder_ms, encoder_ms)
+    rows = result_rows(args, tps, peak, statistics.median(reader), decoder_ms, encoder_ms,
+                       dtype_name(encoder_dtype(contenders.device)))
     body = table(["measure", "values", "ratio", "target"], rows) + "\n" + notes(contenders, rates, reader, encoder_ms)
     command = make_command("bench-train", argv if argv is not None else sys.argv[1:])
     write_section("bench-train-cuda" if contenders.cuda else "bench-train", command, body)
