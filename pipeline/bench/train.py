@@ -31,7 +31,7 @@ from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
 from activations.markdown import table
-from activations.models import has_native_bf16
+from activations.models import resolve_dtype
 from pipeline.bench import make_command, write_section
 from activations.config import StoreConfig
 from pipeline.config import SAEConfig, TrainConfig
@@ -90,20 +90,15 @@ def reader_rates(root, width: int, rows: int, batch: int, rounds: int, epochs: i
     return rates
 
 
-def encoder_dtype(device: torch.device) -> torch.dtype:
-    """What the Dialbox step's encoder matmul runs in here (train.bf16_encoder's default)."""
-    return torch.bfloat16 if has_native_bf16(device) else torch.float32
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float32: "float32"}[dtype]
 
 
-def matmul_peak(device: torch.device) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large square matmul in the encoder's dtype: the most the chip gives our encoder matmuls.
     (Not bf16 on a CPU without bf16 units: torch emulates it there, one 2048^3 product took 56 s on 2 AVX2 cores.)"""
     n = 8192 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=device, dtype=encoder_dtype(device)) for _ in range(2))
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     reps = 10 if device.type == "cuda" else 2
     times = []
     for _ in range(6):
@@ -216,6 +211,8 @@ class Contenders:
     def __init__(self, args: argparse.Namespace):
         self.args, self.device = args, torch.device(args.device)
         self.cuda = self.device.type == "cuda"
+        # what the Dialbox step's encoder matmul runs in here (train.bf16_encoder's default: bf16 where native)
+        self.encoder_dtype = resolve_dtype("auto", self.device)
         self.steps, self.warmup = args.steps or (20 if self.cuda else 3), 3 if self.cuda else 1
         self.x = synthetic_activations(args.batches * args.batch, args.d_in, self.device)
         self.data = list(self.x.split(args.batch))
@@ -318,7 +315,7 @@ def kernel_times(c: Contenders) -> tuple[float, dict, dict]:
     decoder_ms = {name: 1e3 * decoder_seconds(fn, args.d_in, c.d_sae, args.k, args.batch, c.device)
                   for name, fn in decoders.items()}
     encoder_ms = encoder_forward_ms(args.d_in, c.d_sae, args.k, args.batch, c.device) if c.cuda else {}
-    return matmul_peak(c.device), decoder_ms, encoder_ms
+    return matmul_peak(c.device, c.encoder_dtype), decoder_ms, encoder_ms
 
 
 def flops_per_token(d_in: int, d_sae: int, k: int) -> int:
@@ -380,7 +377,7 @@ medians reported. Tokens/s per round: {spread}.
 FLOPs per token of the Dialbox step: 6 * d_in * (d_sae + k + k_aux) = {flops_per_token(d_in, d_sae, args.k):,}: the
 encoder's three matmuls (forward, grad W_enc, grad of its input for b_dec), and the k decoder and k_aux = d_in/2 AuxK
 rows gathered forward and twice backward; elementwise work, topk and Adam are not counted. The peak is the
-median {dtype_name(encoder_dtype(c.device))} FLOP/s of a {"8192" if cuda else "2048"}^3 matmul measured in this run.{cuda_notes(args, d_sae, encoder_ms) if cuda else ""}
+median {dtype_name(c.encoder_dtype)} FLOP/s of a {"8192" if cuda else "2048"}^3 matmul measured in this run.{cuda_notes(args, d_sae, encoder_ms) if cuda else ""}
 The reader alone: {args.reader_rows:,} random rows of width {args.reader_width} written as bf16 with `ShardWriter`,
 synced to disk, then read back as {args.reader_epochs} shuffled epochs of batches of {args.batch} per round (`ActivationStore.iter_batches`: chunk reads and
 row shuffles on {TrainConfig().loader_workers} threads), nothing consuming them; the rows were just written, so they
@@ -399,7 +396,7 @@ def main(argv=None) -> None:
         reader = reader_rates(tmp, args.reader_width, args.reader_rows, args.batch, args.rounds, args.reader_epochs)
     tps = {name: statistics.median(v) for name, v in rates.items()}
     rows = result_rows(args, tps, peak, statistics.median(reader), decoder_ms, encoder_ms,
-                       dtype_name(encoder_dtype(contenders.device)))
+                       dtype_name(contenders.encoder_dtype))
     body = table(["measure", "values", "ratio", "target"], rows) + "\n" + notes(contenders, rates, reader, encoder_ms)
     command = make_command("bench-train", argv if argv is not None else sys.argv[1:])
     write_section("bench-train-cuda" if contenders.cuda else "bench-train", command, body)
