@@ -304,14 +304,15 @@ def register_configs() -> None:
     cs.store(name="serve_schema", node=ServeJob)
 
 
-def compose(stage: str, overrides: list[str]):
-    """The config `python -m pipeline.<stage> <overrides>` would see, for scripts and tests."""
+def compose(stage: str, overrides: list[str], hydra: bool = False):
+    """The config `python -m pipeline.<stage> <overrides>` would see, for scripts and tests (with Hydra's own
+    settings under `hydra` when asked)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
     register_configs()
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base=None):
-        return hydra_compose(stage, overrides)
+        return hydra_compose(stage, overrides, return_hydra_config=hydra)
 
 
 # --- steering ------------------------------------------------------------------------------

@@ -66,3 +66,13 @@ def test_a_device_this_machine_lacks_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"^model.device=gpu is not a device: use cpu, cuda, cuda:N or auto$"):
         resolve_device("gpu", "model.device")
     assert resolve_device("cpu", "model.device") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("stage", ["harvest", "train", "label", "report", "steer", "serve"])
+def test_a_stage_run_here_logs_to_the_terminal_and_leaves_no_file_in_the_current_directory(stage):
+    """A stage's run.dir is `.`: Hydra's default job logging would leave an empty <stage>.log in whatever
+    directory the user ran it from. Jobs of a launcher keep theirs, in the run's jobs/ (test_launch.py)."""
+    handlers = compose_config(stage, [], hydra=True).hydra.job_logging.handlers
+    assert set(handlers) == {"console"}, f"{stage}: {set(handlers)}"
+    launched = compose_config("harvest", ["launcher=submitit_local"], hydra=True).hydra.job_logging.handlers
+    assert "file" in launched
