@@ -43,7 +43,12 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     if os.environ.get("SUBMITIT_EXECUTOR") and "WORLD_SIZE" not in os.environ:
         from submitit.helpers import TorchDistributedEnvironment
 
+        # Submitit draws the rendezvous port from 20000-60000 by job ID, which can be a port in use (Linux hands
+        # out 32768-60999 to outgoing connections): rank 0 then fails to listen and the others wait for good.
+        # A MASTER_PORT set in the job's environment is used instead.
+        port = os.environ.pop("MASTER_PORT", None)
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        os.environ["MASTER_PORT"] = port or os.environ["MASTER_PORT"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         if device.type == "cuda" and device.index is not None:

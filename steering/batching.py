@@ -158,16 +158,17 @@ def generate_batch(steerer: Steerer, rows: list[Row]) -> None:
           routing(steerer.adapter, [route for row in rows for route in row.routes])):
         step_ids, positions = ids, (mask.cumsum(-1) - 1).clamp_min(0)
         while live:
-            logits = steerer.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                                   cache=cache, use_cache=True).logits[:, -1].float()
+            logits = steerer.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                   use_cache=True, logits_to_keep=1).logits[:, -1].float()  # the prompt's: only the last
             if not generators:
                 generators = {id(r): torch.Generator(logits.device).manual_seed(r.seed) for r in rows}
             finite = logits.isfinite().all(-1).tolist()  # one check of the whole batch a step, not one per row
             keep = [j for j, row in enumerate(live)
                     if advance(steerer, row, logits[j], finite[j], generators[id(row)], started)]
             if len(keep) < len(live):
-                if keep:
-                    cache.batch_select_indices(torch.tensor(keep, device=device))
+                if keep:  # reorder_cache: the one batch edit every cache layer implements in full (DeepSeek-V4's
+                    # compressed-attention buffers too; batch_select_indices leaves them at the old batch size)
+                    cache.reorder_cache(torch.tensor(keep, device=device))
                 mask, live = mask[keep], [live[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             step_ids = torch.tensor([row.tokens[-1] for row in live], device=device, dtype=torch.long)[:, None]

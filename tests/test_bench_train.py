@@ -35,7 +35,9 @@ def test_quick_bench_writes_its_ratios(tmp_path, monkeypatch):
     rows = ratios_in(text)
     assert set(rows) == set(RATIO_ROWS)
     for a, b, ratio in rows.values():
-        assert a > 0 and b > 0 and ratio == pytest.approx(a / b, abs=0.006)  # shown to 2 decimals
+        # shown to 2 decimals, from tok/s shown rounded to integers: at 1,502 tok/s (sae-lens' autocast in emulated
+        # bf16) the rounding alone moves a ratio of 26.9 by 0.009
+        assert a > 0 and b > 0 and ratio == pytest.approx(a / b, abs=0.006 + a / b * (0.5 / a + 0.5 / b))
 
 
 def test_each_ratio_is_computed_from_its_own_inputs():

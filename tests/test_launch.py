@@ -1,6 +1,9 @@
 """Launchers (conf/launcher/): the Slurm settings each stage composes, and the same jobs run for real
 by Submitit's local executor: a sharded harvest and a train job of two tasks joined by gloo."""
 
+import os
+import socket
+
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
@@ -88,11 +91,19 @@ def test_two_shard_harvest_by_submitit_merges_into_the_one_writer_store(sharded_
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_train_as_two_submitit_tasks_joins_one_process_group(sharded_run):
+    # MASTER_PORT: a free port, not Submitit's draw by job ID (sae/training.py; its draw once hung this test)
     run_stage("pipeline.train", "launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
               f"run.runs_dir={sharded_run}", "train.parallel=site", "train.tokens=1024", "eval.ce=false",
-              "eval.tokens=256", "sae.expansion_factor=2", "sae.k=8", "train.batch_size=256")
+              "eval.tokens=256", "sae.expansion_factor=2", "sae.k=8", "train.batch_size=256",
+              env={**os.environ, "MASTER_PORT": str(free_port())})
     saes = sharded_run / "demo" / "saes"
     assert (saes / "checkpoint-r0.pt").exists() and (saes / "checkpoint-r1.pt").exists()  # ranks 0 and 1 of 2
     assert (saes / "L1.resid_post" / "metrics.json").exists() and (saes / "L2.ffn_out" / "metrics.json").exists()

@@ -190,13 +190,15 @@ def test_batching_limits_must_make_sense(smol):
 
 
 def test_deepseek_v4_rows_generate_through_the_models_own_cache(tmp_path):
-    """DeepSeek-V4 caches compressed attention state per layer: the batch builds the cache the model needs."""
+    """DeepSeek-V4 caches compressed attention state per layer: the batch builds the cache the model needs, and
+    a row that finishes early takes its part of that state with it."""
     steerer = Steerer(tmp_path / "run", compose_config("steer", ["model=tiny_deepseek_v4"]).model)
     prompt = "Tell me about the sea."
     alone = steerer.generate(prompt, (), max_new_tokens=8, chat=False)[0].tokens
-    rows = [Row(encode_prompt(steerer.tokenizer, prompt, False), {}, 8) for _ in range(2)]  # no padding: exact
-    generate_batch(steerer, rows)
-    assert [Ticket(row).result().tokens for row in rows] == [alone, alone]
+    ids = encode_prompt(steerer.tokenizer, prompt, False)
+    rows = [Row(ids, {}, 8), Row(ids, {}, 3), Row(ids, {}, 8)]  # no padding: exact
+    generate_batch(steerer, rows)  # the second row leaves after 3 tokens: its state leaves every cache with it
+    assert [Ticket(row).result().tokens for row in rows] == [alone, alone[:3], alone]
 
 
 def test_a_sampled_row_draws_from_its_own_seed_whatever_shares_its_batch(smol):

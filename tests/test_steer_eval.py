@@ -8,24 +8,37 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from activations.sites import Site
 from conftest import compose_config
-from steering.evaluation import Outcome, answer_logprobs, make_judge, score
+from steering.evaluation import Outcome, answer_logprobs, make_judge, read_answers, score
 from steering.steerer import encode_prompt
 from steering.vectors import SteeringVector
 from pipeline.config import JudgeConfig
 from pipeline.steer import run_action
 
 
-def test_answer_logprobs_in_padded_batches_match_one_sequence_at_a_time(smol):
-    contexts = [encode_prompt(smol.tokenizer, p, True) for p in ("Hi", "Tell me about the moon, please.", "Why?")]
+@pytest.mark.parametrize("model", ["smol", "tiny"])
+def test_answers_read_in_padded_batches_match_one_sequence_at_a_time(model, request):
+    """read_answers runs the contexts' shared start once and the LM head on answer positions only: the
+    log-probabilities and the site's rows must still be those of each sequence run alone, in a Llama and in
+    DeepSeek-V4 (its compressed attention has a cache of its own)."""
+    steerer = request.getfixturevalue(model)
+    site = Site.parse(steerer.run.trained_sites()[0])
+    if model == "smol":
+        contexts = [encode_prompt(steerer.tokenizer, p, True) for p in ("Hi", "Tell me about the moon, please.", "Why?")]
+    else:  # no chat template: contexts that share their first 12 tokens
+        contexts = [torch.cat([torch.arange(5, 17), torch.tensor(t)]) for t in ([40, 41], [50], [60, 61, 62, 63])]
     answers = [torch.tensor(t, dtype=torch.long) for t in ([504, 3136, 314], [], [28, 1789, 29, 30, 441])]
-    batched = answer_logprobs(smol, contexts, answers, batch_size=3)
-    for c, a, got in zip(contexts, answers, batched):
+    batched = read_answers(steerer, contexts, answers, batch_size=3, site=site)
+    for c, a, (got, rows) in zip(contexts, answers, batched):
         ids = torch.cat([c, a])[None]
         with torch.inference_mode():
-            logp = smol.model(input_ids=ids).logits.float().log_softmax(-1)[0]
+            logp = steerer.model(input_ids=ids).logits.float().log_softmax(-1)[0]
         expected = sum(float(logp[len(c) - 1 + k, t]) for k, t in enumerate(a.tolist()))
         assert got == pytest.approx(expected, abs=1e-3)
+        alone = steerer.adapter.capture([site], ids)[site][0, len(c):].float()
+        torch.testing.assert_close(rows, alone, atol=1e-3, rtol=1e-3)
+    assert answer_logprobs(steerer, contexts, answers, 3) == [lp for lp, _ in batched]
 
 
 def outcome(lengths, nll, relevant):

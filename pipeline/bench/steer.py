@@ -10,6 +10,8 @@ unsteered and steered, 64 tokens each). Target: at most 30 s on an idle 2-core m
 And the steering server's batching: 8 clients at once, each with its own steering, 64 tokens each
 (greedy), against the same requests sent one at a time. Target: >= 2.5x the throughput, and every
 output identical.
+And reading answers back as make steer-features does (steering/evaluation.py read_answers), against one
+plain forward of the same batch. Target: less time.
 And a load test: a burst of --burst clients at once (400), far beyond the server's queue (8 rows + 64
 waiting), against the default limits and against max_connections=32 (so that most are refused at
 accept, not at the queue). Target: every client answered 200 or 429, none reset or dropped.
@@ -36,7 +38,8 @@ import torch
 
 from steering.limits import ServerLimits
 from steering.server import SteeringServer
-from steering.steerer import Steerer
+from steering.evaluation import read_answers
+from steering.steerer import Steerer, encode_prompt
 from steering.vectors import SteeringVector
 from activations.markdown import table
 from pipeline.bench import make_command, write_section
@@ -51,6 +54,32 @@ def tokens_per_s(steerer: Steerer, prompts: list[str], interventions: list, toke
     seconds = time.perf_counter() - start
     assert all(len(g.tokens) == tokens for g in out), "every prompt must generate the same number of tokens"
     return len(prompts) * tokens / seconds
+
+
+def reading_seconds(steerer: Steerer, site: Site, rows: int, tokens: int, rounds: int) -> dict:
+    """make steer-features reads every answer back through the unsteered model (steering/evaluation.py
+    read_answers): seconds for `rows` chat prompts with `tokens`-token answers, against one plain forward of
+    each whole batch with all its logits (how it read them before). Medians of `rounds`, order alternated."""
+    prompts = (read_prompts("neutral.txt") * rows)[:rows]
+    contexts = [encode_prompt(steerer.tokenizer, p, steerer.chat_default) for p in prompts]
+    answers = [torch.randint(100, 10_000, (tokens,), generator=torch.Generator().manual_seed(k)) for k in range(rows)]
+
+    def read():
+        read_answers(steerer, contexts, answers, rows, site=site)
+
+    def plain():  # the whole batch with every position's logits, as read_answers ran it before
+        ids, mask = steerer.left_padded([torch.cat([c, a]) for c, a in zip(contexts, answers)])
+        with torch.inference_mode(), steerer.adapter.hooks({site: lambda rows: None}):
+            steerer.model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    ways = [("read_answers", read), ("plain", plain)]
+    seconds = {name: [] for name, _ in ways}
+    for r in range(rounds):
+        for name, fn in ways if r % 2 == 0 else ways[::-1]:
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in seconds.items()}
 
 
 def served_tokens_per_s(server: SteeringServer, bodies: list[dict], clients: int) -> tuple[float, list[str]]:
@@ -138,6 +167,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--burst", type=int, default=400, help="clients at once in the load test")
+    parser.add_argument("--read-rows", type=int, default=48, help="answers read back in one batch (steer_features.batch_size)")
     args = parser.parse_args(argv)
 
     site = Site.parse(args.site)
@@ -159,6 +189,7 @@ def main(argv=None) -> None:
         served = batching(steerer, site, prompts, args.tokens)
         bursts = {limit: burst(steerer, args.burst, ServerLimits(max_connections=limit)) for limit in (256, 32)}
         one_prompt = one_prompt_seconds(Path(tmp), args.model)
+        reading = reading_seconds(steerer, site, args.read_rows, 32, args.rounds)
     median = {way: statistics.median(v) for way, v in rates.items()}
     rows = [[f"one `{way}` at {args.site} / none", f"{median[way]:,.1f} / {median['none']:,.1f} tok/s",
              f"**{median[way] / median['none']:.3f}**", ">= 0.95"] for way in ("add", "project")]
@@ -172,6 +203,9 @@ def main(argv=None) -> None:
                      f"{answers[200]} answered 200, {answers[429]} 429, " + (
                          ", ".join(f"**{n} {k}**" for k, n in failures.items()) if failures else "none reset or dropped"),
                      "", "every one 200 or 429"])
+    rows.append([f"make steer-features reading {args.read_rows} answers of 32 tokens back / one plain forward of them",
+                 f"{reading['read_answers']:.2f} / {reading['plain']:.2f} s",
+                 f"**{reading['read_answers'] / reading['plain']:.2f}**", "< 1"])
     rows.append(["one-prompt `python -m pipeline.steer` (imports, model load, 2 x 64 tokens)",
                  f"{one_prompt:.1f} s wall", "", "<= 30 s"])
     per_round = "; ".join(f"{way}: " + ", ".join(f"{x:,.1f}" for x in v) for way, v in rates.items())
@@ -183,6 +217,10 @@ def main(argv=None) -> None:
              "sent one after another to the same server; tokens/s counts completion tokens. "
              f"Load test: {args.burst} HTTP clients released together by a barrier, each its own connection and one "
              "greedy /v1/completions of 16 tokens, against the default limits and against max_connections=32. "
+             f"Reading: {args.read_rows} neutral chat prompts with 32 random answer tokens each, read back for their "
+             "log-probabilities and site rows in one batch, the contexts' shared start (the chat template's system "
+             "prompt) run once and the LM head on answer positions only, against one forward of the whole batch "
+             "with every position's logits. "
              f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
              + (" (above the CPU count: other jobs shared the machine and the ratios are noise)" if os.getloadavg()[0] > os.cpu_count() else "")
              + ".\n")
