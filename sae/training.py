@@ -48,7 +48,8 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
         # A MASTER_PORT set in the job's environment is used instead.
         port = os.environ.pop("MASTER_PORT", None)
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        os.environ["MASTER_PORT"] = port or os.environ["MASTER_PORT"]
+        if port:
+            os.environ["MASTER_PORT"] = port
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         if device.type == "cuda" and device.index is not None:
